@@ -1,0 +1,45 @@
+"""Medical Q&A data: one record type, a loader per publisher format, seeded group-disjoint splits, prompts.
+
+>>> from medmerge.data import load_dataset, split_pairs
+>>> ds = load_dataset("medquad:../shared/datasets/MedQuAD-master.zip")
+>>> splits = split_pairs(ds.pairs, seed=0)     # train / validation / test, disjoint by focus
+"""
+
+from medmerge.data.loaders import LOADERS, load_dataset
+from medmerge.data.prompts import IGNORE_INDEX, build_prompt, encode_pair, pad_batch
+from medmerge.data.records import Dataset, QAPair, normalise_question, normalise_whitespace
+from medmerge.data.specs import KINDS, DataSpec, parse_spec
+from medmerge.data.split import SPLITS, Splits, split_fingerprint, split_pairs
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KINDS",
+    "LOADERS",
+    "SPLITS",
+    "DataSpec",
+    "Dataset",
+    "QAPair",
+    "Splits",
+    "build_prompt",
+    "encode_pair",
+    "load_dataset",
+    "load_split",
+    "normalise_question",
+    "normalise_whitespace",
+    "pad_batch",
+    "parse_spec",
+    "split_fingerprint",
+    "split_pairs",
+]
+
+
+def load_split(
+    spec: str,
+    split: str,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    limit: int | None = None,
+) -> list[QAPair]:
+    """The pairs of one split of a SPEC; `limit` keeps the first n (in file order) for quick runs."""
+    pairs = split_pairs(load_dataset(spec).pairs, fractions, seed)[split]
+    return pairs[:limit] if limit is not None else pairs

@@ -1,0 +1,58 @@
+"""One record type for a medical Q&A pair, and the result of loading a dataset."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalise_whitespace(text: str) -> str:
+    """Collapse every run of whitespace (newlines, tabs, non-breaking spaces) to one space; strip."""
+    return _WHITESPACE.sub(" ", text.replace("\u00a0", " ")).strip()
+
+
+def normalise_question(text: str) -> str:
+    """The key two questions share when they are the same question: lower-case, single-spaced."""
+    return normalise_whitespace(text).lower()
+
+
+@dataclass(frozen=True)
+class QAPair:
+    """One question and its reference answer.
+
+    `focus` (the disease, drug or topic asked about), `qtype` (MedQuAD's question type) and `doc_id`
+    are kept where the source has them; `extra` holds source-specific fields (PubMedQA's final_decision).
+    """
+
+    id: str
+    question: str
+    answer: str
+    source: str
+    focus: str | None = None
+    qtype: str | None = None
+    doc_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def group_key(self) -> str:
+        """What must never straddle train and test: the focus where known, else the question."""
+        if self.focus:
+            return "focus:" + normalise_question(self.focus)
+        return "question:" + normalise_question(self.question)
+
+
+@dataclass
+class Dataset:
+    """Pairs loaded from one SPEC, with an account of everything that was skipped and why."""
+
+    spec: str
+    source: str
+    pairs: list[QAPair]
+    skipped: Counter[str] = field(default_factory=Counter)  # reason (and collection) -> count
+    bad_files: list[str] = field(default_factory=list)  # "file: why", for documents that failed to parse
+
+    def __len__(self) -> int:
+        return len(self.pairs)

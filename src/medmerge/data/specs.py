@@ -1,0 +1,49 @@
+"""Dataset SPECs: `KIND:PATH[?option=value&...]`, e.g. `medquad:../shared/datasets/MedQuAD-master.zip`.
+
+KIND is one of medquad, icliniq, genmedgpt, pubmedqa, jsonl, csv. For jsonl/csv the options name the
+columns: `jsonl:mine.jsonl?question=prompt&answer=response&id=uid`. A bare KIND (`medquad`) or an empty
+PATH means the copy that `medmerge data fetch KIND` put in the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from medmerge.errors import MedmergeError
+
+KINDS = ("medquad", "icliniq", "genmedgpt", "pubmedqa", "jsonl", "csv")
+_OPTIONS = {"jsonl": {"question", "answer", "id"}, "csv": {"question", "answer", "id"}}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str
+    path: Path | None  # None: the fetched copy in the cache
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        query = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.kind}:{self.path or ''}" + (f"?{query}" if query else "")
+
+
+def parse_spec(spec: str) -> DataSpec:
+    """Parse a SPEC string; unknown kinds or options are a one-line error listing the choices."""
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise MedmergeError(f"dataset SPEC {spec!r}: unknown kind {kind!r} (choices: {', '.join(KINDS)})")
+    path_text, _, query = rest.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
+    allowed = _OPTIONS.get(kind, set())
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        choices = ", ".join(sorted(allowed)) or "none"
+        raise MedmergeError(
+            f"dataset SPEC {spec!r}: unknown option(s) {unknown} for {kind} (choices: {choices})"
+        )
+    if kind in ("jsonl", "csv") and not path_text:
+        raise MedmergeError(f"dataset SPEC {spec!r}: {kind} needs a file path, e.g. {kind}:my_data.{kind}")
+    return DataSpec(kind=kind, path=Path(path_text).expanduser() if path_text else None, options=options)

@@ -1,0 +1,1 @@
+"""Answer-quality evaluation: teacher-forced answer loss, generation metrics, the generalization matrix."""
