@@ -38,9 +38,12 @@ class QAPair:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def group_key(self) -> str:
-        """What must never straddle train and test: the focus where known, else the question."""
+        """What must never straddle train and test: the focus where known, else the source document,
+        else the normalised question."""
         if self.focus:
             return "focus:" + normalise_question(self.focus)
+        if self.doc_id:
+            return f"doc:{self.source}/{self.doc_id}"
         return "question:" + normalise_question(self.question)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ def dataset_stats(
         "spec": dataset.spec,
         "pairs": len(dataset),
         "skipped": dict(sorted(dataset.skipped.items())),
+        "by_schema": dict(Counter(p.extra["schema"] for p in dataset.pairs if "schema" in p.extra)),
         "bad_files": dataset.bad_files,
         "duplicates_removed": splits.duplicates_removed,
         "splits": splits.sizes(),
@@ -40,6 +42,8 @@ def dataset_stats(
 def format_stats(stats: dict[str, Any]) -> str:
     """Human-readable rendering of `dataset_stats`."""
     lines = [f"{stats['spec']}", f"  answered pairs      {stats['pairs']:,}"]
+    if len(stats["by_schema"]) > 1:
+        lines.append("    by XML schema: " + ", ".join(f"<{k}> {v:,}" for k, v in stats["by_schema"].items()))
     if stats["skipped"]:
         lines.append(f"  skipped             {sum(stats['skipped'].values()):,}")
         lines += [f"    {reason:<40} {count:,}" for reason, count in stats["skipped"].items()]
@@ -48,8 +52,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     lines.append(f"  duplicate questions {stats['duplicates_removed']:,} removed before splitting")
     sizes = stats["splits"]
     lines.append(
-        f"  splits (seed {stats['split_seed']})     train {sizes['train']:,} · validation {sizes['validation']:,}"
-        f" · test {sizes['test']:,}"
+        f"  splits (seed {stats['split_seed']})     train {sizes['train']:,}"
+        f" · validation {sizes['validation']:,} · test {sizes['test']:,}"
     )
     for field in ("answer_tokens", "question_tokens"):
         row = " ".join(f"{k}={v}" for k, v in stats[field].items())
