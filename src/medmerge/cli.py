@@ -5,9 +5,11 @@ medmerge data fetch NAME [--from P] download (or copy) a public dataset into the
 medmerge train CONFIG --out DIR     fine-tune an expert (full / LoRA / QLoRA)
 medmerge merge CONFIG --out DIR     merge models or adapters
 medmerge evaluate MODEL --data SPEC --out DIR
+medmerge report DIR                 re-render an evaluation report from results.json
 medmerge run EXPERIMENT --out DIR   the whole study: experts, merges, search, verdict
 medmerge export MODEL --format F --out DIR
 medmerge ask MODEL "question"
+medmerge serve MODEL                a local answer page on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,9 +31,12 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
+    from medmerge.data.specs import parse_spec
     from medmerge.data.stats import dataset_stats, format_stats
     from medmerge.models import load_tokenizer
 
+    for spec in args.specs:  # every SPEC is checked before the (slow) tokenizer is loaded
+        parse_spec(spec)
     tokenizer = load_tokenizer(args.tokenizer)
     for spec in args.specs:
         stats = dataset_stats(spec, tokenizer, seed=args.seed, fractions=tuple(args.fractions))
@@ -89,28 +95,306 @@ def _add_placeholder(sub: argparse._SubParsersAction, name: str, help_text: str)
     parser.set_defaults(handler=_not_implemented(name))
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from medmerge.config import TrainConfig, load_config, validate_config
+    from medmerge.train import train_expert
+
+    config = load_config(args.config, TrainConfig)
+    overrides = {
+        k: v for k, v in (("max_steps", args.max_steps), ("max_minutes", args.max_minutes)) if v is not None
+    }
+    if overrides:
+        config = validate_config({**config.model_dump(), **overrides}, TrainConfig, "command line")
+    out = train_expert(
+        config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"expert written to {out}")
+    return 0
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    _add_placeholder(sub, "train", "fine-tune an expert (full / LoRA / QLoRA) on one dataset")
+    train = sub.add_parser(
+        "train",
+        help="fine-tune an expert (full / LoRA / QLoRA) on one dataset",
+        description="Fine-tune a model on one dataset and write an expert folder (PEFT adapter or full "
+        "model, tokenizer, curve.csv/png, manifest.json). Runs unchanged under torchrun --nproc_per_node N.",
+    )
+    train.add_argument("config", metavar="CONFIG.yaml", help="training config (see configs/train-*.yaml)")
+    train.add_argument("--out", required=True, metavar="DIR", help="expert folder to write")
+    train.add_argument("--resume", action="store_true", help="continue from DIR.checkpoint/")
+    train.add_argument("--overwrite", action="store_true", help="replace DIR (and drop an old checkpoint)")
+    train.add_argument("--max-steps", type=int, metavar="N", help="override the config's max_steps")
+    train.add_argument("--max-minutes", type=float, metavar="M", help="override the config's max_minutes")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=cmd_train)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from medmerge.config import MergeConfig, load_config
+    from medmerge.merge import merge_models
+
+    config = load_config(args.config, MergeConfig)
+    out = merge_models(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    summary = json.loads((out / "merge.json").read_text()).get("summary", {})
+    print(f"{config.method}: {out} ({summary.get('tensors', 0)} tensors; manifest {out / 'merge.json'})")
+    return 0
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
-    _add_placeholder(sub, "merge", "merge fine-tuned models or LoRA adapters")
+    merge = sub.add_parser(
+        "merge",
+        help="merge fine-tuned models or LoRA adapters (methods and formulas: docs/merging.md)",
+        description="Merge models or LoRA adapters as described by CONFIG (YAML; see docs/merging.md).",
+    )
+    merge.add_argument("config", metavar="CONFIG", help="merge config (YAML): method, base_model, models, …")
+    merge.add_argument("--out", required=True, metavar="DIR", help="output model (or adapter) folder")
+    merge.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(handler=cmd_merge)
+
+
+_EVALUATE_FLAGS = (
+    "split", "split_seed", "fractions", "max_examples", "max_new_tokens", "batch_size", "do_sample",
+    "temperature", "top_p", "seed", "max_prompt_tokens", "max_answer_tokens", "system", "dtype",
+    "bertscore_idf", "bootstrap_resamples", "confidence", "examples", "threads",
+)  # fmt: skip
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medmerge.config import EvaluateConfig, load_config, validate_config
+    from medmerge.evaluate.cache import default_cache_dir
+    from medmerge.evaluate.report import write_evaluation
+    from medmerge.evaluate.runner import evaluate
+
+    base = load_config(args.config, EvaluateConfig).model_dump() if args.config else {}
+    values = {k: getattr(args, k) for k in _EVALUATE_FLAGS if getattr(args, k) is not None}
+    if args.data:
+        values["data"] = args.data
+    if args.ood:
+        values["ood"] = args.ood
+    if args.loss_only:
+        values["generate"] = False
+    config = validate_config({**base, **values}, EvaluateConfig, "evaluate options")
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    results = evaluate(args.models, config, cache_dir=cache_dir, progress=not args.quiet)
+    out = write_evaluation(results, args.out, overwrite=args.overwrite)
+    print(f"{out / 'report.md'} ({len(results['models'])} models × {len(results['datasets'])} sets)")
+    return 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    _add_placeholder(sub, "evaluate", "score models on held-out medical questions")
+    p = sub.add_parser(
+        "evaluate",
+        help="score models on held-out medical questions (loss, ROUGE, BLEU, chrF, BERTScore, ...)",
+        description=(
+            "Score one or more models (embedded name, model folder, PEFT adapter folder; NAME=PATH to label "
+            "it) on question sets. --data SPEC is in-domain: its --split (default test; the same seeded "
+            "split training uses) is scored. --ood SPEC is out-of-domain: every pair of the set is scored "
+            "(any kind: jsonl:/csv: files, or a public dataset no model trained on). Writes results.json, "
+            "report.md, heatmap.png and averages.png into --out. Generations and scores are cached by "
+            "(model checksum, SPEC, split, questions, settings) under --cache-dir."
+        ),
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="smollm2-135m, a folder, or NAME=PATH")
+    p.add_argument("--data", action="append", default=[], metavar="SPEC", help="in-domain set (repeatable)")
+    p.add_argument(
+        "--ood", action="append", default=[], metavar="SPEC", help="out-of-domain set (repeatable)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
+    p.add_argument("--config", metavar="YAML", help="EvaluateConfig YAML; command-line flags override it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--split", choices=["train", "validation", "test"], help="split of --data sets (test)")
+    p.add_argument("--split-seed", type=int, help="split seed (0)")
+    p.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="(0.8 0.1 0.1)")
+    p.add_argument("--max-examples", type=int, metavar="N", help="score the first N questions of each set")
+    p.add_argument("--loss-only", action="store_true", help="teacher-forced loss only, no generation")
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (128)")
+    p.add_argument("--batch-size", type=int, help="questions per batch (8)")
+    p.add_argument("--do-sample", action="store_true", default=None, help="seeded sampling instead of greedy")
+    p.add_argument("--temperature", type=float, help="sampling temperature (1.0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (1.0)")
+    p.add_argument("--seed", type=int, help="sampling and bootstrap seed (0)")
+    p.add_argument("--max-prompt-tokens", type=int, help="prompts keep their last N tokens (256)")
+    p.add_argument("--max-answer-tokens", type=int, help="reference tokens counted by the loss (256)")
+    p.add_argument("--system", help="system prompt for chat-template models")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (float32)")
+    p.add_argument("--bertscore-idf", action="store_true", default=None, help="idf-weighted BERTScore")
+    p.add_argument("--bootstrap-resamples", type=int, help="bootstrap resamples (1000)")
+    p.add_argument("--confidence", type=float, help="interval confidence (0.95)")
+    p.add_argument("--examples", type=int, help="example questions per set in the report (3)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default $MEDMERGE_CACHE/eval)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(handler=cmd_evaluate)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medmerge.evaluate.report import render_report
+
+    print(render_report(args.dir))
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="re-render an evaluation report from its results.json alone")
+    p.add_argument("dir", metavar="DIR", help="a `medmerge evaluate` output folder")
+    p.set_defaults(handler=cmd_report)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from medmerge.config import ExperimentConfig, load_config
+    from medmerge.pipeline import run_experiment
+
+    config = load_config(args.config, ExperimentConfig)
+    ray = None if args.no_ray else args.ray or _local_ray_if_installed()
+    report = run_experiment(config, args.out, ray=ray, progress=not args.quiet)
+    print(f"report: {report}")
+    return 0
+
+
+def _local_ray_if_installed() -> str | None:
+    """`ray` is an optional extra: where it is installed, a local Ray runs search trials in parallel."""
+    import importlib.util
+
+    return "auto-local" if importlib.util.find_spec("ray") is not None else None
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    _add_placeholder(sub, "run", "the whole study: experts, every merge, merge search, verdict")
+    run = sub.add_parser(
+        "run",
+        help="the whole study: experts, every merge, merge search, verdict",
+        description="Train one expert per dataset (+ a multi-task upper bound), merge them with every "
+        "method, search each method's settings on validation loss, evaluate on test and out-of-domain "
+        "sets, and write the verdict. Re-running skips every finished step whose inputs did not change.",
+    )
+    run.add_argument("config", metavar="EXPERIMENT.yaml", help="e.g. configs/demo.yaml")
+    run.add_argument("--out", required=True, metavar="DIR", help="experiment folder (created or resumed)")
+    run.add_argument("--ray", metavar="ADDRESS", help="Ray cluster for trials ('auto-local': start one)")
+    run.add_argument("--no-ray", action="store_true", help="never use Ray, even where it is installed")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    run.set_defaults(handler=cmd_run)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medmerge.export.exporter import export_model
+
+    manifest = export_model(
+        args.model,
+        args.format,
+        args.out,
+        quantization=args.quant,
+        overwrite=args.overwrite,
+        n_tokens=args.check_tokens,
+        min_match=args.min_match,
+        max_mean_logprob_diff=args.max_logprob_diff,
+        threads=args.threads,
+    )
+    sizes = manifest["sizes"]
+    print(
+        f"{args.out}: {manifest['format']} {manifest['quantization']}, weights "
+        f"{sizes['weights_bytes'] / 2**20:.1f} MiB ({sizes['weights_ratio']:.2f}× the source)"
+    )
+    for engine, a in manifest["agreement"].items():
+        print(
+            f"  agreement ({engine}): greedy token match {a['token_match']:.3f}, "
+            f"mean |Δlogp| {a['mean_abs_logprob_diff']:.4f} nats/token (max {a['max_abs_logprob_diff']:.4f})"
+        )
+    return 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    _add_placeholder(sub, "export", "export a model for edge CPUs (CTranslate2, GGUF)")
+    from medmerge.export.ct2 import CT2_QUANTIZATIONS
+    from medmerge.export.gguf import GGUF_QUANTIZATIONS
+
+    p = sub.add_parser(
+        "export",
+        help="export a model for edge CPUs (CTranslate2, GGUF), checked against PyTorch",
+        description="Convert MODEL, run the exported and the PyTorch model on the same prompts, and fail "
+        "if they diverge beyond the tolerance of the quantization. "
+        f"ct2 quantizations: {', '.join(CT2_QUANTIZATIONS)}; gguf: {', '.join(GGUF_QUANTIZATIONS)}.",
+    )
+    p.add_argument("model", help="embedded model name, Hugging Face folder or PEFT adapter folder")
+    p.add_argument("--format", required=True, choices=["ct2", "gguf"])
+    p.add_argument("--quant", help="weight type (default: int8_float32 for ct2, q8_0 for gguf)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--check-tokens", type=int, default=16, help="greedy tokens per agreement prompt")
+    p.add_argument("--min-match", type=float, help="override the minimum greedy token match (0..1)")
+    p.add_argument("--max-logprob-diff", type=float, help="override the max mean |Δlogp| (nats/token)")
+    p.add_argument("--threads", type=int, help="CPU threads for the check (default: all)")
+    p.set_defaults(handler=cmd_export)
+
+
+def _answer_config(args: argparse.Namespace):
+    from medmerge.config import AnswerConfig, load_config, validate_config
+
+    base = load_config(args.config, AnswerConfig) if args.config else AnswerConfig()
+    changes = {}
+    if args.notice is not None:
+        changes["notice"] = args.notice
+    if args.no_notice_i_understand:
+        changes["allow_no_notice"] = True
+    if args.max_new_tokens is not None:
+        changes["max_new_tokens"] = args.max_new_tokens
+    source = f"{args.config} + command line" if args.config else "command line"
+    return validate_config({**base.model_dump(), **changes}, AnswerConfig, source)
+
+
+def _add_answer_options(p: argparse.ArgumentParser) -> None:
+    from medmerge.export.engines import ENGINES
+
+    p.add_argument("model", help="embedded model name, Hugging Face folder or `medmerge export` folder")
+    p.add_argument("--engine", default="auto", choices=ENGINES, help="backend (default: fastest available)")
+    p.add_argument("--threads", type=int, help="CPU threads of the engine (default: all)")
+    p.add_argument("--config", help="YAML answer config (notice, max_question_chars, max_new_tokens, ...)")
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (default 256)")
+    p.add_argument("--notice", help="safety notice appended to every answer (replaces the default)")
+    p.add_argument(
+        "--no-notice-i-understand",
+        action="store_true",
+        help="allow an empty --notice: answers then carry no safety notice",
+    )
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from medmerge.export.answer import answer_stream, check_question
+    from medmerge.export.engines import open_engine
+
+    config = _answer_config(args)
+    check_question(args.question, config)  # before the model loads
+    engine = open_engine(args.model, args.engine, threads=args.threads)
+    for piece in answer_stream(engine, args.question, config):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
 
 
 def _add_ask(sub: argparse._SubParsersAction) -> None:
-    _add_placeholder(sub, "ask", "answer one question, streaming")
+    p = sub.add_parser("ask", help="answer one question, streaming token by token")
+    _add_answer_options(p)
+    p.add_argument("question", help="the question (quote it)")
+    p.set_defaults(handler=cmd_ask)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medmerge.export.engines import open_engine
+    from medmerge.export.serve import run_server
+
+    config = _answer_config(args)
+    engine = open_engine(args.model, args.engine, threads=args.threads)
+    run_server(engine, config, str(args.model), args.host, args.port)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="a local web page that answers questions, streaming")
+    _add_answer_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(handler=cmd_serve)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -121,7 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medmerge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_data, _add_train, _add_merge, _add_evaluate, _add_run, _add_export, _add_ask):
+    for add in (
+        _add_data,
+        _add_train,
+        _add_merge,
+        _add_evaluate,
+        _add_report,
+        _add_run,
+        _add_export,
+        _add_ask,
+        _add_serve,
+    ):
         add(sub)
     return parser
 

@@ -25,7 +25,10 @@ def test_parse_spec():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("mystery:x", r"unknown kind 'mystery' \(choices: medquad, icliniq, genmedgpt, pubmedqa, jsonl, csv\)"),
+        (
+            "mystery:x",
+            r"unknown kind 'mystery' \(choices: medquad, icliniq, genmedgpt, pubmedqa, jsonl, csv\)",
+        ),
         ("csv:x.csv?q=a", r"unknown option\(s\) \['q'\] for csv \(choices: answer, id, question\)"),
         ("medquad:x?question=a", r"unknown option\(s\) \['question'\] for medquad \(choices: none\)"),
         ("jsonl:", "jsonl needs a file path"),

@@ -90,7 +90,8 @@ def test_not_a_zip(tmp_path):
 ICLINIQ = [
     {"input": "Hi doctor, I have a rash.", "answer_icliniq": "Hi. Use a mild steroid cream.",
      "answer_chatgpt": "gpt", "answer_chatdoctor": "cd"},
-    {"input": "My knee hurts when I run.", "answer_icliniq": "  ", "answer_chatgpt": "g", "answer_chatdoctor": "c"},
+    {"input": "My knee hurts when I run.", "answer_icliniq": "  ",
+     "answer_chatgpt": "g", "answer_chatdoctor": "c"},
     {"input": "Fever for two days.", "answer_icliniq": "Take paracetamol\nand rest.",
      "answer_chatgpt": "g", "answer_chatdoctor": "c"},
 ]  # fmt: skip

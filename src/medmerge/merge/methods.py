@@ -1,0 +1,263 @@
+"""Merge methods as pure functions of tensors: one tensor name at a time, float32 in, float32 out.
+
+Notation: θ_i is model i's tensor, θ_base the base model's, τ_i = θ_i − θ_base its task vector, w_i its
+weight. Each function takes the tensors of ONE parameter (any shape, all the same shape) and returns
+the merged tensor of that shape; `Merged` variants also return per-tensor statistics for the manifest.
+The formulas and where mergekit / PEFT differ are in docs/merging.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from medmerge.merge import sparsify
+
+Sparsifier = Literal["none", "magnitude", "bernoulli", "breadcrumbs", "della"]
+
+
+@dataclass(frozen=True)
+class Merged:
+    """A merged tensor and its statistics (plain floats / lists, JSON-ready)."""
+
+    tensor: torch.Tensor
+    stats: dict[str, object] = field(default_factory=dict)
+
+
+def _weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Weights as a (N, 1, …, 1) float32 tensor that broadcasts against a stack of N tensors like `like`."""
+    return torch.tensor(list(weights), dtype=torch.float32).reshape(-1, *([1] * like.dim()))
+
+
+def linear(thetas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Weighted average θ = Σ_i w_i θ_i / Σ_i w_i (equal weights: the uniform model soup).
+
+    Accumulates in place, so memory stays at one extra tensor whatever the number of models.
+    """
+    total = float(sum(weights))
+    if total == 0:
+        raise ValueError("linear merge: the weights sum to 0")
+    out = torch.mul(thetas[0], weights[0] / total).to(torch.float32)
+    for theta, w in zip(thetas[1:], weights[1:], strict=True):
+        out.add_(theta, alpha=w / total)
+    return out
+
+
+def slerp(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    rowwise: bool = False,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+) -> Merged:
+    """Spherical linear interpolation of two tensors (Shoemake 1985), flattened or row by row.
+
+    Ω = arccos(⟨v0/‖v0‖, v1/‖v1‖⟩);  θ = sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1.
+    The angle comes from the normalised vectors but the unnormalised ones are interpolated, so norms
+    are interpolated too. Where |cos Ω| > `dot_threshold` (nearly colinear or antipodal) or a norm is
+    below `eps`, falls back to lerp (1−t)·v0 + t·v1. t=0 gives v0 and t=1 gives v1 exactly.
+    `rowwise`: one angle per slice of the first axis (per output row of a weight matrix) instead of one per
+    tensor (the usual definition, and mergekit's).
+    """
+    if t == 0.0 or t == 1.0:
+        return Merged((v1 if t == 1.0 else v0).to(torch.float32).clone(), {"cos": None, "lerp": 0.0})
+    rows = v0.shape[0] if rowwise and v0.dim() >= 1 else 1
+    a, b = v0.reshape(rows, -1), v1.reshape(rows, -1)  # (R, m)
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)  # (R, 1)
+    degenerate = (na <= eps) | (nb <= eps)
+    # normalise before the product: no overflow, and the same rounding as mergekit, so that a tensor whose
+    # cosine sits at the lerp threshold falls on the same side in both
+    dot = (a / na.clamp_min(eps) * (b / nb.clamp_min(eps))).sum(dim=1, keepdim=True).clamp_(-1.0, 1.0)
+    use_lerp = degenerate | (dot.abs() > dot_threshold)
+    omega = torch.acos(torch.where(use_lerp, 0.0, dot))
+    sin_omega = torch.where(use_lerp, 1.0, torch.sin(omega))
+    c0 = torch.where(use_lerp, 1.0 - t, torch.sin((1 - t) * omega) / sin_omega)  # (R, 1)
+    c1 = torch.where(use_lerp, t, torch.sin(t * omega) / sin_omega)
+    out = torch.mul(a, c0).addcmul_(b, c1).reshape(v0.shape)  # one new tensor
+    return Merged(
+        out, {"cos": float(dot.mean()), "lerp": int(torch.count_nonzero(use_lerp)) / use_lerp.numel()}
+    )
+
+
+def _sparsify(
+    tau: torch.Tensor,
+    how: Sparsifier,
+    density: float,
+    gamma: float,
+    epsilon: float,
+    rescale: bool,
+    generator: Callable[[], torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sparsify τ in place (the caller owns it)."""
+    if how == "none" or density >= 1.0 and how != "breadcrumbs":
+        return tau, None
+    if how == "magnitude":
+        return sparsify.magnitude(tau, density, inplace=True)
+    if how == "bernoulli":
+        return sparsify.bernoulli(tau, density, generator(), rescale, inplace=True)
+    if how == "breadcrumbs":
+        return sparsify.breadcrumbs(tau, density, gamma, inplace=True)
+    if how == "della":
+        return sparsify.della(tau, density, epsilon, generator(), rescale, inplace=True)
+    raise ValueError(f"unknown sparsifier {how!r}")
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor,
+    thetas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sparsifier: Sparsifier = "none",
+    density: float = 1.0,
+    gamma: float = 0.0,
+    epsilon: float = 0.0,
+    rescale: bool = True,
+    sign_consensus: bool = False,
+    normalize: bool = False,
+    lam: float = 1.0,
+    seed: int = 0,
+    name: str = "",
+    consume: bool = False,
+) -> Merged:
+    """The one task-arithmetic family; task_arithmetic, ties, dare_*, breadcrumbs*, della* are settings.
+
+    1. τ_i = θ_i − θ_base, sparsified to τ̂_i by `sparsifier` (see medmerge.merge.sparsify).
+    2. Without sign consensus: δ = Σ_i w_i τ̂_i, divided by Σ_i w_i if `normalize`.
+       With sign consensus (TIES): γ = sign(Σ_i w_i τ̂_i) (γ = +1 where the sum is 0); entry j of model i
+       agrees when sign(τ̂_ij) = γ_j (a trimmed zero never agrees); disjoint weighted mean
+       δ_j = Σ_{i agrees} w_i τ̂_ij / Σ_{i agrees} w_i   (0 where no model agrees).
+    3. θ = θ_base + λ·δ.
+    Random sparsifiers draw from `tensor_generator(seed, name, i)`, independent of tensor order.
+    `consume`: the θ_i may be overwritten (τ_i is computed in their storage), saving N tensors of memory.
+    Stats: ‖τ_i‖_F per model, fraction of entries kept per model, and (with consensus) the fraction of
+    entries where some kept τ̂_i opposes the elected sign ("sign_conflicts"; with non-negative weights,
+    the entries where kept τ̂ of different models have opposite signs).
+    """
+    stats: dict[str, object] = {"tau_norm": [], "kept": []}
+    base = base.to(torch.float32)
+    weighted_sum = torch.zeros_like(base)
+    sparse: list[torch.Tensor] = []
+    for i, theta in enumerate(thetas):
+        tau = theta.sub_(base) if consume else theta - base
+        stats["tau_norm"].append(float(torch.linalg.vector_norm(tau)))
+        tau_hat, keep = _sparsify(
+            tau,
+            sparsifier,
+            density,
+            gamma,
+            epsilon,
+            rescale,
+            lambda i=i: sparsify.tensor_generator(seed, name, i),
+        )
+        stats["kept"].append(1.0 if keep is None else int(torch.count_nonzero(keep)) / max(keep.numel(), 1))
+        weighted_sum.add_(tau_hat, alpha=weights[i])
+        if sign_consensus:
+            sparse.append(tau_hat)
+        del tau, keep, tau_hat
+    if not sign_consensus:
+        total = float(sum(weights))
+        if normalize and total != 0:
+            weighted_sum.div_(total)
+        delta = weighted_sum
+    else:
+        elected = weighted_sum.ge_(0).mul_(2).sub_(1)  # γ ∈ {−1, +1}, in place of the sum
+        delta = torch.zeros_like(base)  # Σ_{agree} w_i τ̂_i
+        denominator = torch.zeros_like(base)  # Σ_{agree} w_i
+        conflict = torch.zeros(base.shape, dtype=torch.bool)
+        agreement = torch.empty_like(base)  # scratch buffers, reused for every model
+        agree = torch.empty(base.shape, dtype=torch.bool)
+        opposed = torch.empty(base.shape, dtype=torch.bool)
+        for w, tau_hat in zip(weights, sparse, strict=True):
+            torch.mul(tau_hat, elected, out=agreement)  # > 0 where τ̂_i agrees with γ, < 0 where opposed
+            conflict.logical_or_(torch.lt(agreement, 0, out=opposed))
+            denominator.add_(torch.gt(agreement, 0, out=agree), alpha=w)
+            delta.add_(agreement.relu_(), alpha=w)  # Σ w_i·relu(τ̂_i γ) = γ · Σ_{agree} w_i τ̂_i
+        sparse.clear()
+        delta.mul_(elected)
+        stats["sign_conflicts"] = int(torch.count_nonzero(conflict)) / max(base.numel(), 1)
+        del conflict, elected, agreement, agree, opposed
+        delta.div_(denominator.masked_fill_(denominator == 0, 1.0))  # 0 where no model agrees
+    if lam != 1.0:
+        delta.mul_(lam)
+    return Merged(delta.add_(base), stats)
+
+
+def model_stock(base: torch.Tensor, thetas: Sequence[torch.Tensor], filter_wise: bool = False) -> Merged:
+    """Model Stock (Jang, Yun & Han, "Model Stock: All we need is just a few fine-tuned models", ECCV 2024).
+
+    cos φ = mean over pairs i<j of ⟨τ_i, τ_j⟩ / (‖τ_i‖‖τ_j‖) (‖·‖ clamped ≥ 1e-6, cos clamped to [−1, 1]),
+    per tensor (per row with `filter_wise`); t = N·cos φ / (1 + (N−1)·cos φ);
+    θ = t·(Σ_i θ_i / N) + (1 − t)·θ_base (t = 0 where 1 + (N−1)·cos φ ≈ 0). Needs N ≥ 2 models.
+    Unweighted, as in the paper.
+    """
+    n = len(thetas)
+    if n < 2:
+        raise ValueError("model_stock needs at least 2 models")
+    rows = (
+        (lambda x: x.reshape(-1, x.shape[-1]))
+        if filter_wise and base.dim() >= 2
+        else (lambda x: x.reshape(1, -1))
+    )
+    taus = [rows(theta - base) for theta in thetas]  # (R, m) each
+    norms = [tau.norm(dim=-1) for tau in taus]  # (R,)
+    cos = torch.zeros_like(norms[0])
+    for i in range(n):
+        for j in range(i + 1, n):
+            c = (taus[i] * taus[j]).sum(-1) / (norms[i] * norms[j]).clamp_min(1e-6)
+            cos += c.clamp(-1.0, 1.0)
+    cos /= n * (n - 1) / 2
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6  # opposing updates: keep the base there (as mergekit)
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))  # (R,)
+    mean = linear(thetas, [1.0] * n)
+    t_shaped = t.reshape(-1, 1) if filter_wise and base.dim() >= 2 else t.reshape(1, 1)
+    out = (rows(mean) * t_shaped + rows(base) * (1 - t_shaped)).reshape(base.shape)
+    return Merged(
+        out, {"cos": float(cos.mean()), "t": float(t.mean()), "tau_norm": [float(x.norm()) for x in norms]}
+    )
+
+
+def karcher(
+    thetas: Sequence[torch.Tensor], weights: Sequence[float], max_iter: int = 10, tol: float = 1e-5
+) -> Merged:
+    """Karcher (Fréchet) mean on the unit sphere, norms averaged separately (Karcher, "Riemannian center
+    of mass and mollifier smoothing", CPAM 1977; the model-merging form of mergekit's `karcher`).
+
+    u_i = θ_i/‖θ_i‖ (flattened). Start from x = normalised Σ w_i u_i; iterate: log map
+    v_i = α_i/sin α_i · (u_i − cos α_i · x), α_i = arccos⟨x, u_i⟩ (v_i = 0 when α_i ≈ 0);
+    g = Σ w_i v_i / Σ w_i;
+    stop when ‖g‖ < tol; exp map x ← cos‖g‖·x + sin‖g‖·g/‖g‖. Result: x · Σ w_i‖θ_i‖ / Σ w_i.
+    Zero tensors are skipped (their norm still enters the mean norm); all-zero input gives zero.
+    """
+    total = float(sum(weights))
+    norms = [float(theta.norm()) for theta in thetas]
+    mean_norm = sum(w * n for w, n in zip(weights, norms, strict=True)) / total
+    live = [
+        (w, theta.reshape(-1) / n) for w, theta, n in zip(weights, thetas, norms, strict=True) if n > 1e-12
+    ]
+    if not live:
+        return Merged(torch.zeros_like(thetas[0], dtype=torch.float32), {"iterations": 0})
+    live_total = sum(w for w, _ in live)
+    x = sum(w * u for w, u in live)
+    if float(x.norm()) < 1e-12:  # antipodal inputs: start from the first
+        x = live[0][1].clone()
+    x = x / x.norm()
+    iterations = 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 (the count is reported)
+        g = torch.zeros_like(x)
+        for w, u in live:
+            cos = float(x @ u)
+            alpha = math.acos(max(-1.0, min(1.0, cos)))
+            if alpha > 1e-7:
+                g.add_(u - cos * x, alpha=w * alpha / math.sin(alpha) / live_total)
+        g_norm = float(g.norm())
+        if g_norm < tol:
+            break
+        x = math.cos(g_norm) * x + math.sin(g_norm) * g / g_norm
+        x /= x.norm()
+    return Merged((x * mean_norm).reshape(thetas[0].shape), {"iterations": iterations})

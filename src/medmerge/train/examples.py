@@ -1,0 +1,97 @@
+"""Training and validation examples: the data layer's splits, tokenized with the prompt masked out.
+
+Each SPEC of `config.data` is loaded and split on its own (seeded, group-disjoint); the train and
+validation parts are concatenated across SPECs. `data.max_examples` keeps the first n pairs of each
+split, `eval_examples` caps the validation set. Everything the manifest needs to identify the data
+(SPEC, file checksum, split sizes and fingerprints) is returned with the examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from medmerge.config import TrainConfig
+from medmerge.data import encode_pair, load_dataset, parse_spec, split_fingerprint, split_pairs
+from medmerge.data.prompts import IGNORE_INDEX
+from medmerge.errors import MedmergeError
+from medmerge.manifest import sha256_dir, sha256_file
+from medmerge.models import ModelKind
+
+Example = dict[str, list[int]]
+
+
+@dataclass
+class TrainData:
+    train: list[Example]
+    validation: list[Example]
+    sources: list[dict[str, Any]] = field(default_factory=list)  # one entry per SPEC, for the manifest
+
+
+def example_tokens(example: Example, kind: ModelKind) -> int:
+    """Tokens a model processes for one example: input ids, plus the decoder's labels for seq2seq."""
+    return len(example["input_ids"]) + (len(example["labels"]) if kind == "seq2seq" else 0)
+
+
+def answer_tokens(example: Example, kind: ModelKind) -> int:
+    """Answer tokens the loss counts (causal: labels shifted by one, so the first label is never used)."""
+    labels = example["labels"][1:] if kind == "causal" else example["labels"]
+    return sum(1 for t in labels if t != IGNORE_INDEX)
+
+
+def _file_checksum(spec: str) -> str | None:
+    path = parse_spec(spec).path
+    if path is None or not path.exists():
+        return None
+    return sha256_dir(path) if path.is_dir() else sha256_file(path)
+
+
+def prepare_data(config: TrainConfig, tokenizer: Any, kind: ModelKind) -> TrainData:
+    """Load, split and encode the data of `config` (see module doc); empty splits are errors."""
+    cut = config.data.max_examples
+    out = TrainData(train=[], validation=[])
+    pairs_by_split: dict[str, list] = {"train": [], "validation": []}
+    for spec in config.data.specs:
+        splits = split_pairs(load_dataset(spec).pairs, config.data.fractions, config.data.split_seed)
+        train, validation = splits.train[:cut], splits.validation[:cut]
+        if not train:
+            raise MedmergeError(
+                f"data.specs: {spec} has no training pairs with fractions {config.data.fractions} "
+                f"(expected a non-empty train split)"
+            )
+        pairs_by_split["train"] += train
+        pairs_by_split["validation"] += validation
+        out.sources.append(
+            {
+                "spec": spec,
+                "sha256": _file_checksum(spec),
+                "split_seed": config.data.split_seed,
+                "fractions": list(config.data.fractions),
+                "sizes": {"train": len(train), "validation": len(validation)},
+                "train_fingerprint": split_fingerprint(train),
+                "validation_fingerprint": split_fingerprint(validation),
+            }
+        )
+    validation = pairs_by_split["validation"][: config.eval_examples]
+    if not validation:
+        raise MedmergeError(
+            f"data.fractions: {config.data.fractions} leaves no validation pairs "
+            "(expected a validation share > 0: validation loss drives keep-best and early stopping)"
+        )
+
+    def encode(pairs: list) -> list[Example]:
+        return [
+            encode_pair(
+                p.question,
+                p.answer,
+                tokenizer,
+                kind,
+                config.max_prompt_tokens,
+                config.max_answer_tokens,
+                config.system_prompt,
+            )
+            for p in pairs
+        ]
+
+    out.train, out.validation = encode(pairs_by_split["train"]), encode(validation)
+    return out

@@ -1,0 +1,215 @@
+"""`train_expert(config, out_dir)`: check everything, train, and write the expert folder atomically.
+
+The expert folder holds the PEFT adapter (adapter_config.json + adapter_model.safetensors, whose
+base_model_name_or_path is the model the config names) or the full model (safetensors + config), the
+tokenizer, curve.csv / curve.png, and manifest.json (base checksum, data SPECs and split fingerprints,
+config, versions, final metrics). Checkpoints live in `<out>.checkpoint/` until the run completes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medmerge.config import TrainConfig
+from medmerge.errors import MedmergeError
+from medmerge.manifest import atomic_dir, build_manifest, checksum, sha256_file, write_json_atomic
+from medmerge.models import load_tokenizer, resolve_model
+from medmerge.train import checkpoint as ckpt
+from medmerge.train.curve import plot_curve, write_curve_csv
+from medmerge.train.examples import prepare_data
+from medmerge.train.loop import LoopState, Trainer
+from medmerge.train.model import build_model, resolve_kind
+from medmerge.train.precision import Runtime, start_runtime, stop_runtime, use_bf16_autocast
+
+DIGEST_ENV = "MEDMERGE_TRAIN_DIGEST_DIR"  # test hook: each rank writes a digest of its final weights here
+
+
+def train_expert(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    hooks: list[Any] | None = None,
+) -> Path:
+    """Fine-tune `config.model` on `config.data` with `config.method`; return the expert folder.
+
+    Runs alone or as one process of `torchrun` (WORLD_SIZE > 1: DDP, each process its own data shard,
+    only rank 0 writes). `resume` continues from `<out>.checkpoint/`. Bad input is a MedmergeError
+    raised before any training step.
+    """
+    out_dir = Path(out_dir)
+    runtime = start_runtime()
+    try:
+        return _train(config, out_dir, runtime, resume, overwrite, progress, hooks or [])
+    finally:
+        stop_runtime(runtime)
+
+
+def _model_reference(name: str) -> str:
+    """What adapters record as their base: an embedded name as is, a folder as an absolute path."""
+    return name if not Path(name).expanduser().is_dir() else str(Path(name).expanduser().resolve())
+
+
+def _train(
+    config: TrainConfig,
+    out_dir: Path,
+    runtime: Runtime,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    hooks: list[Any],
+) -> Path:
+    checkpoints = ckpt.checkpoint_dir(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise MedmergeError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
+    if checkpoints.exists() and not resume and not overwrite:
+        raise MedmergeError(
+            f"{checkpoints}: a checkpoint of an unfinished run exists (pass --resume or --overwrite)"
+        )
+    config = config.model_copy(update={"model": _model_reference(config.model)})
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    base_path = resolve_model(config.model)
+    kind = resolve_kind(config, base_path)
+    tokenizer = load_tokenizer(base_path)
+    data = prepare_data(config, tokenizer, kind)  # empty splits fail here, before the model loads
+    torch.manual_seed(config.seed)
+    model, kind, base_path = build_model(config, runtime.device)
+    bf16 = use_bf16_autocast(config.autocast, runtime.device)
+    trainer = Trainer(config, model, kind, data.train, data.validation, tokenizer.pad_token_id, runtime, bf16)
+    trainer.hooks.extend(hooks)
+    if resume:
+        loop_state, trainer.best_state = ckpt.load_checkpoint(
+            checkpoints,
+            model=model,
+            optimizer=trainer.optimizer,
+            scheduler=trainer.scheduler,
+            rank=runtime.rank,
+            device=runtime.device,
+        )
+        if loop_state.get("config") != config.model_dump(mode="json"):
+            raise MedmergeError(f"{checkpoints}: made with a different config (resume needs the same one)")
+        trainer.stream.load_state(loop_state["stream"])
+        trainer.state = LoopState(**loop_state["loop"])
+    elif runtime.main and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+
+    def save(t: Trainer) -> None:
+        states = _gather_rng(runtime)
+        if runtime.main:
+            ckpt.save_checkpoint(
+                checkpoints,
+                model=t.model,
+                optimizer=t.optimizer,
+                scheduler=t.scheduler,
+                rng_states=states,
+                best_state=t.best_state,
+                state={
+                    "config": config.model_dump(mode="json"),
+                    "stream": t.stream.state(),
+                    "loop": t.state.to_json(),
+                },
+            )
+        _barrier(runtime)
+
+    started = time.time()
+    state = trainer.run(save, progress=progress)
+    _write_digest(model, runtime)
+    if runtime.main:
+        _write_expert(
+            config, out_dir, overwrite, model, tokenizer, base_path, data, state, trainer, bf16, started
+        )
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    _barrier(runtime)
+    return out_dir
+
+
+def _gather_rng(runtime: Runtime) -> list[dict[str, torch.Tensor]]:
+    mine = ckpt.rng_state(runtime.device)
+    if not runtime.distributed:
+        return [mine]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * runtime.world
+    dist.all_gather_object(gathered, {k: v.cpu() for k, v in mine.items()})
+    return gathered
+
+
+def _barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _write_digest(model: torch.nn.Module, runtime: Runtime) -> None:
+    folder = os.environ.get(DIGEST_ENV)
+    if not folder:
+        return
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        digest.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"rank{runtime.rank}.txt").write_text(digest.hexdigest())
+
+
+def _write_expert(
+    config, out_dir, overwrite, model, tokenizer, base_path, data, state, trainer, bf16, started
+):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with warnings.catch_warnings():  # PEFT looks for a config.json under the embedded model's name
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_curve_csv(state.curve, tmp / "curve.csv")
+        plot_curve(state.curve, tmp / "curve.png", f"{config.method} on {', '.join(config.data.specs)}"[:90])
+        base_files = sorted(base_path.glob("*.safetensors"))
+        manifest = build_manifest(
+            "expert",
+            inputs={
+                "base_model": config.model,
+                "base_path": str(base_path),
+                "base_checksum": checksum(base_path),
+                "base_weights_sha256": {f.name: sha256_file(f) for f in base_files},
+                "data": data.sources,
+            },
+            config=config,
+            metrics={
+                "val_loss_initial": state.initial_val,
+                "val_loss_final": state.last_val,
+                "val_loss_best": state.best_val,
+                "best_step": state.best_step,
+                "kept": "best" if config.keep_best else "last",
+                "steps": state.step,
+                "stopped_because": state.stopped_because,
+                "train_loss_last": next(
+                    (r["train_loss"] for r in reversed(state.curve) if "train_loss" in r), None
+                ),
+                "tokens": state.tokens,
+                "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9),
+                "loop_minutes": state.elapsed_s / 60,
+                "wall_minutes": (time.time() - started) / 60,
+                "train_examples": len(data.train),
+                "validation_examples": len(data.validation),
+            },
+            method=config.method,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            processes=trainer.runtime.world,
+            bf16_autocast=bf16,
+            device=str(trainer.runtime.device),
+        )
+        write_json_atomic(tmp / "manifest.json", manifest)

@@ -1,0 +1,227 @@
+"""Exact math of every merge method on small hand-made tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medmerge.merge import methods, sparsify
+from medmerge.merge.registry import METHODS
+
+BASE = torch.tensor([1.0, 1.0, 1.0, 1.0])
+TAU1 = torch.tensor([3.0, -1.0, 2.0, -4.0])
+TAU2 = torch.tensor([-2.0, -3.0, 1.0, 5.0])
+
+
+def test_linear_weighted_average_and_first_model_with_weights_1_0():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+    assert torch.equal(methods.linear([a, b], [1.0, 0.0]), a)
+    torch.testing.assert_close(methods.linear([a, b], [1.0, 3.0]), torch.tensor([2.5, 5.0]))
+    torch.testing.assert_close(methods.linear([a, b], [1.0, 1.0]), (a + b) / 2)  # uniform soup
+
+
+def test_slerp_endpoints_are_exact():
+    v0, v1 = torch.randn(5, 7), torch.randn(5, 7)
+    assert torch.equal(methods.slerp(0.0, v0, v1).tensor, v0)
+    assert torch.equal(methods.slerp(1.0, v0, v1).tensor, v1)
+
+
+def test_slerp_quarter_circle_midpoint():
+    v0, v1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    out = methods.slerp(0.5, v0, v1)
+    torch.testing.assert_close(out.tensor, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    assert out.stats["lerp"] == 0.0
+    # t = 1/3 of the 90° arc: angle 30°
+    torch.testing.assert_close(
+        methods.slerp(1 / 3, v0, v1).tensor, torch.tensor([math.cos(math.pi / 6), math.sin(math.pi / 6)])
+    )
+
+
+def test_slerp_interpolates_norms_from_unnormalised_vectors():
+    v0, v1 = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 4.0])
+    out = methods.slerp(0.5, v0, v1).tensor
+    s = math.sin(math.pi / 4) / math.sin(math.pi / 2)
+    torch.testing.assert_close(out, torch.tensor([2.0 * s, 4.0 * s]))
+
+
+def test_slerp_colinear_falls_back_to_lerp():
+    v0 = torch.tensor([1.0, 2.0, 3.0])
+    out = methods.slerp(0.25, v0, 3 * v0)
+    assert out.stats["lerp"] == 1.0
+    torch.testing.assert_close(out.tensor, 0.75 * v0 + 0.25 * 3 * v0)
+    zero = methods.slerp(0.5, torch.zeros(3), v0)  # a zero vector has no direction: lerp
+    torch.testing.assert_close(zero.tensor, 0.5 * v0)
+
+
+def test_slerp_rowwise_uses_one_angle_per_row():
+    v0 = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    v1 = torch.tensor([[0.0, 1.0], [2.0, 2.0]])  # row 0: 90°, row 1: colinear
+    out = methods.slerp(0.5, v0, v1, rowwise=True).tensor
+    torch.testing.assert_close(out[0], torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    torch.testing.assert_close(out[1], torch.tensor([1.5, 1.5]))
+
+
+def test_task_arithmetic():
+    out = methods.generalized_task_arithmetic(BASE, [BASE + TAU1, BASE + TAU2], [1.0, 0.5], lam=2.0)
+    torch.testing.assert_close(out.tensor, BASE + 2.0 * (TAU1 + 0.5 * TAU2))
+    assert out.stats["tau_norm"] == pytest.approx([float(TAU1.norm()), float(TAU2.norm())])
+
+
+def test_ties_worked_by_hand():
+    # density 0.5 keeps 2 of 4 entries per model: τ̂1 = [3, 0, 0, −4], τ̂2 = [0, −3, 0, 5]
+    # Σ w τ̂ with w = [1, 0.5] = [3, −1.5, 0, −1.5] → γ = [+, −, + (sum 0), −]
+    # agreeing: e0 model 1 → 3; e1 model 2 → (0.5·−3)/0.5 = −3; e2 none → 0; e3 model 1 → −4
+    out = methods.generalized_task_arithmetic(
+        BASE,
+        [BASE + TAU1, BASE + TAU2],
+        [1.0, 0.5],
+        sparsifier="magnitude",
+        density=0.5,
+        sign_consensus=True,
+        lam=2.0,
+    )
+    torch.testing.assert_close(out.tensor, BASE + 2.0 * torch.tensor([3.0, -3.0, 0.0, -4.0]))
+    assert out.stats["kept"] == [0.5, 0.5]
+    assert out.stats["sign_conflicts"] == 0.25  # entry 3: +5 vs −4
+
+
+def test_ties_disjoint_mean_is_weighted():
+    # both agree on entry 0: (1·2 + 3·4) / (1 + 3) = 3.5
+    a, b = torch.tensor([2.0]), torch.tensor([4.0])
+    out = methods.generalized_task_arithmetic(
+        torch.zeros(1), [a, b], [1.0, 3.0], sparsifier="magnitude", density=1.0, sign_consensus=True
+    )
+    torch.testing.assert_close(out.tensor, torch.tensor([3.5]))
+
+
+def test_magnitude_keeps_exactly_k_with_ties_broken_by_index():
+    tau = torch.tensor([1.0, -1.0, 1.0, 0.5, -2.0])
+    kept, keep = sparsify.magnitude(tau, 0.6)  # k = 3: |−2| and the first two |1|s
+    assert keep.tolist() == [True, True, False, False, True]
+    torch.testing.assert_close(kept, torch.tensor([1.0, -1.0, 0.0, 0.0, -2.0]))
+
+
+def test_breadcrumbs_drops_top_outliers_and_small_entries():
+    tau = torch.arange(1.0, 11.0)  # |τ| ranks 1..10
+    kept, keep = sparsify.breadcrumbs(tau, density=0.5, gamma=0.2)  # drop top 2, keep next 5
+    assert keep.tolist() == [False] * 3 + [True] * 5 + [False] * 2
+    assert torch.equal(kept, tau * keep)
+
+
+def test_dare_keeps_about_density_and_rescales():
+    tau = torch.randn(20_000)
+    kept, keep = sparsify.bernoulli(tau, 0.3, sparsify.tensor_generator(0, "w", 0))
+    assert abs(float(keep.float().mean()) - 0.3) < 0.015
+    torch.testing.assert_close(kept[keep], tau[keep] / 0.3)
+    assert torch.all(kept[~keep] == 0)
+
+
+def test_dare_expectation_is_task_arithmetic():
+    base = torch.zeros(50)
+    thetas = [torch.linspace(-1, 1, 50), torch.linspace(2, -2, 50)]
+    weights = [1.0, 0.5]
+    target = methods.generalized_task_arithmetic(base, thetas, weights).tensor
+    runs = torch.stack(
+        [
+            methods.generalized_task_arithmetic(
+                base, thetas, weights, sparsifier="bernoulli", density=0.5, seed=s, name="w"
+            ).tensor
+            for s in range(3000)
+        ]
+    )
+    # per-entry sd of one run ≤ ‖(τ1, 0.5 τ2)‖·1 = √2; of the mean of 3000: ≤ 0.026
+    assert float((runs.mean(0) - target).abs().max()) < 0.13
+    assert float((runs[0] - target).abs().max()) > 0.5  # a single draw is not the expectation
+
+
+def test_dare_masks_depend_on_seed_name_and_model_only():
+    tau = torch.randn(1000)
+    one = sparsify.bernoulli(tau, 0.5, sparsify.tensor_generator(7, "layer.0.w", 1))[1]
+    again = sparsify.bernoulli(tau, 0.5, sparsify.tensor_generator(7, "layer.0.w", 1))[1]
+    assert torch.equal(one, again)
+    for other in [(8, "layer.0.w", 1), (7, "layer.1.w", 1), (7, "layer.0.w", 0)]:
+        assert not torch.equal(one, sparsify.bernoulli(tau, 0.5, sparsify.tensor_generator(*other))[1])
+
+
+def test_della_probabilities_ranked_by_magnitude():
+    tau = torch.tensor([[0.1, -3.0, 2.0], [5.0, 0.0, -1.0]])
+    p = sparsify.della_probabilities(tau, density=0.5, epsilon=0.2)
+    torch.testing.assert_close(p, torch.tensor([[0.3, 0.7, 0.5], [0.7, 0.3, 0.5]]))
+
+
+def test_della_keeps_about_density_and_is_unbiased():
+    tau = torch.randn(400, 50)
+    kept, keep = sparsify.della(tau, 0.4, 0.2, sparsify.tensor_generator(0, "w", 0))
+    assert abs(float(keep.float().mean()) - 0.4) < 0.02
+    p = sparsify.della_probabilities(tau, 0.4, 0.2)
+    torch.testing.assert_close(kept[keep], (tau / p)[keep])
+    # larger magnitudes survive more often
+    big = tau.abs() > tau.abs().median()
+    assert float(keep[big].float().mean()) > float(keep[~big].float().mean()) + 0.1
+
+
+def test_model_stock_ratio_from_angle():
+    base = torch.zeros(2)
+    thetas = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]  # cos = 0 → t = 0 → base
+    out = methods.model_stock(base, thetas)
+    torch.testing.assert_close(out.tensor, base)
+    thetas = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])]  # cos = 1/√2, N = 2
+    cos = 1 / math.sqrt(2)
+    t = 2 * cos / (1 + cos)
+    out = methods.model_stock(base, thetas)
+    torch.testing.assert_close(out.tensor, t * torch.tensor([1.0, 0.5]))
+    assert out.stats["t"] == pytest.approx(t)
+
+
+def test_model_stock_filter_wise():
+    base = torch.zeros(2, 2)
+    thetas = [torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 2.0]])]
+    out = methods.model_stock(base, thetas, filter_wise=True).tensor
+    torch.testing.assert_close(out[0], torch.zeros(2))  # orthogonal row: base
+    torch.testing.assert_close(out[1], torch.tensor([1.5, 1.5]))  # colinear row: t = 1, the mean
+
+
+def test_karcher_mean_of_two_unit_vectors_is_the_arc_midpoint():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    out = methods.karcher([a, b], [1.0, 1.0], max_iter=50, tol=1e-9).tensor
+    torch.testing.assert_close(out, 2.0 * torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    # weights pull the direction: weight 3:1 → angle 22.5° from a
+    out = methods.karcher([a, b], [3.0, 1.0], max_iter=100, tol=1e-10).tensor
+    angle = math.atan2(float(out[1]), float(out[0]))
+    assert angle == pytest.approx(math.pi / 8, abs=1e-5)
+    assert float(out.norm()) == pytest.approx((3 * 1 + 1 * 3) / 4)
+
+
+SETTINGS = {
+    "linear": {},
+    "slerp": {"t": 0.4},
+    "task_arithmetic": {"normalize": True},
+    "ties": {"density": 1.0},
+    "dare_linear": {"density": 1.0, "normalize": True},
+    "dare_ties": {"density": 1.0},
+    "breadcrumbs": {"density": 1.0, "gamma": 0.0, "normalize": True},
+    "breadcrumbs_ties": {"density": 1.0, "gamma": 0.0},
+    "della": {"density": 1.0, "epsilon": 0.0},
+    "della_linear": {"density": 1.0, "epsilon": 0.0, "normalize": True},
+    "model_stock": {},
+    "karcher": {},
+}
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "soup_greedy"])
+def test_identical_models_give_that_model(name):
+    spec = METHODS[name]
+    params = spec.params.model_validate(SETTINGS[name])
+    base = torch.randn(6, 5)
+    theta = base + torch.randn(6, 5)
+    merged = spec.merge("w", base, [theta.clone(), theta.clone()], [0.3, 0.7], params)
+    torch.testing.assert_close(merged.tensor, theta, atol=1e-5, rtol=1e-5)
+    # and merging copies of the base gives the base
+    merged = spec.merge("w", base, [base.clone(), base.clone()], [0.3, 0.7], params)
+    torch.testing.assert_close(merged.tensor, base, atol=1e-5, rtol=1e-5)
+
+
+def test_every_method_is_tested_here():
+    assert set(SETTINGS) | {"soup_greedy"} == set(METHODS)
