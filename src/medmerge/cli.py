@@ -425,6 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if (
+        not args.verbose
+    ):  # peft imports bitsandbytes, whose CPU backend warns about an optional kernel package
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.handler(args)
     except MedmergeError as exc:

@@ -82,6 +82,14 @@ def test_run_end_to_end_then_cached(experiment, tmp_path, capsys):
         assert search["best"]["loss"] == min(t["loss"] for t in search["trials"])
         for space in ("full", "lora"):
             assert (out / "merges" / f"{method}-{space}" / "merge.json").is_file()
+    # the written full-space merge is exactly the search's best trial (its validation loss is reused)
+    from medmerge.pipeline.run import _scoring
+    from medmerge.pipeline.scoring import score_model
+
+    ties = json.loads((out / "search" / "ties.json").read_text())["best"]
+    assert score_model(str(out / "merges" / "ties-full"), _scoring(config))["loss"] == pytest.approx(
+        ties["loss"], abs=1e-5
+    )
     assert (out / "evaluation" / "report.md").is_file() and (out / "evaluation" / "heatmap.png").is_file()
     assert "chosen merge" in (out / "report.md").read_text()
     assert "| model |" in first.out and "searching ties" in first.err

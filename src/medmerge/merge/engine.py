@@ -100,6 +100,16 @@ def merge_tensors(
     """Yield (name, merged float32 tensor or copied non-float tensor, stats) for each name, in order."""
     use_base = base is not None and (spec.base == "required" or getattr(params, "relative", False))
     for name in tqdm(names, desc=f"merge {spec.name}", unit="tensor", disable=not progress):
+        if base is not None and not any(s.touches(name) for s in sources):
+            # Every input is an adapter that leaves `name` as its base: every method returns θ_base
+            # (merging identical inputs is the identity), so skip the arithmetic.
+            tensor = base.read(name)
+            yield (
+                name,
+                tensor.to(torch.float32) if tensor.is_floating_point() else tensor,
+                {"untouched": True},
+            )
+            continue
         first = sources[0].read(name)
         if not first.is_floating_point():  # integer buffers: must agree, copied as they are
             for other in sources[1:]:

@@ -33,6 +33,10 @@ class Source:
     def read(self, name: str) -> torch.Tensor:
         return read_tensor(self.infos[name])
 
+    def touches(self, name: str) -> bool:
+        """Whether this input's `name` may differ from its base (a full model: always)."""
+        return True
+
     def weight_files(self) -> list[Path]:
         return sorted({info.file for info in self.infos.values()})
 
@@ -49,6 +53,9 @@ class AdapterSource(Source):
     @property
     def is_adapter(self) -> bool:
         return True
+
+    def touches(self, name: str) -> bool:
+        return name in self.modules or name in self.replaced
 
     def read(self, name: str) -> torch.Tensor:
         if name in self.replaced:

@@ -80,11 +80,13 @@ def run_experiment(
         scoring = _scoring(config)
         expert_paths = [str(trained[e.name][0]) for e in config.experts]
         upstream = [trained[e.name][1] for e in config.experts]
-        merges = {}
+        merges, searches = {}, {}
         for method in config.methods:
-            search = _search_step(config, method, expert_paths, upstream, scoring, executor, out, show)
-            merges[method] = _merge_steps(config, method, expert_paths, search, out, show)
-        validation = _validation_step(config, trained, merges, scoring, executor, out, show)
+            searches[method] = _search_step(
+                config, method, expert_paths, upstream, scoring, executor, out, show
+            )
+            merges[method] = _merge_steps(config, method, expert_paths, searches[method], out, show)
+        validation = _validation_step(config, trained, merges, searches, scoring, executor, out, show)
         evaluation = _evaluate_step(config, trained, merges, validation, out, show)
     finally:
         executor.close()
@@ -213,8 +215,12 @@ def _summed_rank(expert_paths: list[str]) -> int:
 # -------------------------------------------------------------------------------- validation, test
 
 
-def _validation_step(config, trained, merges, scoring, executor: Executor, out, show) -> dict[str, dict]:
-    """Validation loss of every candidate (experts, multi-task, base, each method × space)."""
+def _validation_step(config, trained, merges, searches, scoring, executor: Executor, out, show) -> dict:
+    """Validation loss of every candidate (experts, multi-task, base, each method × space).
+
+    A float32 full-space merge is exactly the search's best trial, scored on the same questions: its
+    loss is taken from the search instead of being computed again.
+    """
     candidates = {"base": config.base_model} | {name: str(path) for name, (path, _) in trained.items()}
     for method, folders in merges.items():
         candidates |= {f"{method}-{space}": str(folder) for space, folder in folders.items()}
@@ -223,6 +229,17 @@ def _validation_step(config, trained, merges, scoring, executor: Executor, out, 
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if cached.get("scoring") != repr(scoring):
         cached = {"scoring": repr(scoring), "models": {}}
+    if config.dtype == "float32":
+        for method, search in searches.items():
+            if "full" in merges[method]:
+                name = f"{method}-full"
+                best = {k: search["best"][k] for k in ("loss", "per_dataset")}
+                cached["models"][name] = {
+                    "key": keys[name],
+                    "path": candidates[name],
+                    "from": "search",
+                    **best,
+                }
     todo = [n for n in candidates if cached["models"].get(n, {}).get("key") != keys[n]]
     if todo:
         show.start(f"validation loss of {len(todo)} models")
