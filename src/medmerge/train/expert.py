@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +169,10 @@ def _write_expert(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        with warnings.catch_warnings():  # PEFT looks for a config.json under the embedded model's name
-            warnings.filterwarnings("ignore", message="Could not find a config file")
-            model.save_pretrained(tmp, safe_serialization=True)
+        # medmerge never resizes the vocabulary; "auto" would make PEFT look the embedded model's name
+        # up on the Hugging Face hub (slow retries offline) to find out.
+        save = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+        model.save_pretrained(tmp, safe_serialization=True, **save)
         tokenizer.save_pretrained(tmp)
         write_curve_csv(state.curve, tmp / "curve.csv")
         plot_curve(state.curve, tmp / "curve.png", f"{config.method} on {', '.join(config.data.specs)}"[:90])
