@@ -58,6 +58,13 @@ def load_config(path: str | Path, model: type[T]) -> T:
 # ------------------------------------------------------------------------------------------- data
 
 
+def normalised_specs(specs: list[str]) -> list[str]:
+    """Dataset SPECs parsed (an unknown kind or option is an error) and written in canonical form."""
+    from medmerge.data.specs import parse_spec
+
+    return [parse_spec(s).text for s in specs]
+
+
 class DataConfig(StrictModel):
     """Which questions: dataset SPECs and how they are split (see medmerge.data)."""
 
@@ -69,9 +76,7 @@ class DataConfig(StrictModel):
     @field_validator("specs")
     @classmethod
     def _parse_specs(cls, specs: list[str]) -> list[str]:
-        from medmerge.data.specs import parse_spec
-
-        return [parse_spec(s).text for s in specs]
+        return normalised_specs(specs)
 
     @field_validator("fractions")
     @classmethod
@@ -228,9 +233,7 @@ class ExpertSpec(StrictModel):
     @field_validator("data")
     @classmethod
     def _parse_expert_specs(cls, specs: list[str]) -> list[str]:
-        from medmerge.data.specs import parse_spec
-
-        return [parse_spec(s).text for s in specs]
+        return normalised_specs(specs)
 
 
 class SearchSettings(StrictModel):
@@ -323,9 +326,7 @@ class EvaluateConfig(StrictModel):
     @field_validator("data", "ood")
     @classmethod
     def _parse_eval_specs(cls, specs: list[str]) -> list[str]:
-        from medmerge.data.specs import parse_spec
-
-        return [parse_spec(s).text for s in specs]
+        return normalised_specs(specs)
 
     @field_validator("fractions")
     @classmethod
