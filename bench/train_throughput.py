@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MEDQUAD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "MedQuAD-master.zip")
 
 
-def _config(args: argparse.Namespace, method: str, base_dtype: str = "auto"):
+def _config(args: argparse.Namespace, method: str, base_dtype: str = "auto", dropout_rng: str = "counter"):
     from medmerge.config import TrainConfig, validate_config
 
     return validate_config(
@@ -47,6 +47,7 @@ def _config(args: argparse.Namespace, method: str, base_dtype: str = "auto"):
             "autocast": args.autocast,
             "threads": args.threads,
             "base_dtype": base_dtype,
+            "dropout_rng": dropout_rng,
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
         },
         TrainConfig,
@@ -98,13 +99,14 @@ def worker_trainer(args: argparse.Namespace, method: str) -> dict:
     from medmerge.train.model import build_model
     from medmerge.train.precision import use_bf16_autocast
 
-    config = _config(args, method, args.hf_base_dtype)
+    config = _config(args, method, args.hf_base_dtype, dropout_rng="torch")
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(resolve_model(config.model))
     data = prepare_data(config, tokenizer, "causal")
     torch.manual_seed(config.seed)
-    # the same PEFT / NF4 model as medmerge's; its frozen base in --hf-base-dtype (default float32: the
-    # documented PEFT + Trainer recipe, model loaded in float32 and TrainingArguments(bf16=True) = autocast)
+    # the same PEFT / NF4 model as medmerge's, as PEFT builds it: nn.Dropout, frozen base in --hf-base-dtype
+    # (default float32: the documented PEFT + Trainer recipe, model loaded in float32 and
+    # TrainingArguments(bf16=True) = autocast); glibc's allocator left at its defaults
     model, _, _ = build_model(config, torch.device("cpu"))
     bf16 = use_bf16_autocast(config.autocast, torch.device("cpu"))
     train = [{**e, "attention_mask": [1] * len(e["input_ids"])} for e in data.train]
@@ -220,8 +222,9 @@ def main() -> None:
         f"{args.steps} timed steps after {args.warmup}, {args.threads} threads, autocast {args.autocast} "
         f"(bf16={rows[0]['bf16']}), load average {os.getloadavg()[0]:.2f} at the end\n"
         "medmerge: medmerge.train.loop.Trainer.step, TrainConfig base_dtype auto (frozen base Linears in\n"
-        "  bfloat16 under bf16 autocast, LoRA A/B float32), answer-only head, fused AdamW.\n"
-        f"Trainer: transformers Trainer, same PEFT model, frozen base in {args.hf_base_dtype},\n"
+        "  bfloat16 under bf16 autocast, LoRA A/B float32), answer-only head with the fused chunked\n"
+        "  cross-entropy, counter-based LoRA dropout, glibc keeping freed memory, fused AdamW.\n"
+        f"Trainer: transformers Trainer, same PEFT model (nn.Dropout), frozen base in {args.hf_base_dtype},\n"
         "  TrainingArguments(bf16=<autocast>, group_by_length=True, use_cpu=True), DataCollatorForSeq2Seq.\n"
     )
     print(

@@ -47,3 +47,24 @@ def test_config_errors_are_one_line(tmp_path):
     path.write_text("- a\n")
     with pytest.raises(MedmergeError, match="expected a YAML mapping"):
         load_config(path, DataConfig)
+
+
+def test_overrides_set_dotted_keys_and_are_validated(tmp_path):
+    from medmerge.config import ExperimentConfig
+
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        "experts:\n  - {name: a, data: ['jsonl:a.jsonl']}\n  - {name: b, data: ['jsonl:b.jsonl']}\n"
+        "train: {method: lora, max_steps: 500}\nsearch: {trials: 24}\n"
+    )
+    config = load_config(
+        path, ExperimentConfig, ["train.max_steps=40", "search.trials=3", "evaluate.ood=[]", "spaces=[full]"]
+    )
+    assert config.train["max_steps"] == 40 and config.train["method"] == "lora"
+    assert config.search.trials == 3 and config.spaces == ["full"] and config.evaluate["ood"] == []
+    with pytest.raises(MedmergeError, match="expected KEY=VALUE"):
+        load_config(path, ExperimentConfig, ["train.max_steps"])
+    with pytest.raises(MedmergeError, match="search.*trials"):
+        load_config(path, ExperimentConfig, ["search.trials=0"])
+    with pytest.raises(MedmergeError, match="not a mapping"):
+        load_config(path, ExperimentConfig, ["train.method.x=1"])

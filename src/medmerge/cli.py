@@ -247,7 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from medmerge.config import ExperimentConfig, load_config
     from medmerge.pipeline import run_experiment
 
-    config = load_config(args.config, ExperimentConfig)
+    config = load_config(args.config, ExperimentConfig, args.set)
     ray = None if args.no_ray else args.ray or _local_ray_if_installed()
     report = run_experiment(config, args.out, ray=ray, progress=not args.quiet)
     print(f"report: {report}")
@@ -273,6 +273,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--out", required=True, metavar="DIR", help="experiment folder (created or resumed)")
     run.add_argument("--ray", metavar="ADDRESS", help="Ray cluster for trials ('auto-local': start one)")
     run.add_argument("--no-ray", action="store_true", help="never use Ray, even where it is installed")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting of the YAML (dotted key, YAML value), e.g. --set train.max_steps=100",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     run.set_defaults(handler=cmd_run)
 

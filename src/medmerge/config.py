@@ -7,6 +7,7 @@ and the offending field.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -41,8 +42,30 @@ def validate_config(data: object, model: type[T], source: str = "config") -> T:
         raise MedmergeError(format_validation_error(source, exc)) from None
 
 
-def load_config(path: str | Path, model: type[T]) -> T:
-    """Read a YAML file and validate it against `model`."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """`data` with each `dotted.key=VALUE` set (VALUE read as YAML: 3, 0.5, true, [a, b], null)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise MedmergeError(f"{source}: --set {item!r}: expected KEY=VALUE, e.g. train.max_steps=100")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise MedmergeError(f"{source}: --set {item!r}: VALUE is not valid YAML") from None
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise MedmergeError(f"{source}: --set {item!r}: {part} is not a mapping of settings")
+            node = child
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path, model: type[T], overrides: list[str] | None = None) -> T:
+    """Read a YAML file, apply `overrides` (see `apply_overrides`), and validate it against `model`."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -52,6 +75,8 @@ def load_config(path: str | Path, model: type[T]) -> T:
         raise MedmergeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise MedmergeError(f"{path}: expected a YAML mapping of settings, found {type(data).__name__}")
+    if overrides:
+        data = apply_overrides(data, overrides, str(path))
     return validate_config(data, model, str(path))
 
 
@@ -219,6 +244,13 @@ class TrainConfig(StrictModel):
         ),
     )
     qlora_double_quant: bool = False
+    dropout_rng: Literal["counter", "torch"] = Field(
+        default="counter",
+        description=(
+            "LoRA dropout masks on CPU: counter = a parallel counter-based hash keyed from torch's seeded "
+            "generator (medmerge.train.dropout), torch = nn.Dropout's sequential generator"
+        ),
+    )
 
 
 # -------------------------------------------------------------------------------------------- run

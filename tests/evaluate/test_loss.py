@@ -129,3 +129,28 @@ def test_seq2seq_keeps_the_full_logits_path(tiny_t5) -> None:
     from medmerge.evaluate.loss import answer_only_head
 
     assert answer_only_head(load_model(tiny_t5)) is None
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_answer_head_nll_equals_cross_entropy(monkeypatch, chunk_rows: int) -> None:
+    """Fused chunked NLL = cross_entropy(h Wᵀ, y), values and ∂/∂h, whatever the chunking."""
+    import medmerge.evaluate.loss as loss
+
+    monkeypatch.setattr(loss, "_CHUNK_BYTES", 4 * 50 * chunk_rows)
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    w, y, g = torch.randn(50, 16, dtype=torch.float64), torch.randint(0, 50, (23,)), torch.randn(23)
+    reference = torch.nn.functional.cross_entropy(h @ w.T, y, reduction="none")
+    (ref_grad,) = torch.autograd.grad((reference * g).sum(), h)
+    fused = loss.answer_head_nll(h, w, y)
+    (grad,) = torch.autograd.grad((fused * g).sum(), h)
+    torch.testing.assert_close(fused, reference.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(loss.answer_head_nll(h, w, y), reference.float(), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # matmuls in bf16, as the head's Linear would run
+        bf16 = loss.answer_head_nll(h.float(), w.float(), y)
+        expected = torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(h.float(), w.float()).float(), y, reduction="none"
+        )
+    torch.testing.assert_close(bf16, expected, rtol=0, atol=1e-5)

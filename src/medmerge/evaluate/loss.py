@@ -58,6 +58,68 @@ def answer_only_head(model: Any) -> torch.nn.Module | None:
     return head if head is not None else hf.get_output_embeddings()
 
 
+_CHUNK_BYTES = 24 << 20  # float32 logits per chunk: stays under glibc's largest mmap threshold (32 MiB)
+
+
+class _AnswerHeadNLL(torch.autograd.Function):
+    """nll_i = logsumexp(z_i) − z_i[y_i],  z_i = W h_i  (N rows; W (V, C) frozen), chunk by chunk.
+
+    The gradient is formed in the forward pass, while each chunk's logits exist:
+        ∂nll_i/∂h_i = (softmax(z_i) − onehot(y_i)) W      (N, C)
+    and backward scales row i by the incoming g_i. Nothing of size (N, V) outlives its chunk, and the
+    float32 log-softmax with its backward (and the (N, V) zero-filled gradient) is never built. Same
+    numbers as cross_entropy(W h, y) in `dtype` matmuls with float32 softmax; W gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, dtype):  # (N, C), (V, C), (N,)
+        need_grad = ctx.needs_input_grad[0]
+        w, h = weight.to(dtype), hidden.to(dtype)
+        n, vocab = h.shape[0], w.shape[0]
+        nll = torch.empty(n, dtype=torch.float32, device=h.device)  # (N,)
+        grad = torch.empty(n, h.shape[1], dtype=torch.float32, device=h.device) if need_grad else None
+        rows = max(1, _CHUNK_BYTES // (4 * vocab))
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            for start in range(0, n, rows):
+                y = labels[start : start + rows]  # (n_c,)
+                logits = (h[start : start + rows] @ w.T).float()  # (n_c, V)
+                lse = torch.logsumexp(logits, dim=-1)  # (n_c,)
+                nll[start : start + rows] = lse - logits.gather(1, y[:, None]).squeeze(1)
+                if need_grad:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                    grad[start : start + rows] = probs.to(dtype) @ w  # (n_c, C)
+        ctx.save_for_backward(grad if need_grad else nll.new_empty(0))
+        ctx.hidden_dtype = hidden.dtype
+        return nll
+
+    @staticmethod
+    def backward(ctx, g):  # g (N,)
+        (grad,) = ctx.saved_tensors
+        return (g[:, None] * grad).to(ctx.hidden_dtype), None, None, None
+
+
+def answer_head_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row NLL (N,) in nats of `labels` under logits hidden @ weight.T, without an (N, V) tensor.
+
+    Matmuls run in autocast's dtype where autocast is on (as the head's Linear would), else in the
+    inputs' promoted dtype. `weight` must not need a gradient (see `_AnswerHeadNLL`).
+    """
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return _AnswerHeadNLL.apply(hidden, weight, labels, dtype)
+
+
+def _fusable(head: torch.nn.Module) -> bool:
+    """A bias-free nn.Linear head whose weight gets no gradient here (LoRA / QLoRA, or no_grad)."""
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return False
+    return not (head.weight.requires_grad and torch.is_grad_enabled())
+
+
 def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL (B, T') in nats, 0 where labels are -100, and the answer-token mask (B, T').
 
@@ -65,7 +127,8 @@ def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     Only the N answer positions need logits, so where `answer_only_head` allows it the model returns
     its final hidden states H (B, T, C) and the head runs on the N selected rows only:
     nll = CE(head(H[:, :-1][mask]), labels[:, 1:][mask]) — the same numbers as full logits, without
-    the (B, T, V) tensor and the head's FLOPs for prompt and padding positions.
+    the (B, T, V) tensor and the head's FLOPs for prompt and padding positions; a frozen bias-free head
+    goes through `answer_head_nll`, which never holds more than a chunk of the (N, V) logits.
     Seq2seq: the model shifts labels right into decoder inputs itself; logits (B, T_dec, V) align.
     """
     labels = batch["labels"]
@@ -81,8 +144,11 @@ def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
                 logits_to_keep=1,
             )
             hidden = outputs.hidden_states[-1][:, :-1]  # (B, T', C), after the final norm
-            logits = head(hidden[mask])  # (N, V)
-            picked = torch.nn.functional.cross_entropy(logits.float(), labels[mask], reduction="none")  # (N,)
+            if _fusable(head):
+                picked = answer_head_nll(hidden[mask], head.weight, labels[mask])  # (N,)
+            else:
+                logits = head(hidden[mask])  # (N, V)
+                picked = torch.nn.functional.cross_entropy(logits.float(), labels[mask], reduction="none")
             nll = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device)
             return nll.masked_scatter(mask, picked), mask  # (B, T')
     outputs = model(
