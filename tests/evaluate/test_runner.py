@@ -131,3 +131,33 @@ def test_yaml_config_with_flag_override(
     config.write_text("max_new_tokenz: 3\n")
     assert main([*argv, "--overwrite"]) == 2
     assert "max_new_tokenz" in capsys.readouterr().err
+
+
+def test_each_model_is_freed_before_the_next_loads(
+    tiny_llama: Path, second_llama: Path, tiny_qa_jsonl: Path, monkeypatch
+) -> None:
+    """The answer-only loss leaves a model's layers in a reference cycle; evaluate must collect it."""
+    import gc
+    import weakref
+
+    import torch
+
+    loaded: list[weakref.ref] = []
+    alive_at_next_load: list[bool] = []
+    real_load = runner.load_model
+
+    def load_model(*args, **kwargs):
+        alive_at_next_load.extend(ref() is not None for ref in loaded)
+        model = real_load(*args, **kwargs)
+        layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        loaded.append(weakref.ref(layer))  # the top-level object dies; its layers stay in the cycle
+        return model
+
+    monkeypatch.setattr(runner, "load_model", load_model)
+    config = EvaluateConfig(ood=[f"jsonl:{tiny_qa_jsonl}"], max_examples=2, generate=False)
+    gc.disable()  # no automatic collection: only the runner's own can free the first model
+    try:
+        runner.evaluate([f"a={tiny_llama}", f"b={second_llama}"], config, cache_dir=None, progress=False)
+    finally:
+        gc.enable()
+    assert alive_at_next_load == [False]

@@ -35,7 +35,15 @@ from medmerge.evaluate.metrics import METRICS, corpus_bleu_chrf, text_metrics
 from medmerge.evaluate.scorer import encode_loss_batches, per_question_loss
 from medmerge.evaluate.stats import bootstrap_ci, paired_bootstrap
 from medmerge.manifest import build_manifest, checksum, sha256_dir, sha256_file
-from medmerge.models import adapter_base, is_adapter, load_model, load_tokenizer, model_kind, resolve_model
+from medmerge.models import (
+    adapter_base,
+    free_unreachable_models,
+    is_adapter,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    resolve_model,
+)
 
 FORMAT = "medmerge-evaluation/1"
 METRICS_VERSION = 1  # bump when a metric's definition changes: invalidates cached scores
@@ -139,6 +147,7 @@ def evaluate(
                 ref, model, tokenizer, s, pairs[s.name], config, cache, progress
             )
         loaded.clear()
+        free_unreachable_models()
     return {
         "format": FORMAT,
         "manifest": build_manifest(
