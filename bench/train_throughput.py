@@ -66,7 +66,7 @@ def worker_medmerge(args: argparse.Namespace, method: str) -> dict:
     from medmerge.train.examples import prepare_data
     from medmerge.train.loop import Trainer
     from medmerge.train.model import build_model
-    from medmerge.train.precision import Runtime, use_bf16_autocast
+    from medmerge.train.precision import Runtime, reuse_freed_memory, use_bf16_autocast
 
     config = _config(args, method)
     torch.set_num_threads(args.threads)
@@ -80,12 +80,13 @@ def worker_medmerge(args: argparse.Namespace, method: str) -> dict:
         config, model, kind, data.train, data.validation, tokenizer.pad_token_id, Runtime(0, 1, device), bf16
     )
     tokens, seconds = 0, 0.0
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        _, n = trainer.step()
-        if step >= args.warmup:
-            seconds += time.perf_counter() - start
-            tokens += n
+    with reuse_freed_memory():  # as medmerge.train.train_expert runs its loop
+        for step in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            _, n = trainer.step()
+            if step >= args.warmup:
+                seconds += time.perf_counter() - start
+                tokens += n
     base = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad}
     return {"tokens": tokens, "seconds": seconds, "bf16": bf16, "frozen_dtypes": sorted(base)}
 

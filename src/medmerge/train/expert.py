@@ -25,7 +25,13 @@ from medmerge.train.curve import plot_curve, write_curve_csv
 from medmerge.train.examples import prepare_data
 from medmerge.train.loop import LoopState, Trainer
 from medmerge.train.model import build_model, resolve_kind
-from medmerge.train.precision import Runtime, start_runtime, stop_runtime, use_bf16_autocast
+from medmerge.train.precision import (
+    Runtime,
+    reuse_freed_memory,
+    start_runtime,
+    stop_runtime,
+    use_bf16_autocast,
+)
 
 DIGEST_ENV = "MEDMERGE_TRAIN_DIGEST_DIR"  # test hook: each rank writes a digest of its final weights here
 
@@ -48,7 +54,8 @@ def train_expert(
     out_dir = Path(out_dir)
     runtime = start_runtime()
     try:
-        return _train(config, out_dir, runtime, resume, overwrite, progress, hooks or [])
+        with reuse_freed_memory(runtime.device.type == "cpu"):
+            return _train(config, out_dir, runtime, resume, overwrite, progress, hooks or [])
     finally:
         stop_runtime(runtime)
         free_unreachable_models()  # the trained model, once _train's frame is gone

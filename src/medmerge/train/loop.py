@@ -29,7 +29,7 @@ from medmerge.data import pad_batch
 from medmerge.evaluate.loss import answer_loss, batch_nll
 from medmerge.train.batching import BatchStream, eval_batches
 from medmerge.train.examples import Example, answer_tokens, example_tokens
-from medmerge.train.precision import Runtime, all_sum, autocast_context, keep_freed_memory
+from medmerge.train.precision import Runtime, all_sum, autocast_context
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -108,8 +108,6 @@ class Trainer:
     ) -> None:
         self.config, self.kind, self.runtime, self.bf16 = config, kind, runtime, bf16
         self.model = model  # the unwrapped model: what is saved and evaluated
-        if runtime.device.type == "cpu":
-            keep_freed_memory()
         self.train, self.validation, self.pad_id = train, validation, pad_id
         self.forward_model: Any = model
         if runtime.distributed:
