@@ -31,6 +31,12 @@ def test_checksum_and_manifest(tmp_path):
     first = checksum(tmp_path)
     (tmp_path / "a.safetensors").write_text("2")
     assert checksum(tmp_path) != first
+    second = checksum(tmp_path)
+    for record in ("manifest.json", "medmerge-model.json", "medmerge-step.json", "merge.json"):
+        (tmp_path / record).write_text('{"created_unix": 1}')  # provenance: not part of the identity
+    assert checksum(tmp_path) == second
+    (tmp_path / "config.json").write_text("{}")
+    assert checksum(tmp_path) != second
     manifest = build_manifest("test", inputs={"x": 1}, config=DataConfig(specs=["medquad:x"]))
     assert manifest["config"]["specs"] == ["medquad:x"] and "torch" in manifest["versions"]
 

@@ -31,26 +31,40 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def sha256_dir(path: str | Path, suffixes: tuple[str, ...] | None = None) -> str:
+def sha256_dir(
+    path: str | Path, suffixes: tuple[str, ...] | None = None, exclude: frozenset[str] = frozenset()
+) -> str:
     """Hex SHA-256 over (relative name, file digest) of every file below `path`, in sorted order.
 
-    `suffixes` restricts it to files ending in one of them (e.g. weights only).
+    `suffixes` restricts it to files ending in one of them (e.g. weights only); files named in
+    `exclude` are skipped.
     """
     root = Path(path)
     digest = hashlib.sha256()
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        if suffixes and not file.name.endswith(suffixes):
+        if (suffixes and not file.name.endswith(suffixes)) or file.name in exclude:
             continue
         digest.update(str(file.relative_to(root)).encode())
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()
 
 
+# medmerge's own records inside a model folder: when and where it was made, not what it computes
+PROVENANCE_FILES = frozenset(
+    {"manifest.json", "medmerge-model.json", "medmerge-step.json", "medmerge-export.json", "merge.json"}
+)
+
+
 def checksum(path: str | Path) -> str:
-    """SHA-256 of a file, or of the weight and config files of a model folder."""
+    """SHA-256 of a file, or of the weight and config files of a model folder.
+
+    medmerge's provenance records (PROVENANCE_FILES: timestamps, paths) are left out, so a model
+    rebuilt bit for bit (e.g. the embedded model dequantized again) keeps its checksum and every
+    cached step keyed by it.
+    """
     path = Path(path)
     if path.is_dir():
-        return sha256_dir(path, suffixes=(".safetensors", ".json", ".gguf", ".bin"))
+        return sha256_dir(path, suffixes=(".safetensors", ".json", ".gguf", ".bin"), exclude=PROVENANCE_FILES)
     return sha256_file(path)
 
 

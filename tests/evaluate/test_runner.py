@@ -136,7 +136,7 @@ def test_yaml_config_with_flag_override(
 def test_each_model_is_freed_before_the_next_loads(
     tiny_llama: Path, second_llama: Path, tiny_qa_jsonl: Path, monkeypatch
 ) -> None:
-    """The answer-only loss leaves a model's layers in a reference cycle; evaluate must collect it."""
+    """No reference cycle outlives a model (transformers' output capture makes one; unpin_forwards)."""
     import gc
     import weakref
 
@@ -155,7 +155,7 @@ def test_each_model_is_freed_before_the_next_loads(
 
     monkeypatch.setattr(runner, "load_model", load_model)
     config = EvaluateConfig(ood=[f"jsonl:{tiny_qa_jsonl}"], max_examples=2, generate=False)
-    gc.disable()  # no automatic collection: only the runner's own can free the first model
+    gc.disable()  # no collection: only reference counting can free the first model
     try:
         runner.evaluate([f"a={tiny_llama}", f"b={second_llama}"], config, cache_dir=None, progress=False)
     finally:

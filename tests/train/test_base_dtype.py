@@ -89,4 +89,3 @@ def test_bf16_base_lora_trains_saves_float32_and_merges(tiny_llama, tiny_qa_json
     for name, tensor in ours.items():
         assert tensor.dtype == torch.float32
         torch.testing.assert_close(tensor, reference[name], atol=1e-5, rtol=1e-5)
-

@@ -37,7 +37,6 @@ from medmerge.evaluate.stats import bootstrap_ci, paired_bootstrap
 from medmerge.manifest import build_manifest, checksum, sha256_dir, sha256_file
 from medmerge.models import (
     adapter_base,
-    free_unreachable_models,
     is_adapter,
     load_model,
     load_tokenizer,
@@ -147,7 +146,6 @@ def evaluate(
                 ref, model, tokenizer, s, pairs[s.name], config, cache, progress
             )
         loaded.clear()
-        free_unreachable_models()
     return {
         "format": FORMAT,
         "manifest": build_manifest(

@@ -102,11 +102,9 @@ def score_merge(config: MergeConfig, scoring: Scoring) -> dict[str, Any]:
 
 def score_model(path: str, scoring: Scoring) -> dict[str, Any]:
     """Validation answer loss of a model or adapter folder (experts, multi-task, base)."""
-    from medmerge.models import free_unreachable_models, load_model
+    from medmerge.models import load_model
 
     _, scorers = _resident(scoring)
     model = load_model(path)
     per_dataset = {spec: float(score(model)) for spec, score in scorers.items()}
-    del model
-    free_unreachable_models()
     return {"loss": sum(per_dataset.values()) / len(per_dataset), "per_dataset": per_dataset}

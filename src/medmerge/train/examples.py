@@ -2,12 +2,15 @@
 
 Each SPEC of `config.data` is loaded and split on its own (seeded, group-disjoint); the train and
 validation parts are concatenated across SPECs. `data.max_examples` keeps the first n pairs of each
-split, `eval_examples` caps the validation set. Everything the manifest needs to identify the data
-(SPEC, file checksum, split sizes and fingerprints) is returned with the examples.
+split; `eval_examples` caps the validation set, taking pairs from the SPECs in turn (round robin), so a
+multi-task model's validation loss weighs every dataset alike instead of mostly the first.
+Everything the manifest needs to identify the data (SPEC, file checksum, split sizes and
+fingerprints) is returned with the examples.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +53,8 @@ def prepare_data(config: TrainConfig, tokenizer: Any, kind: ModelKind) -> TrainD
     """Load, split and encode the data of `config` (see module doc); empty splits are errors."""
     cut = config.data.max_examples
     out = TrainData(train=[], validation=[])
-    pairs_by_split: dict[str, list] = {"train": [], "validation": []}
+    train_pairs: list = []
+    validation_by_spec: list[list] = []
     for spec in config.data.specs:
         splits = split_pairs(load_dataset(spec).pairs, config.data.fractions, config.data.split_seed)
         train, validation = splits.train[:cut], splits.validation[:cut]
@@ -59,8 +63,8 @@ def prepare_data(config: TrainConfig, tokenizer: Any, kind: ModelKind) -> TrainD
                 f"data.specs: {spec} has no training pairs with fractions {config.data.fractions} "
                 f"(expected a non-empty train split)"
             )
-        pairs_by_split["train"] += train
-        pairs_by_split["validation"] += validation
+        train_pairs += train
+        validation_by_spec.append(validation)
         out.sources.append(
             {
                 "spec": spec,
@@ -72,7 +76,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any, kind: ModelKind) -> TrainD
                 "validation_fingerprint": split_fingerprint(validation),
             }
         )
-    validation = pairs_by_split["validation"][: config.eval_examples]
+    validation = _round_robin(validation_by_spec)[: config.eval_examples]
     if not validation:
         raise MedmergeError(
             f"data.fractions: {config.data.fractions} leaves no validation pairs "
@@ -93,5 +97,13 @@ def prepare_data(config: TrainConfig, tokenizer: Any, kind: ModelKind) -> TrainD
             for p in pairs
         ]
 
-    out.train, out.validation = encode(pairs_by_split["train"]), encode(validation)
+    out.train, out.validation = encode(train_pairs), encode(validation)
     return out
+
+
+def _round_robin(lists: list[list]) -> list:
+    """[a0, b0, c0, a1, b1, a2, …]: one item of each list in turn, skipping lists that ran out."""
+    return [item for row in itertools.zip_longest(*lists, fillvalue=_GAP) for item in row if item is not _GAP]
+
+
+_GAP = object()

@@ -19,7 +19,7 @@ import torch
 from medmerge.config import TrainConfig
 from medmerge.errors import MedmergeError
 from medmerge.manifest import atomic_dir, build_manifest, checksum, sha256_file, write_json_atomic
-from medmerge.models import free_unreachable_models, load_tokenizer, resolve_model
+from medmerge.models import load_tokenizer, resolve_model
 from medmerge.train import checkpoint as ckpt
 from medmerge.train.curve import plot_curve, write_curve_csv
 from medmerge.train.examples import prepare_data
@@ -58,7 +58,6 @@ def train_expert(
             return _train(config, out_dir, runtime, resume, overwrite, progress, hooks or [])
     finally:
         stop_runtime(runtime)
-        free_unreachable_models()  # the trained model, once _train's frame is gone
 
 
 def _model_reference(name: str) -> str:
