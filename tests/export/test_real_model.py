@@ -4,8 +4,6 @@ check, and the exported model answers on the local page in headless Chromium (sl
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,8 +29,7 @@ def _exports(tmp_path_factory):
 
 
 def test_real_ct2_int8_export_and_page(user_cache, _exports, tmp_path):
-    from tests.export.test_serve import _browser
-    from tests.export.webdriver import WebDriver, free_port, wait_http
+    from tests.export.webdriver import ask_through_page
 
     out = _exports / "ct2-int8"
     manifest = export_model("smollm2-135m", "ct2", out, quantization="int8_float32")
@@ -41,29 +38,11 @@ def test_real_ct2_int8_export_and_page(user_cache, _exports, tmp_path):
     assert manifest["sizes"]["weights_ratio"] < 0.3
     assert manifest["conversion"]["tie_word_embeddings"] is True
 
-    chromium, chromedriver = _browser()
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "medmerge.cli", "serve", str(out), "--port", str(port),
-         "--max-new-tokens", "48"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    page = ask_through_page(
+        out, ["--max-new-tokens", "48"], "What are the symptoms of diabetes?", tmp_path, 300,
+        "serve-smollm2-ct2-int8.png",
     )  # fmt: skip
-    browser = None
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/info", 180)
-        browser = WebDriver(chromedriver, chromium, tmp_path / "profile")
-        browser.get(f"http://127.0.0.1:{port}/")
-        browser.type(browser.find("#question"), "What are the symptoms of diabetes?")
-        browser.click(browser.find("#ask"))
-        browser.wait_text("#status", "done", 300)
-        shown = browser.text(browser.find("#answer"))
-        shot = browser.screenshot(tmp_path / "serve-smollm2-ct2-int8.png")
-        print(f"screenshot: {shot}")
-    finally:
-        if browser:
-            browser.quit()
-        server.terminate()
-        server.communicate(timeout=10)
+    shown = page.shown
     assert " ".join(DEFAULT_NOTICE.split()) in " ".join(shown.split())
     answer = shown.split(DEFAULT_NOTICE[:20])[0].lower()
     assert len(answer.split()) >= 10 and any(w in answer for w in ("diabetes", "blood", "sugar", "glucose"))

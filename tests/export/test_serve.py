@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -16,7 +12,7 @@ import pytest
 from medmerge.config import DEFAULT_NOTICE, AnswerConfig
 from medmerge.export.engines import open_engine, prompt_ids, stream_text
 from medmerge.export.serve import create_app, is_loopback
-from tests.export.webdriver import WebDriver, free_port, wait_http
+from tests.export.webdriver import ask_through_page, free_port, wait_http
 
 QUESTION = "What are the symptoms of asthma?"
 
@@ -76,44 +72,13 @@ def test_api_rejects_bad_questions(api, body, message):
     assert err.value.code == 400 and message in json.loads(err.value.read())["error"]
 
 
-def _browser() -> tuple[str, str]:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or (
-        "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None
-    )
-    if not chromium or not driver:
-        pytest.skip(
-            "headless Chromium not installed (Debian: chromium chromium-driver; scripts/system-deps.sh)"
-        )
-    return chromium, driver
-
-
 def test_page_in_headless_chromium(sharp_llama, tmp_path):
-    chromium, chromedriver = _browser()
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "medmerge.cli", "serve", str(sharp_llama), "--port", str(port),
-         "--threads", "1", "--max-new-tokens", "12"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    browser = None
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/info", 180)
-        browser = WebDriver(chromedriver, chromium, tmp_path / "profile")
-        browser.get(f"http://127.0.0.1:{port}/")
-        browser.type(browser.find("#question"), QUESTION)
-        browser.click(browser.find("#ask"))
-        browser.wait_text("#status", "done", 180)
-        shown = browser.text(browser.find("#answer"))
-        shot = browser.screenshot(tmp_path / "serve.png")
-        print(f"screenshot: {shot}")
-    finally:
-        if browser:
-            browser.quit()
-        server.terminate()
-        log = server.communicate(timeout=10)[0]
+    page = ask_through_page(
+        sharp_llama, ["--threads", "1", "--max-new-tokens", "12"], QUESTION, tmp_path, 180, "serve.png"
+    )
     engine = open_engine(sharp_llama, threads=1)
     answer = "".join(stream_text(engine, prompt_ids(engine, QUESTION), 12))
-    assert " ".join(shown.split()) == " ".join((answer + "\n\n" + DEFAULT_NOTICE).split())
+    assert " ".join(page.shown.split()) == " ".join((answer + "\n\n" + DEFAULT_NOTICE).split())
+    shot = page.screenshot
     assert shot.stat().st_size > 5000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"http://127.0.0.1:{port}/" in log
+    assert f"http://127.0.0.1:{page.port}/" in page.server_log

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +116,55 @@ class WebDriver:
         finally:
             self.process.terminate()
             self.process.wait(10)
+
+
+def find_browser() -> tuple[str, str]:
+    """(chromium, chromedriver) paths, or skip the test where headless Chromium is not installed."""
+    import pytest
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None
+    )
+    if not chromium or not driver:
+        pytest.skip(
+            "headless Chromium not installed (Debian: chromium chromium-driver; scripts/system-deps.sh)"
+        )
+    return chromium, driver
+
+
+@dataclass
+class PageAnswer:
+    shown: str  # the answer box's text when the status said done
+    screenshot: Path
+    server_log: str
+    port: int
+
+
+def ask_through_page(
+    model: str | Path, serve_args: list[str], question: str, workdir: Path, timeout: float, shot_name: str
+) -> PageAnswer:
+    """Start `medmerge serve MODEL`, ask `question` on its page in headless Chromium, stop both."""
+    chromium, chromedriver = find_browser()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "medmerge.cli", "serve", str(model), "--port", str(port), *serve_args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    browser = None
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/info", 180)
+        browser = WebDriver(chromedriver, chromium, workdir / "profile")
+        browser.get(f"http://127.0.0.1:{port}/")
+        browser.type(browser.find("#question"), question)
+        browser.click(browser.find("#ask"))
+        browser.wait_text("#status", "done", timeout)
+        shown = browser.text(browser.find("#answer"))
+        shot = browser.screenshot(workdir / shot_name)
+        print(f"screenshot: {shot}")
+    finally:
+        if browser:
+            browser.quit()
+        server.terminate()
+        log = server.communicate(timeout=10)[0]
+    return PageAnswer(shown, shot, log, port)

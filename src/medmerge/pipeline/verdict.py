@@ -77,16 +77,16 @@ def verdict(config: ExperimentConfig, validation: dict[str, dict], results: dict
                 metric: _compare(results, merge, expert, sets, metric, config.search.seed)
                 for metric, _ in COLUMNS
             }
+    rows = {row["model"]: row for row in table}
     out["hindsight"] = {}
     for domain, sets in domains.items():
-        losses = {e: row[f"{domain}:loss"] for row in table for e in experts if row["model"] == e}
-        if sets and all(v is not None for v in losses.values()):
-            oracle = min(experts, key=lambda e: losses[e])
+        if sets and all(rows[e][f"{domain}:loss"] is not None for e in experts):
+            oracle = min(experts, key=lambda e: rows[e][f"{domain}:loss"])
             if oracle != expert:
                 test = _compare(results, merge, oracle, sets, "loss", config.search.seed)
                 out["hindsight"][domain] = {"expert": oracle, "loss": test}
     if config.multitask and domains["in-domain"]:
-        loss = {r["model"]: r["in-domain:loss"] for r in table}
+        loss = {name: row["in-domain:loss"] for name, row in rows.items()}
         gap = loss[expert] - loss["multitask"]
         out["gap"] = gap  # > 0: the multi-task model beats the best expert, so there is a gap to close
         out["gap_closed"] = (loss[expert] - loss[merge]) / gap if gap > 0 else None
