@@ -161,7 +161,7 @@ def main() -> None:
         return
 
     from medmerge.data import load_split
-    from medmerge.export.engines import llama_cpp_available
+    from medmerge.export.common import llama_cpp_available
     from medmerge.models import resolve_model
 
     args.out.mkdir(parents=True, exist_ok=True)

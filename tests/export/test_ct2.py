@@ -10,7 +10,7 @@ from ctranslate2.converters import TransformersConverter
 
 from medmerge.errors import MedmergeError
 from medmerge.export import ct2 as ct2_module
-from medmerge.export.engines import EXPORT_MANIFEST
+from medmerge.export.common import EXPORT_MANIFEST
 from medmerge.export.exporter import export_model
 from medmerge.manifest import checksum
 

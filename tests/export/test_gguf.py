@@ -38,7 +38,7 @@ def test_q8_0_export_agrees_and_carries_llama_cpp_metadata(q8_export, sharp_llam
     a = manifest["agreement"]["torch-gguf"]
     assert a["passed"] and a["token_match"] >= 0.9 and a["mean_abs_logprob_diff"] < 0.05
     assert "dequantized by transformers" in manifest["gguf_check"]
-    from medmerge.export.engines import llama_cpp_available
+    from medmerge.export.common import llama_cpp_available
 
     if llama_cpp_available():  # the optional llama.cpp runtime checks the file too
         assert manifest["agreement"]["llama.cpp"]["passed"]
@@ -81,7 +81,8 @@ def test_unsupported_requests_say_why(tiny_t5, sharp_llama, tmp_path):
 
 
 def test_gguf_export_answers_through_the_engine_choice(q8_export, sharp_llama):
-    from medmerge.export.engines import available_engines, llama_cpp_available, open_engine, prompt_ids
+    from medmerge.export.common import llama_cpp_available
+    from medmerge.export.engines import available_engines, open_engine, prompt_ids
 
     out, _ = q8_export
     expected = ["llama.cpp", "torch"] if llama_cpp_available() else ["torch"]

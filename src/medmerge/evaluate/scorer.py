@@ -1,7 +1,7 @@
 """Teacher-forced answer loss over a question set: batches encoded once, and the merge-search scorer.
 
 `validation_loss_scorer(...)` encodes the validation questions of some SPECs once and returns a function
-model → mean answer NLL per token (nats; lower is better), computed by `medmerge.evaluate.loss`. Greedy
+model → mean answer NLL per token (nats; lower is better), computed by `medmerge.loss`. Greedy
 soups and merge search call it on every candidate; all candidates must share the tokenizer.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from medmerge.data import QAPair, encode_pair, load_split, pad_batch
-from medmerge.evaluate.loss import answer_loss, answer_loss_per_example
+from medmerge.loss import answer_loss, answer_loss_per_example
 
 
 def encode_loss_batches(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from medmerge.errors import MedmergeError
-from medmerge.export.engines import eos_ids, read_export_manifest, until_eos
+from medmerge.export.common import eos_ids, read_export_manifest, until_eos
 from medmerge.models import ModelKind
 
 

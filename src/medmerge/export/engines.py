@@ -16,17 +16,15 @@ share a step with torch compute in the answering process (measured 2.7× slower 
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from medmerge.errors import MedmergeError
+from medmerge.export.common import default_threads, llama_cpp_available, read_export_manifest
 from medmerge.models import ModelKind
 
-EXPORT_MANIFEST = "medmerge-export.json"
 ENGINES = ("auto", "torch", "torch-bf16", "ct2", "llama.cpp")
 
 
@@ -45,27 +43,6 @@ class Engine(Protocol):
     def score(self, prompt: list[int], cont: list[int]) -> list[float]: ...
 
     def argmax_next(self, prompt: list[int], cont: list[int], ban: Sequence[int]) -> list[int]: ...
-
-
-def default_threads() -> int:
-    """Threads for an edge engine: the CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def read_export_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The export manifest of a folder written by `medmerge export`, or None for other folders."""
-    file = Path(path) / EXPORT_MANIFEST
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise MedmergeError(f"{file}: unreadable export manifest ({exc})") from None
-
-
-def llama_cpp_available() -> bool:
-    """True when the optional llama-cpp-python runtime is importable."""
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def available_engines(model: str | os.PathLike[str]) -> list[str]:
@@ -145,21 +122,3 @@ def stream_text(engine: Engine, prompt: list[int], max_new_tokens: int) -> Itera
     text = engine.tokenizer.decode(ids, skip_special_tokens=True)
     if len(text) > len(shown):
         yield text[len(shown) :]
-
-
-def until_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
-    """`ids` cut after the first eos (kept), as a list."""
-    out = []
-    for token in ids:
-        out.append(int(token))
-        if token in eos_ids:
-            break
-    return out
-
-
-def eos_ids(tokenizer: Any, config_eos: int | list[int] | None = None) -> list[int]:
-    """The ids that end an answer: the tokenizer's eos and the model config's eos id(s)."""
-    found = [] if config_eos is None else ([config_eos] if isinstance(config_eos, int) else list(config_eos))
-    if tokenizer.eos_token_id is not None:
-        found.append(tokenizer.eos_token_id)
-    return sorted(set(found))

@@ -19,7 +19,8 @@ from typing import Any
 
 from medmerge.errors import MedmergeError
 from medmerge.export.agreement import TOLERANCES, measure_agreement, precision_class, require_agreement
-from medmerge.export.engines import EXPORT_MANIFEST, llama_cpp_available, open_engine
+from medmerge.export.common import EXPORT_MANIFEST, llama_cpp_available
+from medmerge.export.engines import open_engine
 from medmerge.manifest import atomic_dir, build_manifest, checksum, write_json_atomic
 
 log = logging.getLogger(__name__)

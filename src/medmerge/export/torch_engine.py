@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from medmerge.export.engines import eos_ids, until_eos
+from medmerge.export.common import eos_ids, until_eos
 from medmerge.models import ModelKind
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
-from medmerge.config import StrictModel
+from medmerge.config.base import StrictModel
 from medmerge.errors import MedmergeError
 from medmerge.merge import methods
 from medmerge.merge.methods import Merged

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from medmerge.config import TrainConfig
 from medmerge.data import pad_batch
-from medmerge.evaluate.loss import answer_loss, batch_nll
+from medmerge.loss import answer_loss, batch_nll
 from medmerge.train.batching import BatchStream, eval_batches
 from medmerge.train.examples import Example, answer_tokens, example_tokens
 from medmerge.train.precision import Runtime, all_sum, autocast_context

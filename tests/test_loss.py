@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from medmerge.data import encode_pair, load_split
-from medmerge.evaluate.loss import answer_loss, answer_loss_per_example, batch_nll
 from medmerge.evaluate.scorer import encode_loss_batches, per_question_loss, validation_loss_scorer
+from medmerge.loss import answer_loss, answer_loss_per_example, batch_nll
 from medmerge.models import load_model, load_tokenizer
 
 QA = [
@@ -90,7 +90,7 @@ def _full_logits_nll(model, batch) -> torch.Tensor:
 def test_answer_only_logits_equal_full_logits_with_gradients(tiny_llama, wrap: str) -> None:
     """The answer-position head path gives the same loss, per-token NLL and gradients as full logits."""
     from medmerge.data import pad_batch
-    from medmerge.evaluate.loss import answer_only_head, token_nll
+    from medmerge.loss import answer_only_head, token_nll
 
     torch.manual_seed(0)
     model, tokenizer = load_model(tiny_llama), load_tokenizer(tiny_llama)
@@ -126,7 +126,7 @@ def test_answer_only_logits_equal_full_logits_with_gradients(tiny_llama, wrap: s
 
 
 def test_seq2seq_keeps_the_full_logits_path(tiny_t5) -> None:
-    from medmerge.evaluate.loss import answer_only_head
+    from medmerge.loss import answer_only_head
 
     assert answer_only_head(load_model(tiny_t5)) is None
 
@@ -134,7 +134,7 @@ def test_seq2seq_keeps_the_full_logits_path(tiny_t5) -> None:
 @pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
 def test_answer_head_nll_equals_cross_entropy(monkeypatch, chunk_rows: int) -> None:
     """Fused chunked NLL = cross_entropy(h Wᵀ, y), values and ∂/∂h, whatever the chunking."""
-    import medmerge.evaluate.loss as loss
+    import medmerge.loss as loss
 
     monkeypatch.setattr(loss, "_CHUNK_BYTES", 4 * 50 * chunk_rows)
     torch.manual_seed(0)
