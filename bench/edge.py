@@ -16,9 +16,10 @@ q4_0 on llama.cpp when llama-cpp-python is importable) a fresh worker process me
                 ROUGE-L difference to torch fp32 on the same questions
 
 Each worker runs alone (one process, its own threads), so an edge engine never competes with torch
-threads. Usage (outputs under --out; exports are made there once and reused):
+threads. Usage (outputs under --out, default a fresh temporary folder; exports are made there once and
+reused; --data is the MedQuAD zip or folder):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/edge.py --out /work/runs/edge/bench
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/edge.py --data PATH/MedQuAD-master.zip --out runs/edge-bench
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +46,6 @@ VARIANTS = {
     "gguf-q4_0-llama.cpp": ("gguf", "q4_0", "llama.cpp"),
 }
 SINGLE_QUESTION = "What are the symptoms of type 2 diabetes and how is it treated?"
-MEDQUAD = "/work/shared/datasets/MedQuAD-master.zip"
 
 
 def weight_mib(path: Path) -> float:
@@ -144,7 +145,8 @@ def run_variant(name: str, folder: Path, args: argparse.Namespace, qfile: Path) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--out", type=Path, default=Path("/work/runs/edge/bench"))
+    parser.add_argument("--data", help="MedQuAD zip or folder (the questions); required unless --worker")
+    parser.add_argument("--out", type=Path, help="results folder (default: a fresh temporary folder)")
     parser.add_argument("--exports", type=Path, help="folder of exports to reuse (default: OUT/exports)")
     parser.add_argument("--questions", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -164,8 +166,12 @@ def main() -> None:
     from medmerge.export.common import llama_cpp_available
     from medmerge.models import resolve_model
 
+    if not args.data:
+        parser.error("--data PATH (the MedQuAD zip or folder) is required")
+    args.out = args.out or Path(tempfile.mkdtemp(prefix="medmerge-bench-edge-"))
+    print(f"outputs: {args.out}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    pairs = load_split(f"medquad:{MEDQUAD}", "test", seed=0, limit=args.questions)
+    pairs = load_split(f"medquad:{args.data}", "test", seed=0, limit=args.questions)
     qfile = args.out / "questions.json"
     qfile.write_text(json.dumps([p.question for p in pairs]))
     references = [p.answer for p in pairs]

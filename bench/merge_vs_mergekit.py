@@ -4,8 +4,8 @@ Every merge runs in its own subprocess (peak RSS from os.wait4's rusage of that 
 mergekit alternating, in one run of this script. mergekit lives in its own venv (bench/setup_mergekit.sh);
 it is never a dependency of medmerge.
 
-    bash bench/setup_mergekit.sh                       # once: /work/runs/merge/venv-mergekit
-    .venv/bin/python bench/merge_vs_mergekit.py        # prints the table
+    bash bench/setup_mergekit.sh            # once: $MEDMERGE_CACHE/venv-mergekit (default ~/.cache/medmerge)
+    .venv/bin/python bench/merge_vs_mergekit.py [--work DIR]   # prints the table (DIR: default a temp folder)
 
 Experts: θ_k = θ + σ·std(θ_tensor)·N(0, 1), seeded per expert (k = 1, 2), written once under --work.
 Conventions compared (docs/merging.md): ties with mergekit's normalize: true is the same formula (up
@@ -23,18 +23,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from medmerge.merge.tensors import ShardWriter, folder_tensors, read_tensor
+from medmerge.models import cache_dir
 
-from medmerge.merge.tensors import ShardWriter, folder_tensors, read_tensor  # noqa: E402
-
-DEFAULT_WORK = Path("/work/runs/merge/bench")
-DEFAULT_VENV = Path("/work/runs/merge/venv-mergekit")
 WEIGHTS = (1.0, 0.7)
 DENSITY = 0.2
 T = 0.3
@@ -146,14 +143,19 @@ def kept_fraction(merged: Path, base: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    parser.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
+    parser.add_argument("--work", type=Path, help="experts and outputs (default: a fresh temporary folder)")
+    parser.add_argument(
+        "--mergekit-venv", type=Path, help="default: $MEDMERGE_CACHE/venv-mergekit (bench/setup_mergekit.sh)"
+    )
     parser.add_argument("--methods", nargs="+", default=["ties", "dare_ties", "slerp", "linear"])
     parser.add_argument("--repeats", type=int, default=2, help="runs per tool and method; the fastest counts")
     parser.add_argument(
         "--sigma", type=float, default=0.02, help="expert noise, in units of each tensor's std"
     )
     args = parser.parse_args()
+    args.mergekit_venv = args.mergekit_venv or cache_dir() / "venv-mergekit"
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="medmerge-bench-merge-"))
+    print(f"work folder: {args.work}", flush=True)
 
     mergekit_yaml = args.mergekit_venv / "bin" / "mergekit-yaml"
     if not mergekit_yaml.is_file():

@@ -9,7 +9,7 @@ peak RSS (getrusage ru_maxrss: model load included) is its own.
 tokens/s = non-padding tokens of the timed optimizer steps / their wall-clock seconds (the first
 `--warmup` steps are not timed). Run:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_throughput.py --steps 6 --warmup 1
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_throughput.py --data MedQuAD-master.zip --steps 6 --warmup 1
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-MEDQUAD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "MedQuAD-master.zip")
 
 
 def _config(args: argparse.Namespace, method: str, base_dtype: str = "auto", dropout_rng: str = "counter"):
@@ -172,14 +172,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="prompt and answer token caps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
-    parser.add_argument("--data", default=MEDQUAD, help="MedQuAD zip")
+    parser.add_argument("--data", required=True, help="MedQuAD zip or folder")
     parser.add_argument(
         "--hf-base-dtype",
         default="float32",
         choices=["auto", "float32", "bfloat16"],
         help="frozen-base dtype of the Trainer's model (medmerge's uses its default, auto)",
     )
-    parser.add_argument("--scratch", default="/tmp/medmerge-bench-train")
+    parser.add_argument("--scratch", help="the Trainer's output folder (default: a fresh temporary folder)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", nargs=2, metavar=("LOOP", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -189,6 +189,7 @@ def main() -> None:
         result["peak_rss_mb"] = _peak_rss_mb()
         print("RESULT " + json.dumps(result), flush=True)
         return
+    args.scratch = args.scratch or tempfile.mkdtemp(prefix="medmerge-bench-train-")
     rows = []
     passthrough = [
         f"--steps={args.steps}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,22 @@ def shared_datasets() -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Point MEDMERGE_CACHE at a temp folder, except for the embedded model, which is expensive to build.
 
-    Tests that need the embedded 135M model (marked slow) use the user's cache via `embedded_cache`.
+    Tests that need the embedded 135M model (marked slow) use the user's cache via `embedded_cache`
+    (MEDMERGE_USER_CACHE remembers it). Both variables are restored when the session ends.
     """
-    os.environ.setdefault("MEDMERGE_USER_CACHE", os.environ.get("MEDMERGE_CACHE", ""))
-    os.environ["MEDMERGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        if "MEDMERGE_USER_CACHE" not in os.environ:
+            patch.setenv("MEDMERGE_USER_CACHE", os.environ.get("MEDMERGE_CACHE", ""))
+        patch.setenv("MEDMERGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture
+def embedded_cache(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """MEDMERGE_CACHE set to the user's cache (where the embedded model is built once) for one test."""
+    cache = os.environ.get("MEDMERGE_USER_CACHE") or str(Path.home() / ".cache" / "medmerge")
+    monkeypatch.setenv("MEDMERGE_CACHE", cache)
+    return Path(cache)

@@ -66,11 +66,63 @@ def test_overrides_set_dotted_keys_and_are_validated(tmp_path):
     config = load_config(
         path, ExperimentConfig, ["train.max_steps=40", "search.trials=3", "evaluate.ood=[]", "spaces=[full]"]
     )
-    assert config.train["max_steps"] == 40 and config.train["method"] == "lora"
-    assert config.search.trials == 3 and config.spaces == ["full"] and config.evaluate["ood"] == []
+    assert config.train.max_steps == 40 and config.train.method == "lora"
+    assert config.search.trials == 3 and config.spaces == ["full"] and config.evaluate.ood == []
     with pytest.raises(MedmergeError, match="expected KEY=VALUE"):
         load_config(path, ExperimentConfig, ["train.max_steps"])
     with pytest.raises(MedmergeError, match="search.*trials"):
         load_config(path, ExperimentConfig, ["search.trials=0"])
     with pytest.raises(MedmergeError, match="not a mapping"):
         load_config(path, ExperimentConfig, ["train.method.x=1"])
+
+
+def test_experiment_sections_are_partial_overrides_of_one_default(tmp_path):
+    from medmerge.config import EvaluateSettings, ExperimentConfig, TrainSettings
+    from medmerge.merge.registry import METHODS
+
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        "experts:\n  - {name: a, data: ['jsonl:a.jsonl']}\n  - {name: b, data: ['jsonl:b.jsonl']}\n"
+        "fractions: [0.6, 0.2, 0.2]\nthreads: 2\ntrain_examples: 5\nmethods: []\n"
+        "train: {max_steps: 7, max_answer_tokens: 64}\nevaluate: {split_seed: 3, batch_size: 4}\n"
+    )
+    config = load_config(path, ExperimentConfig)
+    assert config.methods == list(METHODS)  # empty: every method
+    assert config.train == TrainSettings(max_steps=7, max_answer_tokens=64)
+    train = config.train_config(["jsonl:a.jsonl"])
+    assert (train.model, train.max_steps, train.max_answer_tokens) == ("smollm2-135m", 7, 64)
+    assert train.threads is None  # the experiment sets threads once, for every step
+    assert (train.data.fractions, train.data.split_seed, train.data.max_examples) == ((0.6, 0.2, 0.2), 0, 5)
+    evaluate = config.evaluate_config()  # the experiment's split unless the section sets its own
+    assert (evaluate.split_seed, evaluate.fractions, evaluate.batch_size) == (3, (0.6, 0.2, 0.2), 4)
+    assert evaluate.data == ["jsonl:a.jsonl", "jsonl:b.jsonl"] and evaluate.ood == EvaluateSettings().ood
+    assert config.search.max_answer_tokens == 128 and train.max_prompt_tokens == 256  # search's own default
+    for key, message in [
+        ("train.threads=1", "train.threads: set by the experiment"),
+        ("evaluate.data=[x]", "evaluate.data: set by the experiment"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("evaluate.fractions=[1, 1, 0]", "fractions summing to 1"),
+    ]:
+        with pytest.raises(MedmergeError, match=message):
+            load_config(path, ExperimentConfig, [key])
+
+
+def test_split_and_loss_settings_are_defined_once():
+    from medmerge.config import (
+        EvaluateConfig,
+        ExperimentConfig,
+        LossSettings,
+        SearchSettings,
+        SplitSettings,
+        TrainConfig,
+    )
+    from medmerge.data.split import DEFAULT_FRACTIONS
+
+    for model in (DataConfig, EvaluateConfig, ExperimentConfig):
+        assert issubclass(model, SplitSettings)
+    assert EvaluateConfig().fractions == SplitSettings().fractions == DEFAULT_FRACTIONS
+    for model in (TrainConfig, EvaluateConfig, SearchSettings):
+        assert issubclass(model, LossSettings)
+    settings = SearchSettings(batch_size=4)
+    assert settings.loss_settings() == LossSettings(batch_size=4, max_answer_tokens=128)
+    assert hash(settings.loss_settings()) == hash(LossSettings(batch_size=4, max_answer_tokens=128))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,9 +39,7 @@ def test_pickle_checkpoints_are_refused_unless_opted_in(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_model_loads_and_generates():
-    user_cache = os.environ.get("MEDMERGE_USER_CACHE") or str(Path.home() / ".cache" / "medmerge")
-    os.environ["MEDMERGE_CACHE"] = user_cache
+def test_embedded_model_loads_and_generates(embedded_cache):
     path = resolve_model("smollm2-135m")
     assert (path / "model.safetensors").is_file() and (path / "medmerge-model.json").is_file()
     tokenizer = load_tokenizer("smollm2-135m")

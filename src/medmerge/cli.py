@@ -19,13 +19,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from medmerge import __version__
+from medmerge.data.split import DEFAULT_FRACTIONS
 from medmerge.errors import MedmergeError
-
-Handler = Callable[[argparse.Namespace], int]
-
 
 # ------------------------------------------------------------------------------------------- data
 
@@ -62,7 +60,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     stats.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     stats.add_argument(
-        "--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST")
+        "--fractions", type=float, nargs=3, default=DEFAULT_FRACTIONS, metavar=("TRAIN", "VAL", "TEST")
     )
     stats.add_argument("--tokenizer", default="smollm2-135m", help="model whose tokens measure lengths")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -78,25 +76,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     fetch.set_defaults(handler=cmd_data_fetch)
 
 
-# ------------------------------------------------------------------- commands owned by later work
-
-
-def _not_implemented(name: str) -> Handler:
-    def handler(args: argparse.Namespace) -> int:
-        print(f"medmerge {name}: not implemented yet", file=sys.stderr)
-        return 2
-
-    return handler
-
-
-def _add_placeholder(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
-    parser = sub.add_parser(name, help=help_text)
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
-    parser.set_defaults(handler=_not_implemented(name))
+# ---------------------------------------------------------------------------------------- commands
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from medmerge.config import TrainConfig, load_config, validate_config
+    from medmerge.threads import use_threads
     from medmerge.train import train_expert
 
     config = load_config(args.config, TrainConfig)
@@ -105,6 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if overrides:
         config = validate_config({**config.model_dump(), **overrides}, TrainConfig, "command line")
+    use_threads(config.threads)
     out = train_expert(
         config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet
     )
@@ -135,10 +121,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from medmerge.merge import merge_models
 
     config = load_config(args.config, MergeConfig)
-    out = merge_models(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    out = merge_models(
+        config, args.out, scorer=_merge_scorer(config), overwrite=args.overwrite, progress=not args.quiet
+    )
     summary = json.loads((out / "merge.json").read_text()).get("summary", {})
     print(f"{config.method}: {out} ({summary.get('tensors', 0)} tensors; manifest {out / 'merge.json'})")
     return 0
+
+
+def _merge_scorer(config):
+    """The validation-loss scorer of `config.scorer` when the method's driver needs one, else None
+    (merge_models then reports a missing scorer itself)."""
+    from medmerge.evaluate.scorer import merge_loss_scorer
+    from medmerge.merge import get_method
+
+    if not get_method(config.method).needs_scorer or config.scorer is None:
+        return None
+    return merge_loss_scorer(config.scorer)
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -166,6 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medmerge.evaluate.cache import default_cache_dir
     from medmerge.evaluate.report import write_evaluation
     from medmerge.evaluate.runner import evaluate
+    from medmerge.threads import use_threads
 
     base = load_config(args.config, EvaluateConfig).model_dump() if args.config else {}
     values = {k: getattr(args, k) for k in _EVALUATE_FLAGS if getattr(args, k) is not None}
@@ -176,10 +176,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.loss_only:
         values["generate"] = False
     config = validate_config({**base, **values}, EvaluateConfig, "evaluate options")
+    use_threads(config.threads)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    results = evaluate(args.models, config, cache_dir=cache_dir, progress=not args.quiet)
-    out = write_evaluation(results, args.out, overwrite=args.overwrite)
-    print(f"{out / 'report.md'} ({len(results['models'])} models × {len(results['datasets'])} sets)")
+    evaluation = evaluate(args.models, config, cache_dir=cache_dir, progress=not args.quiet)
+    out = write_evaluation(evaluation, args.out, overwrite=args.overwrite)
+    print(f"{out / 'report.md'} ({len(evaluation.models)} models × {len(evaluation.datasets)} sets)")
     return 0
 
 
@@ -246,8 +247,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from medmerge.config import ExperimentConfig, load_config
     from medmerge.pipeline import run_experiment
+    from medmerge.threads import use_threads
 
     config = load_config(args.config, ExperimentConfig, args.set)
+    use_threads(config.threads)
     ray = None if args.no_ray else args.ray or _local_ray_if_installed()
     report = run_experiment(config, args.out, ray=ray, progress=not args.quiet)
     print(f"report: {report}")

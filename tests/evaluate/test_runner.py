@@ -11,6 +11,7 @@ from medmerge.cli import main
 from medmerge.config import EvaluateConfig
 from medmerge.errors import MedmergeError
 from medmerge.evaluate import runner
+from medmerge.evaluate.records import Evaluation
 from medmerge.evaluate.report import render_report
 from tests.tiny import build_tiny_llama
 
@@ -54,6 +55,7 @@ def test_evaluate_two_models_then_cache_hit_then_report(
     assert results["cache"]["misses"] == 2 * 2 * 3 and results["cache"]["hits"] == 0  # models × sets × stages
     tests = {(c["dataset"], c["metric"]) for c in results["comparisons"]}
     assert ("tiny_qa", "loss") in tests and ("tiny_qa-2", "bertscore_f1") in tests
+    assert Evaluation.from_json(results).to_json() == results  # the typed records keep the file's shape
     report = (out / "report.md").read_text()
     assert "**" in report and "Paired bootstrap" in report and "tiny_qa-2 (OOD, n=6)" in report
     for png in ("heatmap.png", "averages.png"):
@@ -102,6 +104,9 @@ def test_report_refuses_a_folder_without_results(tmp_path: Path) -> None:
         render_report(tmp_path)
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(MedmergeError, match="medmerge-evaluation"):
+        render_report(tmp_path)
+    (tmp_path / "results.json").write_text('{"format": "medmerge-evaluation/1", "models": []}')
+    with pytest.raises(MedmergeError, match="results.json: malformed evaluation"):
         render_report(tmp_path)
 
 

@@ -54,7 +54,7 @@ def test_stream_text_holds_back_incomplete_characters():
     class ByteEngine:  # a tokenizer whose tokens are single UTF-8 bytes: "é" is two tokens
         kind, eos = "causal", []
 
-        class tokenizer:  # noqa: N801
+        class tokenizer:  # lower-case: mimics the engine attribute
             @staticmethod
             def decode(ids, skip_special_tokens=True):
                 return bytes(ids).decode("utf-8", errors="replace")

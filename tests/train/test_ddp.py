@@ -10,8 +10,39 @@ import sys
 import pytest
 import yaml
 
-from medmerge.train.expert import DIGEST_ENV
 from tests.train.helpers import tiny_config
+
+# Runs `medmerge train` in each torchrun process, with a loop hook (train_expert's `hooks`) that keeps
+# the model, and writes a digest of that process's final weights to DIGESTS/rank<RANK>.txt.
+WRAPPER = """
+import hashlib, os, sys
+from pathlib import Path
+
+import medmerge.train
+from medmerge.cli import main
+
+digests, argv = Path(sys.argv[1]), sys.argv[2:]
+seen = {}
+train_expert = medmerge.train.train_expert
+
+
+def keep_model(trainer, step):
+    seen["model"] = trainer.model
+
+
+def with_hook(*args, **kwargs):
+    return train_expert(*args, **kwargs, hooks=[keep_model])
+
+
+medmerge.train.train_expert = with_hook
+code = main(argv)
+digest = hashlib.sha256()
+for name, p in sorted(seen["model"].named_parameters()):
+    digest.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+digests.mkdir(parents=True, exist_ok=True)
+(digests / f"rank{os.environ['RANK']}.txt").write_text(digest.hexdigest())
+sys.exit(code)
+"""
 
 
 @pytest.mark.slow
@@ -22,6 +53,8 @@ def test_two_processes_end_with_identical_weights(tiny_llama, tiny_qa_jsonl, tmp
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     out, digests = tmp_path / "expert", tmp_path / "digests"
+    wrapper = tmp_path / "train_with_digest.py"
+    wrapper.write_text(WRAPPER)
     command = [
         sys.executable,
         "-m",
@@ -29,15 +62,15 @@ def test_two_processes_end_with_identical_weights(tiny_llama, tiny_qa_jsonl, tmp
         "--standalone",
         "--nproc_per_node",
         "2",
-        "-m",
-        "medmerge.cli",
+        str(wrapper),
+        str(digests),
         "train",
         str(path),
         "--out",
         str(out),
         "--quiet",
     ]
-    env = {**os.environ, DIGEST_ENV: str(digests), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (digests / "rank0.txt").read_text(), (digests / "rank1.txt").read_text()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medmerge.errors import MedmergeError
 
@@ -23,6 +23,33 @@ class StrictModel(BaseModel):
     """Base of all configs: unknown keys are errors, values are immutable once validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+AnswerTokens = Annotated[int, Field(ge=2, description="answer tokens the loss counts, eos included")]
+
+
+class LossSettings(StrictModel):
+    """How questions are batched and cut for the answer loss: training, evaluation and search share it."""
+
+    batch_size: int = Field(default=8, ge=1, description="examples per batch (training: per process)")
+    max_prompt_tokens: int = Field(default=256, ge=8, description="prompts keep their last n tokens")
+    max_answer_tokens: AnswerTokens = 256
+
+    def loss_settings(self) -> LossSettings:
+        """These settings alone (a hashable `LossSettings`, whatever model holds them)."""
+        return LossSettings(
+            batch_size=self.batch_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_answer_tokens=self.max_answer_tokens,
+        )
+
+
+class ThreadsSetting(StrictModel):
+    """`threads` of a command: set once, at the command's entry (see `medmerge.threads`)."""
+
+    threads: int | None = Field(
+        default=None, ge=1, description="torch CPU threads of the command (None: torch's default)"
+    )
 
 
 def format_validation_error(source: str, exc: ValidationError) -> str:

@@ -6,10 +6,17 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medmerge.config.base import StrictModel, normalised_specs, validate_config
-from medmerge.config.evaluate import EvaluateConfig
-from medmerge.config.train import TrainConfig
+from medmerge.config.base import AnswerTokens, LossSettings, StrictModel, ThreadsSetting, normalised_specs
+from medmerge.config.data import DataConfig, SplitSettings
+from medmerge.config.evaluate import EvaluateConfig, EvaluateSettings
+from medmerge.config.train import TrainConfig, TrainSettings
 from medmerge.errors import MedmergeError
+
+# keys of the `train` / `evaluate` sections that the experiment sets itself, and from what
+SET_BY_EXPERIMENT = {
+    "train": {"model": "base_model", "data": "experts", "threads": "threads"},
+    "evaluate": {"data": "the experts' test splits", "threads": "threads"},
+}
 
 
 class ExpertSpec(StrictModel):
@@ -24,55 +31,85 @@ class ExpertSpec(StrictModel):
         return normalised_specs(specs)
 
 
-class SearchSettings(StrictModel):
+class SearchSettings(LossSettings):
     """Merge hyperparameter search: a seeded optimiser, a fixed trial budget per method."""
 
     sampler: Literal["tpe", "cmaes", "random"] = "tpe"
     trials: int = Field(default=8, ge=1, description="trials per method (methods without knobs use 1)")
     seed: int = 0
     validation_examples: int = Field(default=32, ge=1, description="validation pairs per dataset")
-    batch_size: int = Field(default=8, ge=1)
-    max_prompt_tokens: int = Field(default=256, ge=8)
-    max_answer_tokens: int = Field(default=128, ge=2)
+    max_answer_tokens: AnswerTokens = 128  # search scores shorter answers than training by default
 
 
-class ExperimentConfig(StrictModel):
-    """`medmerge run`: experts per dataset, a multi-task upper bound, every merge, search, verdict."""
+def _every_method() -> list[str]:
+    from medmerge.merge.registry import METHODS
+
+    return list(METHODS)
+
+
+class ExperimentConfig(SplitSettings, ThreadsSetting):
+    """`medmerge run`: experts per dataset, a multi-task upper bound, every merge, search, verdict.
+
+    The split and threads are the experiment's, for every step. `train` and `evaluate` are partial
+    overrides of `TrainSettings()` / `EvaluateSettings()`; `train_config` / `evaluate_config` make the
+    configs of those steps.
+    """
 
     base_model: str = "smollm2-135m"
     experts: list[ExpertSpec] = Field(min_length=2)
     multitask: bool = Field(default=True, description="also train one model on the union (upper bound)")
-    split_seed: int = 0
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     train_examples: int | None = Field(default=None, ge=1, description="first n training pairs per dataset")
-    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig settings but model/data")
-    methods: list[str] = Field(default_factory=list, description="merge methods; empty = every method")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="how every expert is trained")
+    methods: list[str] = Field(
+        default_factory=_every_method, description="merge methods; empty = every method"
+    )
     spaces: list[Literal["full", "lora"]] = ["full", "lora"]
     lora_rank: int | None = Field(default=None, ge=1, description="LoRA-space merge rank (default Σ r_i)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads of every step")
     search: SearchSettings = SearchSettings()
-    evaluate: dict[str, Any] = Field(default_factory=dict, description="EvaluateConfig settings but data")
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings, description="how models are scored")
 
-    @model_validator(mode="after")
-    def _check_parts(self) -> ExperimentConfig:
-        from medmerge.merge.registry import METHODS, get_method
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_leave_the_experiments_keys(cls, data: Any) -> Any:
+        for section, owned in SET_BY_EXPERIMENT.items():
+            values = data.get(section) if isinstance(data, dict) else None
+            for key, source in owned.items():
+                if isinstance(values, dict) and key in values:
+                    raise ValueError(f"{section}.{key}: set by the experiment ({source})")
+        return data
 
-        names = [e.name for e in self.experts]
+    @field_validator("experts")
+    @classmethod
+    def _distinct_names(cls, experts: list[ExpertSpec]) -> list[ExpertSpec]:
+        names = [e.name for e in experts]
         if len(set(names)) != len(names) or "multitask" in names or "base" in names:
-            raise ValueError(f"experts: names must be unique and not 'base'/'multitask', got {names}")
-        for method in self.methods:
+            raise ValueError(f"names must be unique and not 'base'/'multitask', got {names}")
+        return experts
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        from medmerge.merge.registry import get_method
+
+        for method in methods:
             try:
                 get_method(method)
             except MedmergeError as exc:
                 raise ValueError(str(exc)) from None
-        if not self.methods:
-            object.__setattr__(self, "methods", list(METHODS))
-        for forbidden in ("model", "data"):
-            if forbidden in self.train:
-                raise ValueError(f"train.{forbidden}: set by the experiment (base_model, experts)")
-        validate_config({**self.train, "data": {"specs": self.experts[0].data}}, TrainConfig, "train")
-        if "data" in self.evaluate:
-            raise ValueError("evaluate.data: set by the experiment (the experts' test splits)")
-        validate_config(self.evaluate, EvaluateConfig, "evaluate")
-        return self
+        return methods or _every_method()
+
+    def train_config(self, specs: list[str]) -> TrainConfig:
+        """The config of the expert trained on `specs` (the experiment's model, split and train_examples)."""
+        data = DataConfig(specs=specs, **self.split_settings().model_dump(), max_examples=self.train_examples)
+        return TrainConfig.model_validate({**self.train.model_dump(), "model": self.base_model, "data": data})
+
+    def evaluate_config(self) -> EvaluateConfig:
+        """The config of the evaluation: every expert's SPECs in domain, on the experiment's split unless
+        the `evaluate` section sets its own."""
+        settings = self.split_settings().model_dump() | self.evaluate.model_dump(exclude_unset=True)
+        return EvaluateConfig.model_validate({**settings, "data": self.all_specs()})
+
+    def all_specs(self) -> list[str]:
+        """Every expert's dataset SPECs, each once, in order (the multi-task model's data)."""
+        return list(dict.fromkeys(spec for e in self.experts for spec in e.data))

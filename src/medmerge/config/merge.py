@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from medmerge.config.base import StrictModel, format_validation_error
+from medmerge.config.base import StrictModel
 from medmerge.config.data import DataConfig
 from medmerge.errors import MedmergeError
 
@@ -19,7 +19,9 @@ class MergeInput(StrictModel):
 
 
 class MergeScorerConfig(DataConfig):
-    """Validation data that scores candidate soups (soup_greedy): score = −(mean answer NLL per token)."""
+    """Validation data that scores candidate soups (soup_greedy): score = −(mean answer NLL per token).
+
+    `medmerge merge` builds the scorer from it (medmerge.evaluate.scorer.merge_loss_scorer)."""
 
     split: Literal["train", "validation", "test"] = "validation"
     batch_size: int = Field(8, ge=1)
@@ -55,21 +57,9 @@ class MergeConfig(StrictModel):
             spec = get_method(self.method)
         except MedmergeError as exc:
             raise ValueError(str(exc).removeprefix("method: ")) from None
-        try:
-            spec.params.model_validate(self.parameters)
-        except ValidationError as exc:
-            raise ValueError(format_validation_error(f"parameters of {self.method}", exc)) from None
-        n = len(self.models)
-        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-            wanted = spec.min_models if spec.max_models == spec.min_models else f"at least {spec.min_models}"
-            raise ValueError(f"{self.method} needs {wanted} models, got {n}")
-        needs_base = spec.base == "required" or (self.method == "slerp" and self.parameters.get("relative"))
-        if needs_base and self.base_model is None:
-            raise ValueError(f"{self.method} needs base_model (task vectors are θ_i − θ_base)")
+        spec.check(self.base_model is not None, [m.weight for m in self.models], self.parameters)
         if (self.output == "lora") != (self.rank is not None):
             raise ValueError("output: lora needs rank: k, and rank is only for output: lora")
-        if self.method == "linear" and abs(sum(m.weight for m in self.models)) < 1e-12:
-            raise ValueError("linear: the model weights sum to 0")
         return self
 
     def method_params(self) -> StrictModel:

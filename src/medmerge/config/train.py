@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from medmerge.config.base import StrictModel
+from medmerge.config.base import LossSettings, StrictModel, ThreadsSetting
 from medmerge.config.data import DataConfig
+from medmerge.config.privacy import PrivacySettings
 
 
 class LoraSettings(StrictModel):
@@ -24,18 +25,19 @@ class LoraSettings(StrictModel):
     use_dora: bool = False
 
 
-class TrainConfig(StrictModel):
-    """One expert: a model, a method, one dataset, and the loop's settings (see medmerge.train)."""
+class TrainSettings(LossSettings):
+    """How an expert is trained: everything of a `TrainConfig` but its model, data and threads.
 
-    model: str = Field(default="smollm2-135m", description="embedded name or local Hugging Face folder")
+    `medmerge run` takes these from the experiment's `train` section (the model, data and threads are the
+    experiment's own).
+    """
+
     kind: Literal["auto", "causal", "seq2seq"] = Field(
         default="auto", description="model kind the config expects; auto = read it from the model"
     )
     method: Literal["full", "lora", "qlora"] = "lora"
-    data: DataConfig
     lora: LoraSettings = LoraSettings()
     seed: int = 0
-    batch_size: int = Field(default=8, ge=1, description="examples per micro-batch per process")
     grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
     learning_rate: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -47,8 +49,6 @@ class TrainConfig(StrictModel):
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; overrides epochs")
     max_minutes: float | None = Field(default=None, gt=0, description="wall-clock budget of the loop")
-    max_prompt_tokens: int = Field(default=256, ge=8)
-    max_answer_tokens: int = Field(default=256, ge=2)
     system_prompt: str | None = None
     group_by_length: bool = True
     eval_every: int = Field(default=50, ge=0, description="validation every n steps; 0 = only at the ends")
@@ -59,7 +59,6 @@ class TrainConfig(StrictModel):
     autocast: Literal["auto", "bf16", "off"] = Field(
         default="auto", description="bf16 autocast: auto = on where the CPU has native bf16 (or on CUDA)"
     )
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (default: torch's)")
     base_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto",
         description=(
@@ -69,6 +68,9 @@ class TrainConfig(StrictModel):
         ),
     )
     qlora_double_quant: bool = False
+    privacy: PrivacySettings | None = Field(
+        default=None, description="DP-SGD on the LoRA adapters (medmerge.train.privacy); None = off"
+    )
     dropout_rng: Literal["counter", "torch"] = Field(
         default="counter",
         description=(
@@ -76,3 +78,10 @@ class TrainConfig(StrictModel):
             "generator (medmerge.train.dropout), torch = nn.Dropout's sequential generator"
         ),
     )
+
+
+class TrainConfig(TrainSettings, ThreadsSetting):
+    """One expert (`medmerge train`): a model, one dataset, how it is trained (see medmerge.train)."""
+
+    model: str = Field(default="smollm2-135m", description="embedded name or local Hugging Face folder")
+    data: DataConfig

@@ -16,32 +16,58 @@ thousands is skipped with a warning and counted, never silently.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import re
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 from xml.etree import ElementTree
 
+from medmerge.data.fetch import SOURCES
 from medmerge.data.records import Dataset, QAPair, normalise_whitespace
+from medmerge.data.resolve import spec_path
 from medmerge.data.specs import DataSpec, parse_spec
 from medmerge.errors import MedmergeError
 
 log = logging.getLogger("medmerge.data")
 
 
+def utf8_error(raw: bytes) -> str | None:
+    """Where and why `raw` is not UTF-8 (`byte offset N (line L): reason, byte 0xNN`), or None."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return f"byte offset {exc.start} (line {line}): {exc.reason}, byte 0x{raw[exc.start]:02x}"
+    return None
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of a file (a leading BOM dropped); anything else is a one-line error."""
+    if path.is_dir():
+        raise MedmergeError(f"{path}: is a folder, expected a {what} file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise MedmergeError(f"{path}: cannot read ({exc.strerror or exc}); expected a {what} file") from exc
+    error = utf8_error(raw)
+    if error is not None:
+        raise MedmergeError(f"{path}: invalid UTF-8 at {error}; expected a UTF-8 {what} file")
+    return raw.decode("utf-8").removeprefix("\ufeff")
+
+
 def load_dataset(spec: str | DataSpec) -> Dataset:
     """Load every answered pair of a dataset SPEC (see `medmerge.data.specs`)."""
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
-    path = parsed.path
-    if path is None:
-        from medmerge.data.fetch import fetched_path
-
-        path = fetched_path(parsed.kind)
+    path = spec_path(parsed)
     if not path.exists():
-        raise MedmergeError(f"{path}: no such file or folder (dataset SPEC {parsed.text!r})")
+        hint = f"; or use the bare name {parsed.kind!r}" if parsed.kind in SOURCES else ""
+        raise MedmergeError(f"{path}: no such file or folder (dataset SPEC {parsed.text!r}){hint}")
     dataset = LOADERS[parsed.kind](path, **parsed.options)
     dataset.spec = parsed.text
     if not dataset.pairs:
@@ -66,7 +92,29 @@ def _medquad_documents(path: Path) -> Iterator[tuple[str, str, bytes]]:
     with archive:
         for name in sorted(n for n in archive.namelist() if n.endswith(".xml")):
             parts = PurePosixPath(name).parts
-            yield parts[-2] if len(parts) > 1 else "", f"{path}!{name}", archive.read(name)
+            yield parts[-2] if len(parts) > 1 else "", f"{path}!{name}", _member(path, archive, name)
+
+
+_XML_ENCODING = re.compile(rb"""^\s*<\?xml[^>]*encoding\s*=\s*["']([A-Za-z0-9._-]+)""")
+
+
+def _xml_failure(raw: bytes, exc: ElementTree.ParseError) -> tuple[str, str]:
+    """(skip reason, why) for an XML document that failed to parse: invalid UTF-8 where it is declared
+    (or defaulted) UTF-8, else malformed XML."""
+    declared = _XML_ENCODING.match(raw)
+    encoding = declared.group(1).decode().lower().replace("_", "-") if declared else "utf-8"
+    error = utf8_error(raw) if encoding in ("utf-8", "utf8") else None
+    if error is not None:
+        return "undecodable_document", f"invalid UTF-8 at {error}"
+    return "malformed_document", f"malformed XML ({exc})"
+
+
+def _member(path: Path, archive: zipfile.ZipFile, name: str) -> bytes:
+    """The bytes of one archive member; a corrupt archive is a one-line error naming the member."""
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, zlib.error, OSError) as exc:
+        raise MedmergeError(f"{path}!{name}: corrupt zip member ({exc}); download the archive again") from exc
 
 
 def _text(element: ElementTree.Element | None) -> str:
@@ -96,9 +144,10 @@ def load_medquad(path: Path) -> Dataset:
         try:
             root = ElementTree.fromstring(raw)
         except ElementTree.ParseError as exc:
-            bad.append(f"{name}: malformed XML ({exc})")
-            skipped["malformed_document"] += 1
-            log.warning("skipping %s: malformed XML (%s)", name, exc)
+            reason, why = _xml_failure(raw, exc)
+            bad.append(f"{name}: {why}")
+            skipped[reason] += 1
+            log.warning("skipping %s: %s", name, why)
             continue
         qa_elements = [e for e in root.iter() if e.tag.lower() in _PAIR_TAGS]
         if root.tag.lower() not in _ROOTS:
@@ -147,9 +196,8 @@ def load_medquad(path: Path) -> Dataset:
 
 
 def _read_json(path: Path) -> Any:
-    if path.is_dir():
-        raise MedmergeError(f"{path}: is a folder, expected a JSON file")
-    text = path.read_text(encoding="utf-8-sig")
+    """The parsed JSON of a UTF-8 file; empty, undecodable or invalid JSON is a one-line error."""
+    text = read_text(path, "JSON")
     if not text.strip():
         raise MedmergeError(f"{path}: file is empty (expected JSON)")
     try:
@@ -244,23 +292,33 @@ def load_pubmedqa(path: Path) -> Dataset:
 # ------------------------------------------------------------------------------------- users' tables
 
 
+def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a CSV text with a header; a CSV syntax error is a one-line error."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        yield from enumerate(reader, start=2)  # line 1 is the header
+    except csv.Error as exc:
+        raise MedmergeError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from exc
+
+
+def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSON Lines text."""
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MedmergeError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise MedmergeError(f"{path}:{line_no}: expected a JSON object per line")
+        yield line_no, row
+
+
 def _table_rows(path: Path, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    if path.is_dir():
-        raise MedmergeError(f"{path}: is a folder, expected a {kind.upper()} file")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if kind == "csv":
-            yield from enumerate(csv.DictReader(f), start=2)  # line 1 is the header
-            return
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MedmergeError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise MedmergeError(f"{path}:{line_no}: expected a JSON object per line")
-            yield line_no, row
+    """(line number, row) of a users' CSV or JSONL file, read as UTF-8."""
+    text = read_text(path, kind.upper())
+    return _csv_rows(path, text) if kind == "csv" else _jsonl_rows(path, text)
 
 
 def _load_table(

@@ -1,8 +1,9 @@
-"""Dataset SPECs: `KIND:PATH[?option=value&...]`, e.g. `medquad:../shared/datasets/MedQuAD-master.zip`.
+"""Dataset SPECs: `KIND:PATH[?option=value&...]` (`medquad:data/MedQuAD-master.zip`) or a bare KIND.
 
 KIND is one of medquad, icliniq, genmedgpt, pubmedqa, jsonl, csv. For jsonl/csv the options name the
-columns: `jsonl:mine.jsonl?question=prompt&answer=response&id=uid`. A bare KIND (`medquad`) or an empty
-PATH means the copy that `medmerge data fetch KIND` put in the cache.
+columns: `jsonl:mine.jsonl?question=prompt&answer=response&id=uid`. A bare KIND (`medquad`, also
+`medquad:` or `KIND?options`) is a public dataset found by `medmerge.data.resolve`: `$MEDMERGE_DATA`,
+the folder `scripts/setup.sh` registered, the cache, else a verified download.
 """
 
 from __future__ import annotations
@@ -20,18 +21,22 @@ _OPTIONS = {"jsonl": {"question", "answer", "id"}, "csv": {"question", "answer",
 @dataclass(frozen=True)
 class DataSpec:
     kind: str
-    path: Path | None  # None: the fetched copy in the cache
+    path: Path | None  # None: a public dataset found by `medmerge.data.resolve`
     options: dict[str, str] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
         query = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.kind}:{self.path or ''}" + (f"?{query}" if query else "")
+        head = f"{self.kind}:{self.path}" if self.path is not None else self.kind
+        return head + (f"?{query}" if query else "")
 
 
 def parse_spec(spec: str) -> DataSpec:
     """Parse a SPEC string; unknown kinds or options are a one-line error listing the choices."""
-    kind, _, rest = spec.partition(":")
+    kind, colon, rest = spec.partition(":")
+    if not colon:  # a bare KIND, perhaps with options: `medquad`, `pubmedqa?...`
+        kind, _, query = spec.partition("?")
+        rest = f"?{query}" if query else ""
     kind = kind.strip().lower()
     if kind not in KINDS:
         raise MedmergeError(f"dataset SPEC {spec!r}: unknown kind {kind!r} (choices: {', '.join(KINDS)})")

@@ -18,6 +18,7 @@ from medmerge.errors import MedmergeError
 
 SplitName = Literal["train", "validation", "test"]
 SPLITS: tuple[SplitName, ...] = ("train", "validation", "test")
+DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, validation, test
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def deduplicate(pairs: list[QAPair]) -> list[QAPair]:
 
 
 def split_pairs(
-    pairs: list[QAPair], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+    pairs: list[QAPair], fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, seed: int = 0
 ) -> Splits:
     """Split `pairs` by a seeded hash of their group key into train / validation / test (see module doc)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:

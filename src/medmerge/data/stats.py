@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 
 from medmerge.data.loaders import load_dataset
-from medmerge.data.split import split_pairs
+from medmerge.data.split import DEFAULT_FRACTIONS, split_pairs
 
 
 def dataset_stats(
-    spec: str, tokenizer: Any, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    spec: str, tokenizer: Any, seed: int = 0, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
 ) -> dict[str, Any]:
     """Everything `data stats` prints, as a dict (lengths are token counts of `tokenizer`)."""
     dataset = load_dataset(spec)

@@ -8,22 +8,24 @@ other examples) without touching a model. Tables: one per metric, models × sets
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from medmerge.errors import MedmergeError
 from medmerge.evaluate.metrics import METRICS
+from medmerge.evaluate.records import Evaluation, ScoredSet
+from medmerge.evaluate.stats import Interval
 from medmerge.manifest import atomic_dir, write_json_atomic
 
 HEADLINE = ("rougeL", "bertscore_f1", "loss")  # drawn in the heatmap and the bar chart
 DECIMALS = {"loss": 3, "perplexity": 2, "bleu": 2, "chrf": 2, "length": 1}
 
 
-def write_evaluation(results: dict[str, Any], out: str | Path, overwrite: bool = False) -> Path:
+def write_evaluation(results: Evaluation, out: str | Path, overwrite: bool = False) -> Path:
     """Write results.json and the rendered report into `out`, atomically (the folder appears complete)."""
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_json_atomic(tmp / "results.json", results)
+        write_json_atomic(tmp / "results.json", results.to_json())
         _render(results, tmp)
     return out
 
@@ -33,24 +35,20 @@ def render_report(folder: str | Path) -> Path:
     folder = Path(folder)
     path = folder / "results.json"
     try:
-        results = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except OSError as exc:
         raise MedmergeError(
             f"{path}: cannot read ({exc.strerror}); expected a `medmerge evaluate` output"
         ) from None
     except json.JSONDecodeError as exc:
         raise MedmergeError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(results, dict) or not str(results.get("format", "")).startswith("medmerge-evaluation/"):
-        raise MedmergeError(
-            f"{path}: no 'format: medmerge-evaluation/…' (expected a `medmerge evaluate` output)"
-        )
-    _render(results, folder)
+    _render(Evaluation.from_json(data, where=str(path)), folder)
     return folder / "report.md"
 
 
-def _render(results: dict[str, Any], folder: Path) -> None:
-    models = [m["name"] for m in results["models"]]
-    sets = results["datasets"]
+def _render(results: Evaluation, folder: Path) -> None:
+    models = results.model_names
+    sets = results.datasets
     heatmap(results, folder / "heatmap.png")
     averages_chart(results, folder / "averages.png")
     text = markdown(results, models, sets)
@@ -66,40 +64,41 @@ def _fmt(metric: str, value: float) -> str:
     return f"{value:.{DECIMALS.get(metric, 3)}f}"
 
 
-def _set_header(s: dict[str, Any]) -> str:
-    where = s["split"] if s["domain"] == "in-domain" else "OOD"
-    return f"{s['name']} ({where}, n={s['n']})"
+def _set_header(s: ScoredSet) -> str:
+    where = s.split if s.domain == "in-domain" else "OOD"
+    return f"{s.name} ({where}, n={s.n})"
 
 
-def _cell(results: dict[str, Any], model: str, s: str, metric: str) -> dict[str, float] | None:
-    return results["results"][model][s]["metrics"].get(metric)
+def _cell(results: Evaluation, model: str, s: str, metric: str) -> Interval | None:
+    """`metric`'s mean and interval for `model` on the set named `s`; None where it was not scored."""
+    return results.cell(model, s).metrics.get(metric)
 
 
-def _averages(results, model: str, sets, metric: str) -> dict[str, float | None]:
+def _averages(
+    results: Evaluation, model: str, sets: Sequence[ScoredSet], metric: str
+) -> dict[str, float | None]:
     """Unweighted mean over sets of the per-set means: in-domain, out-of-domain, all."""
     out: dict[str, float | None] = {}
     for label, keep in (("avg in-domain", "in-domain"), ("avg OOD", "out-of-domain"), ("avg all", None)):
         vals = [
-            c["mean"]
+            c.mean
             for s in sets
-            if keep in (None, s["domain"]) and (c := _cell(results, model, s["name"], metric)) is not None
+            if keep in (None, s.domain) and (c := _cell(results, model, s.name, metric)) is not None
         ]
         out[label] = sum(vals) / len(vals) if vals else None
     return out
 
 
-def metric_table(results: dict[str, Any], models: list[str], sets, metric: str) -> str:
+def metric_table(results: Evaluation, models: list[str], sets: Sequence[ScoredSet], metric: str) -> str:
     """Markdown table models × sets (+ averages) of one metric; best per column in bold."""
-    domains = {s["domain"] for s in sets}
+    domains = {s.domain for s in sets}
     avg_cols = ["avg all"] if len(domains) == 1 else ["avg in-domain", "avg OOD", "avg all"]
     direction = METRICS[metric][1]
     header = ["model"] + [_set_header(s) for s in sets] + avg_cols
     rows: list[list[str]] = [[f"`{m}`"] for m in models]
     columns: list[list[float | None]] = []
     for s in sets:
-        columns.append(
-            [(c or {}).get("mean") for m in models for c in [_cell(results, m, s["name"], metric)]]
-        )
+        columns.append([c.mean if c else None for m in models for c in [_cell(results, m, s.name, metric)]])
     for col in avg_cols:
         columns.append([_averages(results, m, sets, metric)[col] for m in models])
     for j, col in enumerate(columns):
@@ -116,50 +115,48 @@ def metric_table(results: dict[str, Any], models: list[str], sets, metric: str) 
                 continue
             text = _fmt(metric, v)
             if j < len(sets):
-                c = _cell(results, m, sets[j]["name"], metric)
-                text += f" [{_fmt(metric, c['low'])}, {_fmt(metric, c['high'])}]"
+                c = _cell(results, m, sets[j].name, metric)
+                text += f" [{_fmt(metric, c.low)}, {_fmt(metric, c.high)}]"
             rows[i].append(f"**{text}**" if best is not None and v == best else text)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def timing_table(results: dict[str, Any], models: list[str], sets) -> str:
+def timing_table(results: Evaluation, models: list[str], sets: Sequence[ScoredSet]) -> str:
+    """Seconds per question (generation, loss), new tokens per second and cache hits of every cell."""
     header = ["model", "set", "s / question (generate)", "new tokens / s", "s / question (loss)", "cached"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in models:
         for s in sets:
-            r = results["results"][m][s["name"]]
-            t = r["timing"]
-            gen = f"{t['generation_seconds_per_question']:.2f}" if "generation_seconds" in t else "–"
-            tps = f"{t['new_tokens_per_second']:.1f}" if "new_tokens_per_second" in t else "–"
-            cached = ", ".join(k for k, v in r.get("cached", {}).items() if v) or "no"
+            r = results.cell(m, s.name)
+            t = r.timing
+            gen = f"{t.generation_seconds_per_question:.2f}" if t.generation_seconds is not None else "–"
+            tps = f"{t.new_tokens_per_second:.1f}" if t.new_tokens_per_second is not None else "–"
+            cached = ", ".join(k for k, v in r.cached.items() if v) or "no"
             lines.append(
-                f"| `{m}` | {s['name']} | {gen} | {tps} | {t['loss_seconds_per_question']:.3f} | {cached} |"
+                f"| `{m}` | {s.name} | {gen} | {tps} | {t.loss_seconds_per_question:.3f} | {cached} |"
             )
     return "\n".join(lines)
 
 
-def comparison_table(results: dict[str, Any], confidence: float) -> str:
+def comparison_table(results: Evaluation, confidence: float) -> str:
+    """Every paired test a − b: difference, interval, p-value (floor 2 / resamples) and who is better."""
     alpha = 1 - confidence
     header = ["set", "metric", "a", "b", "a − b", f"{confidence:.0%} interval", "p", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for c in results["comparisons"]:
-        direction = METRICS[c["metric"]][1]
-        if c["p_value"] < alpha and c["diff"] != 0:
-            winner = c["a"] if (c["diff"] > 0) == (direction > 0) else c["b"]
+    for c in results.comparisons:
+        t, m = c.test, c.metric
+        direction = METRICS[m][1]
+        if t.p_value < alpha and t.diff != 0:
+            winner = c.a if (t.diff > 0) == (direction > 0) else c.b
             verdict = f"`{winner}` better"
         else:
             verdict = "no significant difference"
-        p = (
-            f"{c['p_value']:.3f}"
-            if c["p_value"] > 0
-            else f"< {2 / results['settings']['bootstrap_resamples']:.3f}"
-        )
-        m = c["metric"]
+        p = f"{t.p_value:.3f}" if t.p_value > 0 else f"< {2 / results.settings['bootstrap_resamples']:.3f}"
         lines.append(
-            f"| {c['dataset']} | {m} | `{c['a']}` | `{c['b']}` | {_fmt(m, c['diff'])} | "
-            f"[{_fmt(m, c['low'])}, {_fmt(m, c['high'])}] | {p} | {verdict} |"
+            f"| {c.dataset} | {m} | `{c.a}` | `{c.b}` | {_fmt(m, t.diff)} | "
+            f"[{_fmt(m, t.low)}, {_fmt(m, t.high)}] | {p} | {verdict} |"
         )
     return "\n".join(lines)
 
@@ -172,8 +169,9 @@ def _quote(text: str | None, limit: int = 600) -> str:
     return text.replace("|", "\\|") or "_(empty)_"
 
 
-def markdown(results: dict[str, Any], models: list[str], sets) -> str:
-    st = results["settings"]
+def markdown(results: Evaluation, models: list[str], sets: Sequence[ScoredSet]) -> str:
+    """The whole report.md: settings, models, sets, one table per metric, time, tests, examples."""
+    st = results.settings
     decoding = (
         f"sampling (T={st['temperature']}, top-p={st['top_p']}, seed {st['seed']})"
         if st["do_sample"]
@@ -195,9 +193,7 @@ def markdown(results: dict[str, Any], models: list[str], sets) -> str:
         "| model | kind | path | checksum |",
         "|---|---|---|---|",
     ]
-    out += [
-        f"| `{m['name']}` | {m['kind']} | `{m['path']}` | `{m['checksum'][:12]}` |" for m in results["models"]
-    ]
+    out += [f"| `{m.name}` | {m.kind} | `{m.path}` | `{m.checksum[:12]}` |" for m in results.models]
     out += [
         "",
         "## Question sets",
@@ -205,30 +201,24 @@ def markdown(results: dict[str, Any], models: list[str], sets) -> str:
         "| set | domain | SPEC | split | questions |",
         "|---|---|---|---|---|",
     ]
-    out += [
-        f"| {s['name']} | {s['domain']} | `{s['spec']}` | {s['split'] or 'whole set'} | {s['n']} |"
-        for s in sets
-    ]
+    out += [f"| {s.name} | {s.domain} | `{s.spec}` | {s.split or 'whole set'} | {s.n} |" for s in sets]
     out += ["", "## Overview", "", "![heatmap](heatmap.png)", "", "![averages](averages.png)", ""]
     for metric, (label, direction) in METRICS.items():
-        if not any(_cell(results, m, s["name"], metric) for m in models for s in sets):
+        if not any(_cell(results, m, s.name, metric) for m in models for s in sets):
             continue
         better = {1: "higher is better", -1: "lower is better", 0: "no better direction"}[direction]
         out += [f"## {label} ({better})", "", metric_table(results, models, sets, metric), ""]
         if metric == "length":
-            ref = ", ".join(
-                f"{s['name']} {results['results'][models[0]][s['name']]['reference_length']:.1f}"
-                for s in sets
-            )
+            ref = ", ".join(f"{s.name} {results.cell(models[0], s.name).reference_length:.1f}" for s in sets)
             out += [f"Reference answers, mean words: {ref}.", ""]
     out += ["## Corpus-level BLEU / chrF", "", "| model | set | BLEU | chrF |", "|---|---|---|---|"]
     for m in models:
         for s in sets:
-            c = results["results"][m][s["name"]]["corpus"]
+            c = results.cell(m, s.name).corpus
             if c:
-                out.append(f"| `{m}` | {s['name']} | {c['bleu']:.2f} | {c['chrf']:.2f} |")
+                out.append(f"| `{m}` | {s.name} | {c['bleu']:.2f} | {c['chrf']:.2f} |")
     out += ["", "## Time", "", timing_table(results, models, sets), ""]
-    if results["comparisons"]:
+    if results.comparisons:
         out += [
             "## Paired bootstrap tests (same questions)",
             "",
@@ -237,17 +227,17 @@ def markdown(results: dict[str, Any], models: list[str], sets) -> str:
         ]
     out += ["## Example answers", ""]
     for s in sets:
-        for ex in results["examples"].get(s["name"], []):
-            out += [f"### {s['name']} · {ex['id']}", "", f"**Question.** {_quote(ex['question'])}", ""]
-            out += [f"**Reference.** {_quote(ex['reference'])}", ""]
-            out += [f"**`{m}`.** {_quote(a)}" + "\n" for m, a in ex["answers"].items()]
+        for ex in results.examples.get(s.name, []):
+            out += [f"### {s.name} · {ex.id}", "", f"**Question.** {_quote(ex.question)}", ""]
+            out += [f"**Reference.** {_quote(ex.reference)}", ""]
+            out += [f"**`{m}`.** {_quote(a)}" + "\n" for m, a in ex.answers.items()]
     return "\n".join(out) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ charts
 
 
-def heatmap(results: dict[str, Any], path: Path) -> None:
+def heatmap(results: Evaluation, path: Path) -> None:
     """One panel per headline metric: models × sets, value in each cell, brighter = better."""
     import matplotlib
 
@@ -255,16 +245,16 @@ def heatmap(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    models = [m["name"] for m in results["models"]]
-    sets = results["datasets"]
-    metrics = [m for m in HEADLINE if _cell(results, models[0], sets[0]["name"], m)]
-    n_in = sum(s["domain"] == "in-domain" for s in sets)
+    models = results.model_names
+    sets = results.datasets
+    metrics = [m for m in HEADLINE if _cell(results, models[0], sets[0].name, m)]
+    n_in = sum(s.domain == "in-domain" for s in sets)
     width = max(3.8, 1.1 * len(sets) + 2.4)  # inches per panel
     fig, axes = plt.subplots(
         1, len(metrics), figsize=(width * len(metrics), 1.9 + 0.45 * len(models)), squeeze=False
     )
     for ax, metric in zip(axes[0], metrics, strict=True):
-        grid = np.array([[_cell(results, m, s["name"], metric)["mean"] for s in sets] for m in models])
+        grid = np.array([[_cell(results, m, s.name, metric).mean for s in sets] for m in models])
         cmap = "viridis" if METRICS[metric][1] >= 0 else "viridis_r"
         image = ax.imshow(grid, cmap=cmap, aspect="auto")
         span = np.nanmax(grid) - np.nanmin(grid)
@@ -281,7 +271,7 @@ def heatmap(results: dict[str, Any], path: Path) -> None:
                     color="black" if bright else "white",
                 )
         ax.set_xticks(
-            range(len(sets)), [s["name"] + ("" if s["domain"] == "in-domain" else "\n(OOD)") for s in sets]
+            range(len(sets)), [s.name + ("" if s.domain == "in-domain" else "\n(OOD)") for s in sets]
         )
         ax.set_yticks(range(len(models)), models)
         if 0 < n_in < len(sets):
@@ -294,16 +284,16 @@ def heatmap(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def averages_chart(results: dict[str, Any], path: Path) -> None:
+def averages_chart(results: Evaluation, path: Path) -> None:
     """Bars: each model's mean over all sets of each headline metric; dots: the per-set means."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [m["name"] for m in results["models"]]
-    sets = results["datasets"]
-    metrics = [m for m in HEADLINE if _cell(results, models[0], sets[0]["name"], m)]
+    models = results.model_names
+    sets = results.datasets
+    metrics = [m for m in HEADLINE if _cell(results, models[0], sets[0].name, m)]
     fig, axes = plt.subplots(
         1, len(metrics), figsize=(max(3.5, 0.9 * len(models) + 2) * len(metrics), 4), squeeze=False
     )
@@ -311,8 +301,8 @@ def averages_chart(results: dict[str, Any], path: Path) -> None:
         avgs = [_averages(results, m, sets, metric)["avg all"] for m in models]
         ax.bar(range(len(models)), avgs, color="tab:blue", alpha=0.75)
         for j, s in enumerate(sets):
-            ys = [_cell(results, m, s["name"], metric)["mean"] for m in models]
-            ax.scatter(range(len(models)), ys, s=18, zorder=3, label=s["name"], marker="os^Dvx*"[j % 7])
+            ys = [_cell(results, m, s.name, metric).mean for m in models]
+            ax.scatter(range(len(models)), ys, s=18, zorder=3, label=s.name, marker="os^Dvx*"[j % 7])
         ax.set_xticks(
             range(len(models)),
             models,

@@ -4,15 +4,9 @@ For each model and each set: teacher-forced answer loss on the reference answers
 can be bootstrapped), then, unless `generate=False`, generated answers scored with ROUGE / BLEU / chrF /
 BERTScore / length / repetition. Each stage is cached by (model checksum, SPEC, split, questions,
 settings) — see `medmerge.evaluate.cache` — and the model is loaded only if some stage misses.
-The returned dict is what `results.json` holds; `medmerge.evaluate.report` renders it:
-
-    models, datasets          name, path, checksum, kind / name, spec, split (None: whole), domain, n
-    results[model][set]       metrics {name: {mean, low, high, n, confidence}}, per_item {name: [...]},
-                              weights {loss: answer tokens}, corpus {bleu, chrf}, timing, cached,
-                              ids, answers (None with generate=False), reference_length
-    comparisons               paired bootstrap a − b per set and metric of COMPARED, every pair of models
-    examples[set]             the first questions with the reference and every model's answer
-    settings, manifest, cache every setting and version; cache hits / misses of this run
+`evaluate` returns an `Evaluation` (`medmerge.evaluate.records`: models, sets, a cell per (model, set),
+paired tests of COMPARED, examples, settings, manifest, cache hits), which `results.json` holds and
+`medmerge.evaluate.report` renders.
 """
 
 from __future__ import annotations
@@ -21,20 +15,31 @@ import itertools
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medmerge.config import EvaluateConfig
-from medmerge.data import QAPair, load_dataset, load_split, parse_spec, split_fingerprint
+from medmerge.data import QAPair, load_dataset, load_split, parse_spec, spec_checksum, split_fingerprint
 from medmerge.errors import MedmergeError
 from medmerge.evaluate import bertscore as bertscore_module
 from medmerge.evaluate.cache import EvalCache, cache_key
 from medmerge.evaluate.generate import generate_answers
 from medmerge.evaluate.metrics import METRICS, corpus_bleu_chrf, text_metrics
+from medmerge.evaluate.records import (
+    CacheStats,
+    Comparison,
+    EvalCell,
+    EvalSet,
+    Evaluation,
+    Example,
+    ModelRef,
+    ScoredSet,
+    Timing,
+)
 from medmerge.evaluate.scorer import encode_loss_batches, per_question_loss
-from medmerge.evaluate.stats import bootstrap_ci, paired_bootstrap
-from medmerge.manifest import build_manifest, checksum, sha256_dir, sha256_file
+from medmerge.evaluate.stats import Interval, bootstrap_ci, paired_bootstrap
+from medmerge.manifest import build_manifest, checksum
 from medmerge.models import (
     adapter_base,
     is_adapter,
@@ -44,25 +49,8 @@ from medmerge.models import (
     resolve_model,
 )
 
-FORMAT = "medmerge-evaluation/1"
 METRICS_VERSION = 1  # bump when a metric's definition changes: invalidates cached scores
 COMPARED = ("loss", "rougeL", "chrf", "bertscore_f1")  # metrics of the pairwise tests
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    name: str  # short label in tables
-    spec: str
-    split: str | None  # None: the whole set (out-of-domain)
-    domain: str  # "in-domain" | "out-of-domain"
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    path: str
-    checksum: str
-    kind: str
 
 
 def eval_sets(config: EvaluateConfig) -> list[EvalSet]:
@@ -92,14 +80,6 @@ def model_ref(text: str) -> ModelRef:
     return ModelRef(name=name, path=str(path), checksum=digest, kind=model_kind(path))
 
 
-def data_checksum(spec: str) -> str | None:
-    """SHA-256 of a SPEC's file (or of every file of its folder); None for a fetched copy (no path)."""
-    path = parse_spec(spec).path
-    if path is None or not path.exists():
-        return None
-    return sha256_file(path) if path.is_file() else sha256_dir(path)
-
-
 def load_pairs(s: EvalSet, config: EvaluateConfig) -> list[QAPair]:
     """The set's questions: its seeded split (in-domain) or the whole file (out-of-domain); first n."""
     if s.split is not None:
@@ -113,65 +93,75 @@ def _say(progress: bool, text: str) -> None:
         print(f"[evaluate] {text}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class _ModelRun:
+    """What scoring one model on every set shares: the model (loaded on first use, so a full cache never
+    loads it), its tokenizer, the settings and the cache."""
+
+    ref: ModelRef
+    tokenizer: Any
+    config: EvaluateConfig
+    cache: EvalCache
+    progress: bool
+    _model: Any = field(default=None, repr=False)
+
+    def model(self) -> Any:
+        if self._model is None:
+            import torch
+
+            _say(self.progress, f"loading {self.ref.name} ({self.ref.path})")
+            torch.manual_seed(self.config.seed)
+            self._model = load_model(self.ref.path, dtype=self.config.dtype)
+        return self._model
+
+    def release(self) -> None:
+        """Drop the model, so that it is freed before the next one loads."""
+        self._model = None
+
+
 def evaluate(
     models: list[str], config: EvaluateConfig, *, cache_dir: str | Path | None, progress: bool = True
-) -> dict[str, Any]:
-    """Score every model on every set; the results dict (module doc), written by `report.write_evaluation`."""
-    import torch
+) -> Evaluation:
+    """Score every model on every set (module doc); written by `report.write_evaluation`.
 
-    if config.threads:  # on a shared CPU, fewer threads than cores avoids OpenMP spin-waiting
-        torch.set_num_threads(config.threads)
+    Torch's thread count is the caller's: each command sets it once at its entry point.
+    """
     sets = eval_sets(config)
     refs = [model_ref(m) for m in models]
     if len({r.name for r in refs}) != len(refs):
         raise MedmergeError(f"evaluate: model names {[r.name for r in refs]} repeat (use NAME=PATH)")
     pairs = {s.name: load_pairs(s, config) for s in sets}
     cache = EvalCache(cache_dir)
-    results: dict[str, dict[str, Any]] = {}
+    cells: dict[tuple[str, str], EvalCell] = {}
     for ref in refs:
-        loaded: dict[str, Any] = {}
-
-        def model(ref: ModelRef = ref, loaded: dict[str, Any] = loaded) -> Any:
-            if "model" not in loaded:
-                _say(progress, f"loading {ref.name} ({ref.path})")
-                torch.manual_seed(config.seed)
-                loaded["model"] = load_model(ref.path, dtype=config.dtype)
-            return loaded["model"]
-
-        tokenizer = load_tokenizer(ref.path)
-        results[ref.name] = {}
+        run = _ModelRun(ref, load_tokenizer(ref.path), config, cache, progress)
         for s in sets:
             _say(progress, f"{ref.name} on {s.name} ({len(pairs[s.name])} questions)")
-            results[ref.name][s.name] = _evaluate_one(
-                ref, model, tokenizer, s, pairs[s.name], config, cache, progress
-            )
-        loaded.clear()
-    return {
-        "format": FORMAT,
-        "manifest": build_manifest(
+            cells[(ref.name, s.name)] = _evaluate_cell(run, s, pairs[s.name])
+        run.release()
+    scored = tuple(
+        ScoredSet(
+            **asdict(s),
+            n=len(pairs[s.name]),
+            fingerprint=split_fingerprint(pairs[s.name]),
+            file_sha256=spec_checksum(s.spec),
+        )
+        for s in sets
+    )
+    return Evaluation(
+        manifest=build_manifest(
             "evaluation",
-            inputs={
-                "models": [asdict(r) for r in refs],
-                "datasets": [asdict(s) for s in sets],
-            },
+            inputs={"models": [asdict(r) for r in refs], "datasets": [asdict(s) for s in sets]},
             config=config,
         ),
-        "settings": settings(config),
-        "models": [asdict(r) for r in refs],
-        "datasets": [
-            {
-                **asdict(s),
-                "n": len(pairs[s.name]),
-                "fingerprint": split_fingerprint(pairs[s.name]),
-                "file_sha256": data_checksum(s.spec),
-            }
-            for s in sets
-        ],
-        "results": results,
-        "comparisons": comparisons(results, refs, sets, config),
-        "examples": examples(results, refs, sets, pairs, config.examples),
-        "cache": {"dir": str(cache_dir) if cache_dir else None, "hits": cache.hits, "misses": cache.misses},
-    }
+        settings=settings(config),
+        models=tuple(refs),
+        datasets=scored,
+        cells=cells,
+        comparisons=comparisons(cells, refs, sets, config),
+        examples=examples(cells, refs, sets, pairs, config.examples),
+        cache=CacheStats(dir=str(cache_dir) if cache_dir else None, hits=cache.hits, misses=cache.misses),
+    )
 
 
 def settings(config: EvaluateConfig) -> dict[str, Any]:
@@ -194,10 +184,93 @@ def _generation_settings(config: EvaluateConfig) -> dict[str, Any]:
     return {k: getattr(config, k) for k in keys} | {"dtype": config.dtype}
 
 
-def _evaluate_one(
-    ref, model, tokenizer, s: EvalSet, pairs, config: EvaluateConfig, cache: EvalCache, progress: bool
-):
-    """One (model, set) cell: per-question values, intervals, corpus scores and timings."""
+def _loss_stage(run: _ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> tuple[dict, bool]:
+    """Per-question answer NLL (nats, summed over answer tokens) and token counts; (values, cache hit)."""
+    config = run.config
+    key = cache_key(
+        stage="loss",
+        **data_id,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_answer_tokens=config.max_answer_tokens,
+        system=config.system,
+        dtype=config.dtype,
+    )
+    loss = run.cache.get("loss", key)
+    if loss is not None:
+        return loss, True
+    start = time.perf_counter()
+    batches, order = encode_loss_batches(
+        pairs,
+        run.tokenizer,
+        run.ref.kind,
+        batch_size=config.batch_size,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_answer_tokens=config.max_answer_tokens,
+        system=config.system,
+    )
+    from tqdm import tqdm
+
+    nll, tokens = per_question_loss(
+        run.model(), tqdm(batches, desc="loss", unit="batch", disable=not run.progress), order
+    )
+    loss = {"nll": nll, "tokens": tokens, "seconds": time.perf_counter() - start}
+    run.cache.put("loss", key, loss, **about)
+    return loss, False
+
+
+def _generate_stage(
+    run: _ModelRun, pairs: list[QAPair], data_id: dict, about: dict
+) -> tuple[dict, str, bool]:
+    """Generated answers, new-token counts and seconds; (values, their cache key, cache hit)."""
+    config = run.config
+    key = cache_key(stage="generate", **data_id, **_generation_settings(config))
+    gen = run.cache.get("generate", key)
+    if gen is not None:
+        return gen, key, True
+    g = generate_answers(
+        run.model(),
+        run.tokenizer,
+        [p.question for p in pairs],
+        run.ref.kind,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        do_sample=config.do_sample,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
+        max_prompt_tokens=config.max_prompt_tokens,
+        system=config.system,
+        progress=run.progress,
+    )
+    gen = {"texts": g.texts, "new_tokens": g.new_tokens, "seconds": g.seconds}
+    run.cache.put("generate", key, gen, **about)
+    return gen, key, False
+
+
+def _score_stage(
+    run: _ModelRun, answers: list[str], pairs: list[QAPair], gen_key: str, about: dict
+) -> tuple[dict, bool]:
+    """Per-question text metrics and BERTScore of `answers`, plus corpus BLEU / chrF; (scores, hit)."""
+    key = cache_key(stage="scores", generation=gen_key, idf=run.config.bertscore_idf, v=METRICS_VERSION)
+    scores = run.cache.get("scores", key)
+    if scores is not None:
+        return scores, True
+    references = [p.answer for p in pairs]
+    scores = text_metrics(answers, references)
+    bs = bertscore_module.bertscore(answers, references, idf=run.config.bertscore_idf)
+    scores |= {f"bertscore_{k}": v for k, v in bs.items()}
+    scores["corpus"] = corpus_bleu_chrf(answers, references)
+    run.cache.put("scores", key, scores, **about)
+    return scores, False
+
+
+def _evaluate_cell(run: _ModelRun, s: EvalSet, pairs: list[QAPair]) -> EvalCell:
+    """One (model, set) cell: per-question values, intervals, corpus scores and timings.
+
+    Loss per question = Σ nll / answer tokens, weighted by its tokens in the mean; perplexity = exp(loss)
+    (mean and interval bounds alike).
+    """
+    ref, config = run.ref, run.config
     about = {"model": ref.name, "checksum": ref.checksum, "spec": s.spec, "split": s.split}
     data_id = {
         "checksum": ref.checksum,
@@ -207,83 +280,30 @@ def _evaluate_one(
         "fractions": list(config.fractions),
         "questions": split_fingerprint(pairs),
     }
-    loss_key = cache_key(
-        stage="loss",
-        **data_id,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_answer_tokens=config.max_answer_tokens,
-        system=config.system,
-        dtype=config.dtype,
-    )
-    loss = cache.get("loss", loss_key)
-    cached = {"loss": loss is not None}
-    if loss is None:
-        start = time.perf_counter()
-        batches, order = encode_loss_batches(
-            pairs,
-            tokenizer,
-            ref.kind,
-            batch_size=config.batch_size,
-            max_prompt_tokens=config.max_prompt_tokens,
-            max_answer_tokens=config.max_answer_tokens,
-            system=config.system,
-        )
-        from tqdm import tqdm
-
-        nll, tokens = per_question_loss(
-            model(), tqdm(batches, desc="loss", unit="batch", disable=not progress), order
-        )
-        loss = {"nll": nll, "tokens": tokens, "seconds": time.perf_counter() - start}
-        cache.put("loss", loss_key, loss, **about)
+    loss, hit = _loss_stage(run, pairs, data_id, about)
+    cached = {"loss": hit}
     per_item: dict[str, list[float]] = {
         "loss": [n / max(t, 1) for n, t in zip(loss["nll"], loss["tokens"], strict=True)]
     }
     weights = {"loss": [float(t) for t in loss["tokens"]]}
-    timing = {"loss_seconds": loss["seconds"], "loss_seconds_per_question": loss["seconds"] / len(pairs)}
+    timing = Timing(loss["seconds"], loss["seconds"] / len(pairs))
     corpus: dict[str, float] = {}
     answers: list[str] | None = None
     if config.generate:
-        gen_key = cache_key(stage="generate", **data_id, **_generation_settings(config))
-        gen = cache.get("generate", gen_key)
-        cached["generate"] = gen is not None
-        if gen is None:
-            g = generate_answers(
-                model(),
-                tokenizer,
-                [p.question for p in pairs],
-                ref.kind,
-                max_new_tokens=config.max_new_tokens,
-                batch_size=config.batch_size,
-                do_sample=config.do_sample,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                seed=config.seed,
-                max_prompt_tokens=config.max_prompt_tokens,
-                system=config.system,
-                progress=progress,
-            )
-            gen = {"texts": g.texts, "new_tokens": g.new_tokens, "seconds": g.seconds}
-            cache.put("generate", gen_key, gen, **about)
+        gen, gen_key, cached["generate"] = _generate_stage(run, pairs, data_id, about)
         answers = gen["texts"]
-        score_key = cache_key(stage="scores", generation=gen_key, idf=config.bertscore_idf, v=METRICS_VERSION)
-        scores = cache.get("scores", score_key)
-        cached["scores"] = scores is not None
-        if scores is None:
-            references = [p.answer for p in pairs]
-            scores = text_metrics(answers, references)
-            bs = bertscore_module.bertscore(answers, references, idf=config.bertscore_idf)
-            scores |= {f"bertscore_{k}": v for k, v in bs.items()}
-            scores["corpus"] = corpus_bleu_chrf(answers, references)
-            cache.put("scores", score_key, scores, **about)
+        scores, cached["scores"] = _score_stage(run, answers, pairs, gen_key, about)
         corpus = scores["corpus"]
         per_item |= {k: v for k, v in scores.items() if k != "corpus"}
         new_tokens = sum(gen["new_tokens"])
-        timing |= {
-            "generation_seconds": gen["seconds"],
-            "generation_seconds_per_question": gen["seconds"] / len(pairs),
-            "new_tokens": new_tokens,
-            "new_tokens_per_second": new_tokens / max(gen["seconds"], 1e-9),
-        }
+        timing = Timing(
+            timing.loss_seconds,
+            timing.loss_seconds_per_question,
+            generation_seconds=gen["seconds"],
+            generation_seconds_per_question=gen["seconds"] / len(pairs),
+            new_tokens=new_tokens,
+            new_tokens_per_second=new_tokens / max(gen["seconds"], 1e-9),
+        )
     metrics = {
         name: bootstrap_ci(
             values,
@@ -291,57 +311,68 @@ def _evaluate_one(
             resamples=config.bootstrap_resamples,
             confidence=config.confidence,
             seed=config.seed,
-        ).as_dict()
+        )
         for name, values in per_item.items()
     }
     lo = metrics["loss"]
-    metrics["perplexity"] = {**lo, **{k: math.exp(lo[k]) for k in ("mean", "low", "high")}}
-    metrics = {k: metrics[k] for k in METRICS if k in metrics}
-    return {
-        "metrics": metrics,
-        "corpus": corpus,
-        "timing": timing,
-        "cached": cached,
-        "reference_length": sum(len(p.answer.split()) for p in pairs) / len(pairs),
-        "per_item": per_item,
-        "weights": weights,
-        "ids": [p.id for p in pairs],
-        "answers": answers,
-    }
+    metrics["perplexity"] = Interval(
+        math.exp(lo.mean), math.exp(lo.low), math.exp(lo.high), lo.n, lo.confidence
+    )
+    return EvalCell(
+        metrics={k: metrics[k] for k in METRICS if k in metrics},
+        corpus=corpus,
+        timing=timing,
+        cached=cached,
+        reference_length=sum(len(p.answer.split()) for p in pairs) / len(pairs),
+        per_item=per_item,
+        weights=weights,
+        ids=[p.id for p in pairs],
+        answers=answers,
+    )
 
 
-def comparisons(results, refs: list[ModelRef], sets: list[EvalSet], config: EvaluateConfig) -> list[dict]:
+def comparisons(
+    cells: dict[tuple[str, str], EvalCell], refs: list[ModelRef], sets: list[EvalSet], config: EvaluateConfig
+) -> tuple[Comparison, ...]:
     """Paired bootstrap of every pair of models on every set for the COMPARED metrics (a − b)."""
     out = []
     for s, (a, b) in itertools.product(sets, itertools.combinations([r.name for r in refs], 2)):
-        ra, rb = results[a][s.name], results[b][s.name]
+        ca, cb = cells[(a, s.name)], cells[(b, s.name)]
         for metric in COMPARED:
-            if metric not in ra["per_item"] or metric not in rb["per_item"]:
+            if metric not in ca.per_item or metric not in cb.per_item:
                 continue
             test = paired_bootstrap(
-                ra["per_item"][metric],
-                rb["per_item"][metric],
-                weights_a=ra["weights"].get(metric),
-                weights_b=rb["weights"].get(metric),
+                ca.per_item[metric],
+                cb.per_item[metric],
+                weights_a=ca.weights.get(metric),
+                weights_b=cb.weights.get(metric),
                 resamples=config.bootstrap_resamples,
                 confidence=config.confidence,
                 seed=config.seed,
             )
-            out.append({"dataset": s.name, "metric": metric, "a": a, "b": b, **test.as_dict()})
-    return out
+            out.append(Comparison(dataset=s.name, metric=metric, a=a, b=b, test=test))
+    return tuple(out)
 
 
-def examples(results, refs: list[ModelRef], sets: list[EvalSet], pairs, n: int) -> dict[str, list[dict]]:
+def examples(
+    cells: dict[tuple[str, str], EvalCell],
+    refs: list[ModelRef],
+    sets: list[EvalSet],
+    pairs: dict[str, list[QAPair]],
+    n: int,
+) -> dict[str, list[Example]]:
     """The first n questions of each set with the reference and every model's answer."""
-    out: dict[str, list[dict]] = {}
+    out: dict[str, list[Example]] = {}
     for s in sets:
-        rows = []
-        for i, pair in enumerate(pairs[s.name][:n]):
-            answers = {r.name: _nth(results[r.name][s.name]["answers"], i) for r in refs}
-            rows.append(
-                {"id": pair.id, "question": pair.question, "reference": pair.answer, "answers": answers}
+        out[s.name] = [
+            Example(
+                id=pair.id,
+                question=pair.question,
+                reference=pair.answer,
+                answers={r.name: _nth(cells[(r.name, s.name)].answers, i) for r in refs},
             )
-        out[s.name] = rows
+            for i, pair in enumerate(pairs[s.name][:n])
+        ]
     return out
 
 

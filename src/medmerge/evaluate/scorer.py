@@ -3,17 +3,25 @@
 `validation_loss_scorer(...)` encodes the validation questions of some SPECs once and returns a function
 model → mean answer NLL per token (nats; lower is better), computed by `medmerge.loss`. Greedy
 soups and merge search call it on every candidate; all candidates must share the tokenizer.
+
+Merges are scored in memory: `merged_losses` loads a merge config's tensors (the merge engine's own
+loop) into a resident model and runs the loss functions on it; `merge_loss_scorer` builds the greedy
+soup's scorer of `medmerge merge` from a MergeScorerConfig.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from medmerge.data import QAPair, encode_pair, load_split, pad_batch
+from medmerge.data import DEFAULT_FRACTIONS, QAPair, encode_pair, load_split, pad_batch
+from medmerge.errors import MedmergeError
 from medmerge.loss import answer_loss, answer_loss_per_example
+
+if TYPE_CHECKING:
+    from medmerge.config import MergeConfig, MergeScorerConfig
 
 
 def encode_loss_batches(
@@ -59,7 +67,7 @@ def validation_loss_scorer(
     *,
     split: str = "validation",
     seed: int = 0,
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_examples: int | None = None,
     batch_size: int = 8,
     max_prompt_tokens: int = 256,
@@ -84,3 +92,71 @@ def validation_loss_scorer(
         return answer_loss(model, batches).mean
 
     return score
+
+
+def load_weights(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into `model`; every parameter must be covered (tied heads follow their embedding)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = (
+        set(getattr(model, "_tied_weights_keys", None) or []) if model.config.tie_word_embeddings else set()
+    )
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise MedmergeError(
+            f"merged weights do not fit the base model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+
+
+def merged_losses(
+    model: Any, config: MergeConfig, losses: Mapping[str, Callable[[Any], float]]
+) -> dict[str, float]:
+    """{name: loss(model)} after loading the merge of `config` into the resident `model` (no folder is
+    written: the merged float32 tensors stream from medmerge.merge.merged_state)."""
+    from medmerge.merge import merged_state
+
+    load_weights(model, merged_state(config))
+    return {name: float(loss(model)) for name, loss in losses.items()}
+
+
+class MergeLossScorer:
+    """Greedy-soup scorer of `medmerge merge`: a candidate MergeConfig → −(mean answer NLL per token, nats)
+    over `config.split` of `config.specs`, all answer tokens pooled. Higher is better.
+
+    The resident model, tokenizer and model kind are those of the first candidate's reference folder
+    (its base model, else its first model), loaded on the first call; the questions are encoded once.
+    """
+
+    def __init__(self, config: MergeScorerConfig) -> None:
+        self.config = config
+        self._model: Any = None
+        self._loss: Callable[[Any], float] | None = None
+
+    def _load(self, candidate: MergeConfig) -> None:
+        from medmerge.merge.engine import reference_folder
+        from medmerge.models import load_model, load_tokenizer, model_kind
+
+        path = reference_folder(candidate)
+        c = self.config
+        self._loss = validation_loss_scorer(
+            c.specs,
+            load_tokenizer(path),
+            model_kind(path),
+            split=c.split,
+            seed=c.split_seed,
+            fractions=c.fractions,
+            max_examples=c.max_examples,
+            batch_size=c.batch_size,
+            max_prompt_tokens=c.max_prompt_tokens,
+            max_answer_tokens=c.max_answer_tokens,
+        )
+        self._model = load_model(path)
+
+    def __call__(self, candidate: MergeConfig) -> float:
+        if self._loss is None:
+            self._load(candidate)
+        return -merged_losses(self._model, candidate, {"loss": self._loss})["loss"]
+
+
+def merge_loss_scorer(config: MergeScorerConfig) -> MergeLossScorer:
+    """The validation-loss scorer of candidate merges described by `config` (see MergeLossScorer)."""
+    return MergeLossScorer(config)

@@ -4,13 +4,25 @@
 >>> from medmerge.merge import merge_models
 >>> merge_models(load_config("ties.yaml", MergeConfig), "out/ties")
 
+soup_greedy needs `scorer=` (a candidate MergeConfig → score, higher is better), e.g.
+medmerge.evaluate.scorer.merge_loss_scorer(config.scorer).
+
 Methods (one registry, medmerge.merge.registry.METHODS): linear, soup_greedy, slerp, task_arithmetic,
 ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, karcher.
 Formulas and conventions: docs/merging.md.
 """
 
-from medmerge.merge.engine import merge_models
-from medmerge.merge.registry import METHODS, get_method
-from medmerge.merge.soup import greedy_soup, loss_scorer
+from medmerge.merge.engine import merge_models, merged_state
+from medmerge.merge.registry import METHODS, MethodSpec, get_method
+from medmerge.merge.soup import Scorer, greedy_soup, greedy_soup_merge
 
-__all__ = ["METHODS", "get_method", "greedy_soup", "loss_scorer", "merge_models"]
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "Scorer",
+    "get_method",
+    "greedy_soup",
+    "greedy_soup_merge",
+    "merge_models",
+    "merged_state",
+]

@@ -1,17 +1,16 @@
 """The streaming merge engine: one loop over tensor names, every input read one tensor at a time.
 
 Peak memory ≈ one float32 tensor per input (plus the method's scratch); output tensors go to disk as
-soon as they are merged. The output folder is built under a temporary name and renamed into place
-when complete, with `merge.json`: config, input checksums, versions and per-tensor statistics.
+soon as they are merged (medmerge.merge.writers), or into memory for a search (`merged_state`). The
+output folder is built under a temporary name and renamed into place when complete, with `merge.json`:
+config, input checksums, versions and per-tensor statistics. Greedy-soup methods run their walk
+(medmerge.merge.soup) with the caller's scorer, then merge the soup here.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,27 +19,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from medmerge.config import MergeConfig, MergeInput
+from medmerge.config import MergeConfig
 from medmerge.errors import MedmergeError
-from medmerge.manifest import atomic_dir, build_manifest, sha256_file, write_json_atomic
+from medmerge.manifest import atomic_dir, build_manifest, write_json_atomic
 from medmerge.merge import checks
-from medmerge.merge.lora import factor
+from medmerge.merge.checksums import input_checksums
 from medmerge.merge.registry import MethodSpec, get_method
-from medmerge.merge.soup import Scorer, greedy_soup, loss_scorer
+from medmerge.merge.soup import Scorer, greedy_soup_merge
 from medmerge.merge.sources import Source, open_source
-
-log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".gguf",
-    ".safetensors.index.json",
-    ".bin.index.json",
-)
-_NOT_COPIED = {"merge.json", "medmerge-model.json", "adapter_config.json", "adapter_model.safetensors"}
+from medmerge.merge.writers import write_full, write_lora
 
 
 def _resolve(path: str) -> Path:
@@ -98,7 +85,7 @@ def merge_tensors(
     progress: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor, dict]]:
     """Yield (name, merged float32 tensor or copied non-float tensor, stats) for each name, in order."""
-    use_base = base is not None and (spec.base == "required" or getattr(params, "relative", False))
+    use_base = base is not None and spec.uses_base(params)
     for name in tqdm(names, desc=f"merge {spec.name}", unit="tensor", disable=not progress):
         if base is not None and not any(s.touches(name) for s in sources):
             # Every input is an adapter that leaves `name` as its base: every method returns θ_base
@@ -136,46 +123,22 @@ def merge_tensors(
         del merged
 
 
-def _copy_side_files(source_dir: Path, out: Path, dtype: str) -> None:
-    """Config, generation config and tokenizer files of the reference folder; config dtype set to `dtype`."""
-    for file in sorted(source_dir.iterdir()):
-        if not file.is_file() or file.name in _NOT_COPIED or file.name.endswith(_WEIGHT_SUFFIXES):
-            continue
-        if file.name == "config.json":
-            config = json.loads(file.read_text())
-            config["dtype" if "dtype" in config else "torch_dtype"] = dtype
-            (out / file.name).write_text(json.dumps(config, indent=2) + "\n")
-        else:
-            shutil.copy2(file, out / file.name)
+def merged_state(config: MergeConfig) -> dict[str, torch.Tensor]:
+    """The merged float32 tensors of `config` (a per-tensor method), by name, in memory."""
+    base, sources = open_merge_inputs(config)
+    names = list((base or sources[0]).infos)
+    weights = [m.weight for m in config.models]
+    stream = merge_tensors(
+        get_method(config.method), config.method_params(), base, sources, weights, names, progress=False
+    )
+    return {name: tensor for name, tensor, _ in stream}
 
 
-def cached_sha256(path: Path) -> str:
-    """SHA-256 of a weight file, cached in $MEDMERGE_CACHE/checksums.json under (path, size, mtime, inode).
-
-    Merge searches merge the same experts many times; each file is hashed once while it is unchanged.
-    """
-    from medmerge.models import cache_root
-
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
-    cache_file = cache_root() / "checksums.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    if key not in cache:
-        cache[key] = sha256_file(path)
-        try:
-            fresh = json.loads(cache_file.read_text())  # keep what other processes added meanwhile
-        except (OSError, json.JSONDecodeError):
-            fresh = {}
-        write_json_atomic(cache_file, {**fresh, key: cache[key]})
-    return cache[key]
-
-
-def _checksums(sources: list[Source], base: Source | None) -> dict[str, str]:
-    files = sorted({f for s in ([base] if base else []) + sources for f in s.weight_files()})
-    return {str(f): cached_sha256(f) for f in files}
+def reference_folder(config: MergeConfig) -> Path:
+    """The folder whose architecture, config and tokenizer a merge of `config` has: the base model
+    (for adapters without base_model, the base named in their adapter_config.json), else models[0]."""
+    base, sources = open_merge_inputs(config)
+    return (base or sources[0]).path
 
 
 def _summary(stats: dict[str, dict]) -> dict[str, object]:
@@ -199,8 +162,8 @@ def merge_models(
 ) -> Path:
     """Merge the models of `config` into `out_dir` (a model folder, or a LoRA adapter with output: lora).
 
-    `scorer` (model folder → score, higher is better) is used by soup_greedy; without it, soup_greedy
-    builds one from `config.scorer` (validation answer loss).
+    `scorer` (a candidate merge config → score, higher is better) drives methods that need one
+    (soup_greedy); medmerge.evaluate.scorer.merge_loss_scorer builds the validation-loss scorer.
     """
     spec = get_method(config.method)
     params = config.method_params()
@@ -210,18 +173,18 @@ def merge_models(
         raise MedmergeError(
             "base_model: output: lora stores ΔW = θ_merged − θ_base, so base_model is required"
         )
-    if spec.merge is None:
-        return _greedy_soup(config, out_dir, scorer, overwrite, progress)
+    if spec.needs_scorer:
+        return _merge_soup(config, out_dir, scorer, overwrite, progress)
     reference = base if base is not None else sources[0]
     names = list(reference.infos)
     weights = [m.weight for m in config.models]
     stream = merge_tensors(spec, params, base, sources, weights, names, progress)
     with ThreadPoolExecutor(max_workers=1) as pool, atomic_dir(out_dir, overwrite) as tmp:
-        digests = pool.submit(_checksums, sources, base)
+        digests = pool.submit(input_checksums, sources, base)
         if config.output == "lora":
-            stats, extra = _write_lora(config, reference, base, stream, tmp)
+            stats, extra = write_lora(config, reference, base, stream, tmp)
         else:
-            stats, extra = _write_full(config, reference, stream, tmp)
+            stats, extra = write_full(config, reference, stream, tmp)
         manifest = build_manifest(
             "merge",
             inputs={
@@ -239,162 +202,27 @@ def merge_models(
     return Path(out_dir)
 
 
-def _write_full(config: MergeConfig, reference: Source, stream, tmp: Path) -> tuple[dict, dict]:
-    from medmerge.merge.tensors import ShardWriter
-
-    dtype = DTYPES[config.dtype]
-    plan = [(n, dtype if i.dtype.is_floating_point else i.dtype, i.shape) for n, i in reference.infos.items()]
-    writer = ShardWriter(tmp, plan, int(config.shard_mb * 1024 * 1024))
-    stats: dict[str, dict] = {}
-    for name, tensor, tensor_stats in stream:
-        writer.write(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-        stats[name] = tensor_stats
-        del tensor  # free it before the engine reads the next tensors
-    writer.close()
-    _copy_side_files(reference.path, tmp, config.dtype)
-    return stats, {"shards": writer.names}
-
-
-def _module_types(reference: Source) -> dict[str, str]:
-    """{weight name: "linear" | "embedding"} of the reference architecture, from a meta-device model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    hf_config = AutoConfig.from_pretrained(reference.path)
-    auto = AutoModelForSeq2SeqLM if getattr(hf_config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto.from_config(hf_config)
-    types = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            types[f"{module_name}.weight"] = "linear"
-        elif isinstance(module, torch.nn.Embedding):
-            types[f"{module_name}.weight"] = "embedding"
-    return types
-
-
-def _write_lora(config: MergeConfig, reference: Source, base: Source, stream, tmp: Path) -> tuple[dict, dict]:
-    """ΔW = θ_merged − θ_base of every Linear / Embedding weight, factored by truncated SVD to rank k."""
-    from safetensors.torch import save_file
-
-    types = _module_types(reference)
-    tensors: dict[str, torch.Tensor] = {}
-    stats: dict[str, dict] = {}
-    targets, rank_pattern, not_representable = [], {}, {}
-    for name, tensor, tensor_stats in stream:
-        stats[name] = tensor_stats
-        if not tensor.is_floating_point():
-            continue
-        delta = tensor - base.read(name).to(torch.float32)
-        delta_norm = float(delta.norm())
-        if delta_norm == 0.0:
-            continue
-        kind = types.get(name)
-        if kind is None or delta.dim() != 2:
-            not_representable[name] = delta_norm / max(float(tensor.norm()), 1e-12)
-            continue
-        module = name.removesuffix(".weight")
-        f = factor(delta, config.rank)
-        stats[name] = {**tensor_stats, "lora_rank": f.rank, "svd_relative_error": f.relative_error}
-        prefix = f"base_model.model.{module}"
-        if kind == "linear":
-            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = f.a, f.b
-        else:  # embedding: ΔW (vocab, dim) = (B_e·A_e)ᵀ with A_e (k, vocab), B_e (dim, k)
-            tensors[f"{prefix}.lora_embedding_A"] = f.b.T.contiguous()
-            tensors[f"{prefix}.lora_embedding_B"] = f.a.T.contiguous()
-        targets.append(module)
-        if f.rank != config.rank:
-            rank_pattern[module] = f.rank
-    if not_representable:
-        log.warning(
-            "%d changed tensors are not Linear/Embedding weights and are not in the adapter: %s",
-            len(not_representable),
-            ", ".join(list(not_representable)[:5]),
-        )
-    dtype = DTYPES[config.dtype]
-    save_file(
-        {k: v.to(dtype) for k, v in tensors.items()},
-        str(tmp / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": "SEQ_2_SEQ_LM" if reference.config.get("is_encoder_decoder") else "CAUSAL_LM",
-        "base_model_name_or_path": str(base.path),
-        "r": config.rank,
-        "lora_alpha": config.rank,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": dict(rank_pattern),
-        "target_modules": targets,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
-    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    _copy_side_files(reference.path, tmp, config.dtype)
-    (tmp / "config.json").unlink(missing_ok=True)  # an adapter folder carries adapter_config.json only
-    errors = [s["svd_relative_error"] for s in stats.values() if "svd_relative_error" in s]
-    return stats, {
-        "lora": {
-            "rank": config.rank,
-            "modules": len(targets),
-            "max_svd_relative_error": max(errors, default=0.0),
-            "not_representable": not_representable,
-        }
-    }
-
-
-def _greedy_soup(
-    config: MergeConfig, out_dir, scorer: Scorer | None, overwrite: bool, progress: bool
+def _merge_soup(
+    config: MergeConfig, out_dir: str | Path, scorer: Scorer | None, overwrite: bool, progress: bool
 ) -> Path:
+    """The greedy soup of `config.models`, merged into `out_dir`; merge.json records the walk."""
     if scorer is None:
-        if config.scorer is None:
-            raise MedmergeError(
-                "soup_greedy needs a scorer: give `scorer: {specs: [SPEC, …]}` in the config, "
-                "or pass scorer= to medmerge.merge.merge_models"
-            )
-        scorer = loss_scorer(config.scorer)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+        raise MedmergeError(
+            f"{config.method} needs a scorer: give `scorer: {{specs: [SPEC, …]}}` in the config of "
+            "`medmerge merge`, or pass scorer= to medmerge.merge.merge_models"
+        )
+    if Path(out_dir).exists() and not overwrite:
         raise MedmergeError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.soup-", dir=out_dir.parent) as work:
-        counter = iter(range(1 << 30))
-
-        def score(members: list[MergeInput]) -> float:
-            path = _resolve(members[0].path)
-            if len(members) == 1 and not (path / "adapter_config.json").is_file():
-                return scorer(path)
-            sub = _soup_config(config, members)
-            return scorer(merge_models(sub, Path(work) / f"soup-{next(counter)}", progress=False))
-
-        result = greedy_soup(list(config.models), score)
-    final = _soup_config(config, [config.models[i] for i in result.members], dtype=config.dtype)
-    path = merge_models(final, out_dir, overwrite=overwrite, progress=progress)
+    soup = greedy_soup_merge(config, scorer)
+    path = merge_models(soup.config, out_dir, overwrite=overwrite, progress=progress)
     manifest = json.loads((path / "merge.json").read_text())
     manifest["config"] = config.model_dump(mode="json")
+    paths = [m.path for m in config.models]
     manifest["soup"] = {
-        "members": [config.models[i].path for i in result.members],
-        "score": result.score,
-        "individual": dict(zip([m.path for m in config.models], result.individual, strict=True)),
-        "history": result.history,
+        "members": [paths[i] for i in soup.walk.members],
+        "score": soup.walk.score,
+        "individual": dict(zip(paths, soup.walk.individual, strict=True)),
+        "history": soup.walk.history,
     }
     write_json_atomic(path / "merge.json", manifest)
     return path
-
-
-def _soup_config(config: MergeConfig, members: list[MergeInput], dtype: str = "float32") -> MergeConfig:
-    """The uniform linear merge of `members` with the rest of `config` (base for adapters, output form)."""
-    return MergeConfig(
-        method="linear",
-        base_model=config.base_model,
-        models=[MergeInput(path=m.path, weight=1.0) for m in members],
-        dtype=dtype,
-        output=config.output if dtype == config.dtype else "full",
-        rank=config.rank if dtype == config.dtype and config.output == "lora" else None,
-        shard_mb=config.shard_mb,
-    )

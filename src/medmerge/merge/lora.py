@@ -118,3 +118,13 @@ def factor(delta: torch.Tensor, rank: int) -> Factored:
     b = (u[:, :k] * s[:k]).to(torch.float32).contiguous()
     a = vh[:k].to(torch.float32).contiguous()
     return Factored(a=a, b=b, relative_error=error, rank=k)
+
+
+def lora_factors(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B′, A′) float32 with ΔW = B′·A′ in the weight's own (out, in) orientation: B′ = s·B, A′ = A,
+    or, for transposed modules, B′ = s·Aᵀ and A′ = Bᵀ."""
+    a = read_tensor(module.a).to(torch.float32)  # (r, in)
+    b = read_tensor(module.b).to(torch.float32)  # (out, r)
+    if module.transpose:
+        return a.T.mul(module.scale), b.T.contiguous()
+    return b.mul_(module.scale), a

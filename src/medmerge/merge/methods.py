@@ -28,6 +28,15 @@ class Merged:
     stats: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What a method may read beyond θ for one tensor name, one entry per input, in input order
+    (the engine fills the fields its spec asks for: `needs_statistics`, `needs_factors`)."""
+
+    statistics: tuple[dict[str, torch.Tensor | None], ...] = ()  # {kind: float32 tensor or None}
+    factors: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] = ()  # (B′, A′), θ_i − θ_base = B′A′
+
+
 def _weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Weights as a (N, 1, …, 1) float32 tensor that broadcasts against a stack of N tensors like `like`."""
     return torch.tensor(list(weights), dtype=torch.float32).reshape(-1, *([1] * like.dim()))

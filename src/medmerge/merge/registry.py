@@ -1,104 +1,103 @@
-"""The one registry of merge methods: name → parameters model, input contract and tensor function.
+"""The one registry of merge methods: everything medmerge knows about a method lives in its `MethodSpec`.
 
 Every method name medmerge accepts is a key of `METHODS`; `get_method(name)` raises a one-line error
-listing the choices. Parameter models forbid unknown keys, so a misspelt parameter is an error.
+listing the choices. A spec owns the method's parameters model (unknown keys are an error) and its
+input contract (`check`), the driver that runs it, its tensor function, and its search space with the
+default first trial. Adding a method = one entry here + its tensor function (medmerge.merge.methods)
++ its section in docs/merging.md (tests/merge/test_registry.py checks all three).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ValidationError
 
-from medmerge.config.base import StrictModel
+from medmerge.config.base import StrictModel, format_validation_error
 from medmerge.errors import MedmergeError
-from medmerge.merge import methods
+from medmerge.merge import methods, spaces
 from medmerge.merge.methods import Merged
-
-
-class NoParams(StrictModel):
-    """No parameters."""
-
-
-class SlerpParams(StrictModel):
-    t: float = Field(ge=0.0, le=1.0, description="0 → first model, 1 → second")
-    relative: bool = Field(False, description="interpolate task vectors τ_i and add to base_model")
-    rowwise: bool = Field(False, description="one angle per row (first axis) instead of per tensor")
-
-
-class TaskArithmeticParams(StrictModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    lam: float = Field(1.0, alias="lambda", description="scale λ of the merged task vector")
-    normalize: bool = Field(False, description="divide Σ w_i τ_i by Σ w_i")
-
-
-class TiesParams(StrictModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    density: float = Field(gt=0.0, le=1.0, description="fraction of entries of each τ_i kept")
-    lam: float = Field(1.0, alias="lambda")
-
-
-class DareTiesParams(TiesParams):
-    seed: int = Field(0, description="seed of the random masks (with tensor name and model index)")
-    rescale: bool = Field(True, description="divide survivors by their keep probability (E[τ̂] = τ)")
-
-
-class DareLinearParams(DareTiesParams):
-    normalize: bool = Field(False, description="divide Σ w_i τ̂_i by Σ w_i")
-
-
-class BreadcrumbsTiesParams(TiesParams):
-    gamma: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of largest-|τ| outliers dropped")
-
-
-class BreadcrumbsParams(BreadcrumbsTiesParams):
-    normalize: bool = Field(False, description="divide Σ w_i τ̂_i by Σ w_i")
-
-
-class DellaParams(DareTiesParams):
-    epsilon: float = Field(0.1, ge=0.0, description="keep probabilities span density ± epsilon")
-
-    @model_validator(mode="after")
-    def _probabilities_in_range(self) -> DellaParams:
-        if self.density - self.epsilon <= 0 or self.density + self.epsilon > 1:
-            raise ValueError(f"density ± epsilon must lie in (0, 1], got {self.density} ± {self.epsilon}")
-        return self
-
-
-class DellaLinearParams(DellaParams):
-    normalize: bool = Field(False, description="divide Σ w_i τ̂_i by Σ w_i")
-
-
-class ModelStockParams(StrictModel):
-    filter_wise: bool = Field(False, description="one ratio t per row instead of per tensor")
-
-
-class KarcherParams(StrictModel):
-    max_iter: int = Field(10, ge=1)
-    tol: float = Field(1e-5, gt=0.0)
-
+from medmerge.merge.params import (
+    BreadcrumbsParams,
+    BreadcrumbsTiesParams,
+    DareLinearParams,
+    DareTiesParams,
+    DellaLinearParams,
+    DellaParams,
+    KarcherParams,
+    ModelStockParams,
+    NoParams,
+    SlerpParams,
+    TaskArithmeticParams,
+    TiesParams,
+)
+from medmerge.merge.spaces import Space
 
 TensorFn = Callable[[str, torch.Tensor | None, Sequence[torch.Tensor], Sequence[float], Any], Merged]
+Driver = Literal["per_tensor", "greedy_soup"]
+# per_tensor: the streaming engine calls `merge` once per tensor name;
+# greedy_soup: an evaluation-driven walk over uniform linear merges (needs a scorer; merge.soup)
+BaseUse = Literal["required", "optional", "unused"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    params: type[StrictModel]
-    base: str  # "required": θ_base enters the math; "optional": only with relative: true; "unused"
-    min_models: int
-    max_models: int | None
-    merge: TensorFn | None  # None: not a per-tensor method (soup_greedy); may overwrite its `thetas`
     summary: str
-    consensus: bool = False
+    params: type[StrictModel]
+    driver: Driver = "per_tensor"
+    merge: TensorFn | None = None  # per_tensor only; may overwrite its `thetas`
+    base: BaseUse = "unused"  # required: θ_base enters the math; optional: when `base_switch` is true
+    base_switch: str | None = None  # the bool parameter that makes an optional base required
+    min_models: int = 1
+    max_models: int | None = None
     # the stats carry ‖τ_i‖ for each model: finite exactly when θ_i and θ_base are (the engine then skips
     # its separate NaN/Inf pass over the inputs)
     task_vectors: bool = False
+    consensus: bool = False  # TIES sign election and disjoint mean
+    random_masks: bool = False  # draws random masks from its `seed` parameter (a search fixes it)
+    nonzero_weight_sum: bool = False  # the weights must not sum to 0 (they divide the result)
+    space: Space | None = None  # search space of the knobs; None: nothing to search
+    default: dict[str, Any] = field(default_factory=dict)  # parameters of a search's first trial
+
+    def __post_init__(self) -> None:
+        if (self.driver == "per_tensor") != (self.merge is not None):
+            raise ValueError(f"{self.name}: a per_tensor method needs a tensor function, others none")
+        if (self.base == "optional") != (self.base_switch is not None):
+            raise ValueError(f"{self.name}: an optional base needs base_switch, and only it")
+        if self.random_masks != ("seed" in self.params.model_fields):
+            raise ValueError(f"{self.name}: random_masks goes with a `seed` parameter")
+        self.params.model_validate(self.default)
+
+    @property
+    def needs_scorer(self) -> bool:
+        """Whether merging needs a scorer (model merge config → score, higher is better)."""
+        return self.driver == "greedy_soup"
+
+    def uses_base(self, params: StrictModel) -> bool:
+        """Whether θ_base enters the math with these (validated) parameters."""
+        if self.base == "optional":
+            return bool(getattr(params, self.base_switch or ""))
+        return self.base == "required"
+
+    def check(self, has_base: bool, weights: Sequence[float], parameters: dict[str, Any]) -> StrictModel:
+        """The validated parameters, or a ValueError naming what the inputs of this method lack."""
+        try:
+            params = self.params.model_validate(parameters)
+        except ValidationError as exc:
+            raise ValueError(format_validation_error(f"parameters of {self.name}", exc)) from None
+        n = len(weights)
+        if n < self.min_models or (self.max_models is not None and n > self.max_models):
+            wanted = self.min_models if self.max_models == self.min_models else f"at least {self.min_models}"
+            raise ValueError(f"{self.name} needs {wanted} models, got {n}")
+        if self.uses_base(params) and not has_base:
+            raise ValueError(f"{self.name} needs base_model (task vectors are θ_i − θ_base)")
+        if self.nonzero_weight_sum and abs(sum(weights)) < 1e-12:
+            raise ValueError(f"{self.name}: the model weights sum to 0")
+        return params
 
 
 def _gta(sparsifier: methods.Sparsifier, consensus: bool) -> TensorFn:
@@ -142,82 +141,128 @@ def _karcher(name, base, thetas, weights, p: KarcherParams) -> Merged:
     return methods.karcher(thetas, weights, max_iter=p.max_iter, tol=p.tol)
 
 
-def _spec(name, params, base, min_models, max_models, merge, summary, consensus=False) -> MethodSpec:
-    task_vectors = getattr(merge, "__name__", "") == "gta_merge"
-    return MethodSpec(name, params, base, min_models, max_models, merge, summary, consensus, task_vectors)
+def _task_vector_method(
+    name: str,
+    params: type[StrictModel],
+    sparsifier: methods.Sparsifier,
+    consensus: bool,
+    summary: str,
+    knobs: tuple[str, ...],
+    default: dict[str, Any],
+) -> MethodSpec:
+    """A setting of generalized_task_arithmetic: base required, ‖τ_i‖ in the stats."""
+    return MethodSpec(
+        name,
+        summary,
+        params,
+        merge=_gta(sparsifier, consensus),
+        base="required",
+        task_vectors=True,
+        consensus=consensus,
+        random_masks=sparsifier in ("bernoulli", "della"),
+        space=spaces.task_vector_space(*knobs),
+        default=default,
+    )
 
+
+_TRIM = {"density": 0.5, "lambda": 1.0}
+_BREADCRUMBS = {"density": 0.9, "gamma": 0.01, "lambda": 1.0}
+_DELLA = {"density": 0.5, "epsilon": 0.1, "lambda": 1.0}
 
 METHODS: dict[str, MethodSpec] = {
     s.name: s
     for s in [
-        _spec("linear", NoParams, "unused", 1, None, _linear, "Σ w_i θ_i / Σ w_i (model soup)"),
-        _spec("soup_greedy", NoParams, "unused", 1, None, None, "greedy soup by validation score"),
-        _spec("slerp", SlerpParams, "optional", 2, 2, _slerp, "spherical interpolation of two models"),
-        _spec(
+        MethodSpec(
+            "linear",
+            "Σ w_i θ_i / Σ w_i (model soup)",
+            NoParams,
+            merge=_linear,
+            nonzero_weight_sum=True,
+            space=spaces.weights_only,
+        ),
+        MethodSpec("soup_greedy", "greedy soup by validation score", NoParams, driver="greedy_soup"),
+        MethodSpec(
+            "slerp",
+            "spherical interpolation of two models",
+            SlerpParams,
+            merge=_slerp,
+            base="optional",
+            base_switch="relative",
+            min_models=2,
+            max_models=2,
+            space=spaces.interpolation,
+            default={"t": 0.5},
+        ),
+        _task_vector_method(
             "task_arithmetic",
             TaskArithmeticParams,
-            "required",
-            1,
-            None,
-            _gta("none", False),
+            "none",
+            False,
             "θ_base + λ Σ w_i τ_i",
+            (),
+            {"lambda": 1.0},
         ),
-        _spec(
-            "ties",
-            TiesParams,
-            "required",
-            1,
-            None,
-            _gta("magnitude", True),
-            "trim, elect sign, disjoint mean",
-            True,
+        _task_vector_method(
+            "ties", TiesParams, "magnitude", True, "trim, elect sign, disjoint mean", ("density",), _TRIM
         ),
-        _spec(
+        _task_vector_method(
             "dare_linear",
             DareLinearParams,
-            "required",
-            1,
-            None,
-            _gta("bernoulli", False),
+            "bernoulli",
+            False,
             "random drop + rescale, sum",
+            ("density",),
+            _TRIM,
         ),
-        _spec(
-            "dare_ties",
-            DareTiesParams,
-            "required",
-            1,
-            None,
-            _gta("bernoulli", True),
-            "random drop + TIES",
-            True,
+        _task_vector_method(
+            "dare_ties", DareTiesParams, "bernoulli", True, "random drop + TIES", ("density",), _TRIM
         ),
-        _spec(
+        _task_vector_method(
             "breadcrumbs",
             BreadcrumbsParams,
-            "required",
-            1,
-            None,
-            _gta("breadcrumbs", False),
+            "breadcrumbs",
+            False,
             "drop tails, sum",
+            ("density", "gamma"),
+            _BREADCRUMBS,
         ),
-        _spec(
+        _task_vector_method(
             "breadcrumbs_ties",
             BreadcrumbsTiesParams,
-            "required",
-            1,
-            None,
-            _gta("breadcrumbs", True),
-            "drop tails + TIES",
+            "breadcrumbs",
             True,
+            "drop tails + TIES",
+            ("density", "gamma"),
+            _BREADCRUMBS,
         ),
-        _spec("della", DellaParams, "required", 1, None, _gta("della", True), "ranked drop + TIES", True),
-        _spec(
-            "della_linear", DellaLinearParams, "required", 1, None, _gta("della", False), "ranked drop, sum"
+        _task_vector_method(
+            "della", DellaParams, "della", True, "ranked drop + TIES", ("density", "epsilon"), _DELLA
         ),
-        _spec(
-            "model_stock", ModelStockParams, "required", 2, None, _model_stock, "ratio from task-vector angle"
+        _task_vector_method(
+            "della_linear",
+            DellaLinearParams,
+            "della",
+            False,
+            "ranked drop, sum",
+            ("density", "epsilon"),
+            _DELLA,
         ),
-        _spec("karcher", KarcherParams, "unused", 1, None, _karcher, "Riemannian mean on the sphere"),
+        MethodSpec(
+            "model_stock",
+            "ratio from task-vector angle",
+            ModelStockParams,
+            merge=_model_stock,
+            base="required",
+            min_models=2,
+            space=spaces.unit_weights,
+        ),
+        MethodSpec(
+            "karcher",
+            "Riemannian mean on the sphere",
+            KarcherParams,
+            merge=_karcher,
+            space=spaces.weights_only,
+        ),
     ]
 }
 

@@ -1,22 +1,22 @@
-"""Greedy model soup (Wortsman et al., "Model soups", ICML 2022, Recipe 1) and its validation scorer.
+"""Greedy model soup (Wortsman et al., "Model soups", ICML 2022, Recipe 1): the one driver.
 
-Candidates are ranked by their own validation score; walking down that ranking, each is added to the
-soup (uniform average of the members) only if the soup's score does not drop. Scores are "higher is
-better"; the loss scorer returns −(mean answer NLL per token, nats) on validation pairs.
+Candidates are ranked by their own score; walking down that ranking, each is added to the soup (the
+uniform average of the members) only if the soup's score does not drop. Scores are "higher is better".
+`greedy_soup` is the pure walk over any candidates; `greedy_soup_merge` runs it over the models of a
+merge config, scoring each candidate soup as a uniform linear `MergeConfig` (in memory or on disk:
+the scorer decides). `medmerge merge` and the pipeline's search both use `greedy_soup_merge`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-if TYPE_CHECKING:
-    from medmerge.config import MergeScorerConfig
+from medmerge.config import MergeConfig, MergeInput
 
 T = TypeVar("T")
-Scorer = Callable[[Path], float]  # model folder → validation score, higher is better
+Scorer = Callable[[MergeConfig], float]  # a merge config → its validation score, higher is better
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,14 @@ class SoupResult:
     score: float  # score of the final soup
     individual: list[float]  # each candidate's own score
     history: list[dict[str, object]] = field(default_factory=list)  # one entry per tried addition
+
+
+@dataclass(frozen=True)
+class Soup:
+    """A greedy soup of a merge config's models, and the uniform linear merge that makes it."""
+
+    walk: SoupResult
+    config: MergeConfig  # method linear, the members with weight 1, the output form of the request
 
 
 def greedy_soup(candidates: Sequence[T], score: Callable[[list[T]], float]) -> SoupResult:
@@ -49,31 +57,23 @@ def greedy_soup(candidates: Sequence[T], score: Callable[[list[T]], float]) -> S
     return SoupResult(members=members, score=best, individual=individual, history=history)
 
 
-def loss_scorer(config: MergeScorerConfig) -> Scorer:
-    """A scorer from validation data: −(mean answer NLL per token, nats) of the model folder it is given.
+def soup_config(config: MergeConfig, members: Sequence[MergeInput], dtype: str = "float32") -> MergeConfig:
+    """The uniform linear merge of `members` with the rest of `config` (base for adapters; the output form
+    of `config` when `dtype` is its dtype, else a full model)."""
+    return MergeConfig(
+        method="linear",
+        base_model=config.base_model,
+        models=[MergeInput(path=m.path, weight=1.0) for m in members],
+        dtype=dtype,
+        output=config.output if dtype == config.dtype else "full",
+        rank=config.rank if dtype == config.dtype and config.output == "lora" else None,
+        shard_mb=config.shard_mb,
+    )
 
-    Built on medmerge.evaluate.scorer.validation_loss_scorer (questions encoded once, with the tokenizer
-    of the first folder scored; the merge checks guarantee every candidate shares it).
-    """
-    from medmerge.evaluate.scorer import validation_loss_scorer
-    from medmerge.models import load_model, load_tokenizer, model_kind
 
-    state: dict[str, Callable] = {}
-
-    def score(path: Path) -> float:
-        if "loss" not in state:
-            state["loss"] = validation_loss_scorer(
-                config.specs,
-                load_tokenizer(path),
-                model_kind(path),
-                split=config.split,
-                seed=config.split_seed,
-                fractions=config.fractions,
-                max_examples=config.max_examples,
-                batch_size=config.batch_size,
-                max_prompt_tokens=config.max_prompt_tokens,
-                max_answer_tokens=config.max_answer_tokens,
-            )
-        return -float(state["loss"](load_model(path)))
-
-    return score
+def greedy_soup_merge(config: MergeConfig, score: Scorer) -> Soup:
+    """The greedy soup of `config.models`; `score` scores each candidate soup (a float32 uniform linear
+    merge config). The result's config merges the members in `config`'s dtype and output form."""
+    walk = greedy_soup(list(config.models), lambda members: score(soup_config(config, members)))
+    final = soup_config(config, [config.models[i] for i in walk.members], dtype=config.dtype)
+    return Soup(walk=walk, config=final)

@@ -2,19 +2,21 @@
 
 `open_source(path, base)` returns a `Source`: its tensor names and shapes (`infos`) and `read(name)`.
 An adapter source is its base model with ΔW = s·B·A added to each adapted weight (medmerge.merge.lora),
-so it behaves exactly like the full model `merge_and_unload()` would produce, without building it.
+so it behaves exactly like the full model `merge_and_unload()` would produce, without building it;
+`factors(name)` gives the low-rank factors of that update for methods that merge them (Core Space).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from medmerge.errors import MedmergeError
-from medmerge.merge.lora import LoraModule, delta_weight, read_adapter
+from medmerge.merge.lora import LoraModule, delta_weight, lora_factors, read_adapter
 from medmerge.merge.tensors import TensorInfo, folder_tensors, read_tensor
 
 
@@ -37,6 +39,11 @@ class Source:
         """Whether this input's `name` may differ from its base (a full model: always)."""
         return True
 
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Low-rank factors (B′ (out, r), A′ (r, in)) with θ − θ_base = B′·A′, or None when `name`'s
+        update is not low-rank (a full model's, or a saved replacement)."""
+        return None
+
     def weight_files(self) -> list[Path]:
         return sorted({info.file for info in self.infos.values()})
 
@@ -56,6 +63,18 @@ class AdapterSource(Source):
 
     def touches(self, name: str) -> bool:
         return name in self.modules or name in self.replaced
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(s·B, A) of the module adapting `name` (transposed modules: (s·Aᵀ, Bᵀ)), rank-0 factors for
+        a weight the adapter leaves as its base, None for a saved replacement (not low-rank)."""
+        if name in self.replaced:
+            return None
+        module = self.modules.get(name)
+        if module is None:
+            shape = self.infos[name].shape
+            out, cols = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+            return torch.zeros(out, 0), torch.zeros(0, cols)
+        return lora_factors(module)
 
     def read(self, name: str) -> torch.Tensor:
         if name in self.replaced:

@@ -182,7 +182,7 @@ class ShardWriter:
             self._file.close()
         self._shard = shard
         header, _ = _header_bytes(self.shards[shard])
-        self._file = open(self.folder / self.names[shard], "wb")  # noqa: SIM115 (closed in _open/close)
+        self._file = open(self.folder / self.names[shard], "wb")  # closed in _open / close
         self._file.write(header)
 
     def close(self) -> None:

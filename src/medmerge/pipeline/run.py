@@ -15,112 +15,92 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from medmerge.config import (
-    DataConfig,
-    EvaluateConfig,
-    ExperimentConfig,
-    MergeConfig,
-    TrainConfig,
-    validate_config,
-)
-from medmerge.data.specs import parse_spec
-from medmerge.manifest import build_manifest, checksum, sha256_dir, sha256_file, write_json_atomic
+from medmerge.config import ExperimentConfig, MergeConfig, validate_config
+from medmerge.data import spec_checksum
+from medmerge.manifest import build_manifest, checksum, write_json_atomic
 from medmerge.models import resolve_model
 from medmerge.pipeline.executor import Executor, make_executor
 from medmerge.pipeline.progress import Progress
+from medmerge.pipeline.records import SearchRecord, TrainedExpert, ValidationRecord
 from medmerge.pipeline.scoring import Scoring, score_model
 from medmerge.pipeline.search import merge_config, search_method
 from medmerge.pipeline.steps import is_fresh, mark_done, step_key
+from medmerge.threads import use_threads
+
+if TYPE_CHECKING:
+    from medmerge.evaluate.records import Evaluation
 
 
-def _data_digest(spec: str) -> str | None:
-    """SHA-256 of a SPEC's file (or folder), so a changed data file invalidates what it fed."""
-    path = parse_spec(spec).path
-    if path is None or not path.exists():
-        return None
-    return sha256_dir(path) if path.is_dir() else sha256_file(path)
+@dataclass(frozen=True)
+class StepContext:
+    """What every step of one run reads: the experiment, its folder and the identities of its inputs."""
 
-
-def _all_specs(config: ExperimentConfig) -> list[str]:
-    return list(dict.fromkeys(spec for e in config.experts for spec in e.data))
+    config: ExperimentConfig
+    out: Path
+    show: Progress
+    base_digest: str  # checksum of the base model
+    data_digests: dict[str, str | None]  # SPEC -> checksum of its file (None: not a local file)
+    scoring: Scoring  # what validation losses are measured on
+    executor: Executor = field(default_factory=Executor)  # after training: local, or Ray (rank 0 only)
 
 
 def run_experiment(
     config: ExperimentConfig, out: str | Path, *, ray: str | None = None, progress: bool = True
 ) -> Path:
     """Run (or resume) the experiment of `config` in `out`; returns the path of the report."""
+    use_threads(config.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    show = Progress(config, enabled=progress)
-    if config.threads:  # on a shared CPU, fewer threads than cores avoids OpenMP spin-waiting
-        import torch
-
-        torch.set_num_threads(config.threads)
-    base_digest = checksum(resolve_model(config.base_model))
-    data_digests = {spec: _data_digest(spec) for spec in _all_specs(config)}
-    write_json_atomic(
-        out / "experiment.json",
-        build_manifest("experiment", inputs={"base_model": base_digest, "data": data_digests}, config=config),
+    ctx = StepContext(
+        config=config,
+        out=out,
+        show=Progress(config, enabled=progress),
+        base_digest=checksum(resolve_model(config.base_model)),
+        data_digests={spec: spec_checksum(spec) for spec in config.all_specs()},
+        scoring=_scoring(config),
     )
+    inputs = {"base_model": ctx.base_digest, "data": ctx.data_digests}
+    write_json_atomic(out / "experiment.json", build_manifest("experiment", inputs=inputs, config=config))
     experts = {e.name: list(e.data) for e in config.experts}
     if config.multitask:
-        experts["multitask"] = _all_specs(config)
-    trained = {
-        name: _train_step(config, name, specs, out, base_digest, data_digests, show)
-        for name, specs in experts.items()
-    }
+        experts["multitask"] = config.all_specs()
+    trained = {name: _train_step(ctx, name, specs) for name, specs in experts.items()}
     if int(os.environ.get("RANK", "0")) != 0:
         return out / "report.md"
 
-    executor = make_executor(ray)
+    ctx = replace(ctx, executor=make_executor(ray))
     try:
-        scoring = _scoring(config)
-        expert_paths = [str(trained[e.name][0]) for e in config.experts]
-        upstream = [trained[e.name][1] for e in config.experts]
+        experts_in_order = [trained[e.name] for e in config.experts]
         merges, searches = {}, {}
         for method in config.methods:
-            searches[method] = _search_step(
-                config, method, expert_paths, upstream, scoring, executor, out, show
-            )
-            merges[method] = _merge_steps(config, method, expert_paths, searches[method], out, show)
-        validation = _validation_step(config, trained, merges, searches, scoring, executor, out, show)
-        evaluation = _evaluate_step(config, trained, merges, validation, out, show)
+            searches[method] = _search_step(ctx, method, experts_in_order)
+            merges[method] = _merge_steps(ctx, method, experts_in_order, searches[method])
+        validation = _validation_step(ctx, trained, merges, searches)
+        evaluation = _evaluate_step(ctx, trained, merges, validation)
     finally:
-        executor.close()
+        ctx.executor.close()
     from medmerge.pipeline.verdict import write_verdict
 
-    return write_verdict(config, out, validation, evaluation, show)
+    return write_verdict(config, out, validation, evaluation, ctx.show)
 
 
 # ------------------------------------------------------------------------------------------ train
 
 
-def _train_step(config, name, specs, out, base_digest, data_digests, show) -> tuple[Path, str]:
+def _train_step(ctx: StepContext, name: str, specs: list[str]) -> TrainedExpert:
     from medmerge.train import train_expert
 
-    train = validate_config(
-        {
-            "threads": config.threads,
-            **config.train,
-            "model": config.base_model,
-            "data": DataConfig(
-                specs=specs,
-                split_seed=config.split_seed,
-                fractions=config.fractions,
-                max_examples=config.train_examples,
-            ),
-        },
-        TrainConfig,
-        "train",
-    )
-    folder = out / "experts" / name
-    key = step_key(step="train", config=train, base=base_digest, data={s: data_digests[s] for s in specs})
+    train = ctx.config.train_config(specs)
+    folder, show = ctx.out / "experts" / name, ctx.show
+    data = {s: ctx.data_digests[s] for s in specs}
+    key = step_key(step="train", config=train, base=ctx.base_digest, data=data)
     if is_fresh(folder, key):
         show.skip(f"expert {name}")
-        return folder, key
+        return TrainedExpert(name, folder, key)
     show.start(f"training expert {name} on {', '.join(specs)}")
     pending = folder.parent / f".{name}.pending-key"
     checkpoints = folder.parent / f"{name}.checkpoint"
@@ -134,65 +114,59 @@ def _train_step(config, name, specs, out, base_digest, data_digests, show) -> tu
         mark_done(folder, key, step="train", expert=name)
         pending.unlink(missing_ok=True)
     show.done(f"expert {name}")
-    return folder, key
+    return TrainedExpert(name, folder, key)
 
 
 # ----------------------------------------------------------------------------------- search, merge
 
 
 def _scoring(config: ExperimentConfig) -> Scoring:
-    s = config.search
     return Scoring(
         base_model=config.base_model,
-        specs=tuple(_all_specs(config)),
-        split_seed=config.split_seed,
-        fractions=config.fractions,
-        max_examples=s.validation_examples,
-        batch_size=s.batch_size,
-        max_prompt_tokens=s.max_prompt_tokens,
-        max_answer_tokens=s.max_answer_tokens,
-        threads=config.threads,
+        specs=tuple(config.all_specs()),
+        split=config.split_settings(),
+        max_examples=config.search.validation_examples,
+        loss=config.search.loss_settings(),
     )
 
 
-def _search_step(config, method, expert_paths, upstream, scoring, executor: Executor, out, show) -> dict:
-    path = out / "search" / f"{method}.json"
+def _search_step(ctx: StepContext, method: str, experts: list[TrainedExpert]) -> SearchRecord:
+    """The method's hyperparameter search on validation loss (cached in search/<method>.json)."""
+    config, show = ctx.config, ctx.show
+    path = ctx.out / "search" / f"{method}.json"
+    upstream = [e.key for e in experts]
     key = step_key(
-        step="search", method=method, settings=config.search, experts=upstream, scoring=repr(scoring)
+        step="search", method=method, settings=config.search, experts=upstream, scoring=repr(ctx.scoring)
     )
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         show.skip(f"search {method}")
-        return json.loads(path.read_text())
+        return SearchRecord.from_json(json.loads(path.read_text()))
     show.start(f"searching {method} ({config.search.trials} trials, {config.search.sampler})")
-    result = search_method(method, config.base_model, expert_paths, config.search, scoring, executor)
-    record = {"key": key, "method": method, "best": result.best, "trials": result.trials}
-    write_json_atomic(path, record)
-    show.done(f"search {method}: validation loss {result.best['loss']:.4f}")
+    paths = [str(e.path) for e in experts]
+    result = search_method(method, config.base_model, paths, config.search, ctx.scoring, ctx.executor)
+    record = SearchRecord(key=key, method=method, best=result.best, trials=result.trials)
+    write_json_atomic(path, record.to_json())
+    show.done(f"search {method}: validation loss {result.best.loss:.4f}")
     return record
 
 
-def _merge_steps(config, method, expert_paths, search: dict, out, show) -> dict[str, Path]:
+def _merge_steps(
+    ctx: StepContext, method: str, experts: list[TrainedExpert], search: SearchRecord
+) -> dict[str, Path]:
+    """The search's best setting merged in each space of the experiment: {space: merge folder}."""
     from medmerge.merge import merge_models
 
-    best = search["best"]
-    base = merge_config(
-        method if method != "soup_greedy" else "linear",
-        config.base_model,
-        expert_paths,
-        best,
-        config.search.seed,
-    )
-    if method == "soup_greedy":  # the soup's members, uniformly averaged
-        members = [m for m in base.models if m.weight > 0]
-        base = base.model_copy(update={"models": members})
+    config, show = ctx.config, ctx.show
+    expert_paths = [str(e.path) for e in experts]
+    base = merge_config(method, config.base_model, expert_paths, search.best, config.search.seed)
     folders = {}
     for space in config.spaces:
         update: dict[str, Any] = {"dtype": config.dtype}
         if space == "lora":
             update |= {"output": "lora", "rank": config.lora_rank or _summed_rank(expert_paths)}
         merge = validate_config({**base.model_dump(by_alias=True), **update}, MergeConfig, f"merge {method}")
-        folder = out / "merges" / f"{method}-{space}"
-        key = step_key(step="merge", config=merge, search=search["key"])
+        folder = ctx.out / "merges" / f"{method}-{space}"
+        key = step_key(step="merge", config=merge, search=search.key)
         if is_fresh(folder, key):
             show.skip(f"merge {method} ({space})")
         else:
@@ -215,41 +189,46 @@ def _summed_rank(expert_paths: list[str]) -> int:
 # -------------------------------------------------------------------------------- validation, test
 
 
-def _validation_step(config, trained, merges, searches, scoring, executor: Executor, out, show) -> dict:
+def _validation_step(
+    ctx: StepContext,
+    trained: dict[str, TrainedExpert],
+    merges: dict[str, dict[str, Path]],
+    searches: dict[str, SearchRecord],
+) -> dict[str, ValidationRecord]:
     """Validation loss of every candidate (experts, multi-task, base, each method × space).
 
     A float32 full-space merge is exactly the search's best trial, scored on the same questions: its
     loss is taken from the search instead of being computed again.
     """
-    candidates = {"base": config.base_model} | {name: str(path) for name, (path, _) in trained.items()}
+    scoring = repr(ctx.scoring)
+    candidates = {"base": ctx.config.base_model} | {name: str(t.path) for name, t in trained.items()}
     for method, folders in merges.items():
         candidates |= {f"{method}-{space}": str(folder) for space, folder in folders.items()}
-    path = out / "validation.json"
+    path = ctx.out / "validation.json"
     keys = {name: _folder_key(p) for name, p in candidates.items()}
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    if cached.get("scoring") != repr(scoring):
-        cached = {"scoring": repr(scoring), "models": {}}
-    if config.dtype == "float32":
+    records = {}
+    if cached.get("scoring") == scoring:
+        records = {name: ValidationRecord.from_json(r) for name, r in cached["models"].items()}
+    if ctx.config.dtype == "float32":
         for method, search in searches.items():
             if "full" in merges[method]:
-                name = f"{method}-full"
-                best = {k: search["best"][k] for k in ("loss", "per_dataset")}
-                cached["models"][name] = {
-                    "key": keys[name],
-                    "path": candidates[name],
-                    "from": "search",
-                    **best,
-                }
-    todo = [n for n in candidates if cached["models"].get(n, {}).get("key") != keys[n]]
+                name, best = f"{method}-full", search.best
+                records[name] = ValidationRecord(
+                    keys[name], candidates[name], best.loss, best.per_dataset, source="search"
+                )
+    todo = [n for n in candidates if n not in records or records[n].key != keys[n]]
     if todo:
-        show.start(f"validation loss of {len(todo)} models")
-        scores = executor.map(score_model, [(candidates[n], scoring) for n in todo])
+        ctx.show.start(f"validation loss of {len(todo)} models")
+        scores = ctx.executor.map(score_model, [(candidates[n], ctx.scoring) for n in todo])
         for name, score in zip(todo, scores, strict=True):
-            cached["models"][name] = {"key": keys[name], "path": candidates[name], **score}
-        write_json_atomic(path, cached)
+            loss, per_dataset = score["loss"], score["per_dataset"]
+            records[name] = ValidationRecord(keys[name], candidates[name], loss, per_dataset)
+        models = {name: record.to_json() for name, record in records.items()}
+        write_json_atomic(path, {"scoring": scoring, "models": models})
     else:
-        show.skip("validation loss")
-    return {n: cached["models"][n] for n in candidates}
+        ctx.show.skip("validation loss")
+    return {n: records[n] for n in candidates}
 
 
 def _folder_key(path: str) -> str:
@@ -260,34 +239,33 @@ def _folder_key(path: str) -> str:
     return checksum(resolve_model(path))
 
 
-def best_space(validation: dict[str, dict], method: str, spaces: list[str]) -> str:
+def best_space(validation: dict[str, ValidationRecord], method: str, spaces: list[str]) -> str:
     """The space (full / lora) in which `method`'s merge has the lower validation loss."""
-    return min(spaces, key=lambda space: validation[f"{method}-{space}"]["loss"])
+    return min(spaces, key=lambda space: validation[f"{method}-{space}"].loss)
 
 
-def _evaluate_step(config, trained, merges, validation, out, show) -> dict[str, Any]:
+def _evaluate_step(
+    ctx: StepContext,
+    trained: dict[str, TrainedExpert],
+    merges: dict[str, dict[str, Path]],
+    validation: dict[str, ValidationRecord],
+) -> Evaluation:
+    """The generalization matrix of base, experts, multi-task and each method's best space; returns
+    the `medmerge.evaluate.records.Evaluation`, also written (results.json, report) to out/evaluation."""
     from medmerge.evaluate.report import write_evaluation
     from medmerge.evaluate.runner import evaluate
 
-    evaluate_config = validate_config(
-        {
-            "split_seed": config.split_seed,
-            "fractions": config.fractions,
-            "threads": config.threads,
-            **config.evaluate,
-            "data": _all_specs(config),
-        },
-        EvaluateConfig,
-        "evaluate",
-    )
-    models = [f"base={config.base_model}"] + [f"{name}={path}" for name, (path, _) in trained.items()]
+    config, show = ctx.config, ctx.show
+    evaluate_config = config.evaluate_config()
+    models = [f"base={config.base_model}"] + [f"{name}={t.path}" for name, t in trained.items()]
     for method, folders in merges.items():
         space = best_space(validation, method, config.spaces)
         models.append(f"{method}={folders[space]}")
     show.start(
         f"evaluating {len(models)} models on {len(evaluate_config.data) + len(evaluate_config.ood)} sets"
     )
-    results = evaluate(models, evaluate_config, cache_dir=out / "cache" / "evaluate", progress=show.enabled)
-    write_evaluation(results, out / "evaluation", overwrite=True)
+    cache_dir = ctx.out / "cache" / "evaluate"
+    evaluation = evaluate(models, evaluate_config, cache_dir=cache_dir, progress=show.enabled)
+    write_evaluation(evaluation, ctx.out / "evaluation", overwrite=True)
     show.done("evaluation")
-    return results
+    return evaluation

@@ -2,7 +2,8 @@
 validation answer loss (medmerge.evaluate) of each dataset, averaged over datasets.
 
 The same function serves local search and Ray workers (each worker keeps its own resident model and
-encoded validation batches, keyed by the `Scoring` it was given).
+encoded validation batches, keyed by the `Scoring` it was given). Torch threads are not set here: the
+command's entry point sets them once (Ray gives each 1-CPU task one OpenMP thread).
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import torch
-
-from medmerge.config import MergeConfig
-from medmerge.errors import MedmergeError
+from medmerge.config import LossSettings, MergeConfig, SplitSettings
 
 
 @dataclass(frozen=True)
@@ -23,13 +21,21 @@ class Scoring:
 
     base_model: str
     specs: tuple[str, ...]
-    split_seed: int
-    fractions: tuple[float, float, float]
+    split: SplitSettings
     max_examples: int
-    batch_size: int
-    max_prompt_tokens: int
-    max_answer_tokens: int
-    threads: int | None = None
+    loss: LossSettings  # batches and token limits of the validation loss
+
+
+@dataclass(frozen=True)
+class ScoredLoss:
+    """Validation answer loss (nats/token): the mean over datasets, and each dataset's."""
+
+    loss: float
+    per_dataset: dict[str, float]
+
+    @classmethod
+    def of(cls, per_dataset: dict[str, float]) -> ScoredLoss:
+        return cls(loss=sum(per_dataset.values()) / len(per_dataset), per_dataset=per_dataset)
 
 
 @lru_cache(maxsize=2)
@@ -38,8 +44,6 @@ def _resident(scoring: Scoring) -> tuple[Any, dict[str, Any]]:
     from medmerge.evaluate.scorer import validation_loss_scorer
     from medmerge.models import load_model, load_tokenizer, model_kind, resolve_model
 
-    if scoring.threads:
-        torch.set_num_threads(scoring.threads)
     path = resolve_model(scoring.base_model)
     tokenizer, kind = load_tokenizer(path), model_kind(path)
     scorers = {
@@ -48,63 +52,32 @@ def _resident(scoring: Scoring) -> tuple[Any, dict[str, Any]]:
             tokenizer,
             kind,
             split="validation",
-            seed=scoring.split_seed,
-            fractions=scoring.fractions,
+            seed=scoring.split.split_seed,
+            fractions=scoring.split.fractions,
             max_examples=scoring.max_examples,
-            batch_size=scoring.batch_size,
-            max_prompt_tokens=scoring.max_prompt_tokens,
-            max_answer_tokens=scoring.max_answer_tokens,
+            batch_size=scoring.loss.batch_size,
+            max_prompt_tokens=scoring.loss.max_prompt_tokens,
+            max_answer_tokens=scoring.loss.max_answer_tokens,
         )
         for spec in scoring.specs
     }
     return load_model(path), scorers
 
 
-def merged_state(config: MergeConfig) -> dict[str, torch.Tensor]:
-    """The merged float32 tensors of `config`, by name, computed by the merge engine's own loop."""
-    from medmerge.merge.engine import merge_tensors, open_merge_inputs
-    from medmerge.merge.registry import get_method
-
-    base, sources = open_merge_inputs(config)
-    names = list((base or sources[0]).infos)
-    stream = merge_tensors(
-        get_method(config.method),
-        config.method_params(),
-        base,
-        sources,
-        [m.weight for m in config.models],
-        names,
-        progress=False,
-    )
-    return {name: tensor for name, tensor, _ in stream}
-
-
-def load_weights(model: Any, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` into `model`; every parameter must be covered (tied heads follow their embedding)."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = (
-        set(getattr(model, "_tied_weights_keys", None) or []) if model.config.tie_word_embeddings else set()
-    )
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise MedmergeError(
-            f"merged weights do not fit the base model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-
-
-def score_merge(config: MergeConfig, scoring: Scoring) -> dict[str, Any]:
+def score_merge(config: MergeConfig, scoring: Scoring) -> ScoredLoss:
     """Validation answer loss (nats/token) of the merge of `config`: per dataset, and their mean."""
+    from medmerge.evaluate.scorer import merged_losses
+
     model, scorers = _resident(scoring)
-    load_weights(model, merged_state(config))
-    per_dataset = {spec: float(score(model)) for spec, score in scorers.items()}
-    return {"loss": sum(per_dataset.values()) / len(per_dataset), "per_dataset": per_dataset}
+    return ScoredLoss.of(merged_losses(model, config, scorers))
 
 
 def score_model(path: str, scoring: Scoring) -> dict[str, Any]:
-    """Validation answer loss of a model or adapter folder (experts, multi-task, base)."""
+    """Validation answer loss of a model or adapter folder (experts, multi-task, base):
+    {"loss": mean over datasets, "per_dataset": {SPEC: loss}}."""
     from medmerge.models import load_model
 
     _, scorers = _resident(scoring)
     model = load_model(path)
-    per_dataset = {spec: float(score(model)) for spec, score in scorers.items()}
-    return {"loss": sum(per_dataset.values()) / len(per_dataset), "per_dataset": per_dataset}
+    scored = ScoredLoss.of({spec: float(score(model)) for spec, score in scorers.items()})
+    return {"loss": scored.loss, "per_dataset": scored.per_dataset}

@@ -1,99 +1,52 @@
 """Merge hyperparameter search: a seeded Optuna sampler (TPE, CMA-ES or random), a fixed trial budget.
 
-Each method has a search space over its knobs (weights w_i, λ, density, t, …); the objective is the
-validation answer loss averaged over datasets (medmerge.pipeline.scoring), lower is better. The first
-trial is always the method's default setting, so a search never reports worse than the default.
-Greedy soup has no knobs: it is the greedy walk of Wortsman et al. with the same scorer.
+Each method's search space and default first trial come from its registry entry
+(medmerge.merge.registry); the objective is the validation answer loss averaged over datasets
+(medmerge.pipeline.scoring), lower is better. The first trial is always the method's default setting,
+so a search never reports worse than the default. Methods driven by a greedy soup have no knobs: the
+search runs the greedy walk of Wortsman et al. (medmerge.merge.soup) with the same scorer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from medmerge.config import MergeConfig, SearchSettings
+from medmerge.config import MergeConfig, MergeInput, SearchSettings
 from medmerge.errors import MedmergeError
+from medmerge.merge.registry import MethodSpec, get_method
+from medmerge.merge.soup import greedy_soup_merge, soup_config
+from medmerge.merge.spaces import Setting, knob_names
 from medmerge.pipeline.executor import Executor
+from medmerge.pipeline.records import SearchTrial
 from medmerge.pipeline.scoring import Scoring, score_merge
 
-Space = Callable[[Any, int], dict[str, Any]]  # (optuna trial, n models) → {"parameters": …, "weights": …}
 
-
-def _weights(trial: Any, n: int) -> list[float]:
-    return [trial.suggest_float(f"w{i}", 0.1, 1.0) for i in range(n)]
-
-
-def _task_vector_space(*extra: str) -> Space:
-    """density ∈ [0.1, 1], λ ∈ [0.3, 1.5], w_i ∈ [0.1, 1], plus method-specific knobs."""
-
-    def space(trial: Any, n: int) -> dict[str, Any]:
-        parameters: dict[str, Any] = {"lambda": trial.suggest_float("lambda", 0.3, 1.5)}
-        if "density" in extra:
-            low = 0.2 if "epsilon" in extra else 0.1
-            parameters["density"] = trial.suggest_float("density", low, 0.9 if "epsilon" in extra else 1.0)
-        if "gamma" in extra:
-            parameters["gamma"] = trial.suggest_float("gamma", 0.0, 0.05)
-        if "epsilon" in extra:
-            parameters["epsilon"] = trial.suggest_float("epsilon", 0.0, 0.1)
-        return {"parameters": parameters, "weights": _weights(trial, n)}
-
-    return space
-
-
-SPACES: dict[str, Space | None] = {
-    "linear": lambda trial, n: {"parameters": {}, "weights": _weights(trial, n)},
-    "soup_greedy": None,
-    "slerp": lambda trial, n: {"parameters": {"t": trial.suggest_float("t", 0.0, 1.0)}, "weights": [1.0] * n},
-    "task_arithmetic": _task_vector_space(),
-    "ties": _task_vector_space("density"),
-    "dare_linear": _task_vector_space("density"),
-    "dare_ties": _task_vector_space("density"),
-    "breadcrumbs": _task_vector_space("density", "gamma"),
-    "breadcrumbs_ties": _task_vector_space("density", "gamma"),
-    "della": _task_vector_space("density", "epsilon"),
-    "della_linear": _task_vector_space("density", "epsilon"),
-    "model_stock": lambda trial, n: {"parameters": {}, "weights": [1.0] * n},
-    "karcher": lambda trial, n: {"parameters": {}, "weights": _weights(trial, n)},
-}
-DEFAULTS: dict[str, dict[str, Any]] = {  # the first trial of each search: the usual default setting
-    "linear": {"parameters": {}},
-    "slerp": {"parameters": {"t": 0.5}},
-    "task_arithmetic": {"parameters": {"lambda": 1.0}},
-    "ties": {"parameters": {"density": 0.5, "lambda": 1.0}},
-    "dare_linear": {"parameters": {"density": 0.5, "lambda": 1.0}},
-    "dare_ties": {"parameters": {"density": 0.5, "lambda": 1.0}},
-    "breadcrumbs": {"parameters": {"density": 0.9, "gamma": 0.01, "lambda": 1.0}},
-    "breadcrumbs_ties": {"parameters": {"density": 0.9, "gamma": 0.01, "lambda": 1.0}},
-    "della": {"parameters": {"density": 0.5, "epsilon": 0.1, "lambda": 1.0}},
-    "della_linear": {"parameters": {"density": 0.5, "epsilon": 0.1, "lambda": 1.0}},
-    "model_stock": {"parameters": {}},
-    "karcher": {"parameters": {}},
-}
-_FIXED_SEED = {"dare_linear", "dare_ties", "della", "della_linear"}  # methods with random masks
-
-
-@dataclass
+@dataclass(frozen=True)
 class SearchResult:
+    """A method's search: every trial in order, and the best (lowest loss; for a soup, the final one)."""
+
     method: str
-    best: dict[str, Any]  # {"parameters", "weights", "loss", "per_dataset"}
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    best: SearchTrial
+    trials: list[SearchTrial] = field(default_factory=list)
 
 
 def merge_config(
-    method: str, base: str, experts: list[str], choice: dict[str, Any], seed: int
+    method: str, base: str, experts: list[str], setting: Setting | SearchTrial, seed: int
 ) -> MergeConfig:
-    """The MergeConfig of one trial's choice of parameters and weights."""
-    parameters = dict(choice["parameters"])
-    if method in _FIXED_SEED:
+    """The MergeConfig of one setting of `method`'s parameters and weights (a method with random masks
+    gets `seed`). A greedy-soup method's setting (weights 1 for members, 0 otherwise) gives the uniform
+    linear merge of its members, the merge its search scored last."""
+    spec = get_method(method)
+    weights = setting.weights or [1.0] * len(experts)
+    models = [MergeInput(path=p, weight=w) for p, w in zip(experts, weights, strict=True)]
+    if spec.needs_scorer:
+        request = MergeConfig(method=method, base_model=base, models=models)
+        return soup_config(request, [m for m in models if m.weight > 0])
+    parameters = dict(setting.parameters)
+    if spec.random_masks:
         parameters["seed"] = seed
-    weights = choice.get("weights") or [1.0] * len(experts)
-    return MergeConfig(
-        method=method,
-        base_model=base,
-        models=[{"path": p, "weight": w} for p, w in zip(experts, weights, strict=True)],
-        parameters=parameters,
-    )
+    return MergeConfig(method=method, base_model=base, models=models, parameters=parameters)
 
 
 def _sampler(settings: SearchSettings) -> Any:
@@ -121,61 +74,49 @@ def search_method(
     """Search `method`'s knobs; `executor` scores a batch of trials (in parallel on Ray)."""
     import optuna
 
-    if method == "soup_greedy":
-        return _greedy(base, experts, scoring, executor, settings.seed)
-    space = SPACES[method]
+    spec = get_method(method)
+    if spec.needs_scorer:
+        return _greedy(spec, base, experts, scoring, executor)
+    if spec.space is None:
+        raise MedmergeError(f"methods: {method} has no search space")
+    space = spec.space
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=_sampler(settings))
-    knobs = _knob_names(space, len(experts))
-    default = {
-        **{f"w{i}": 1.0 for i in range(len(experts)) if f"w{i}" in knobs},
-        **DEFAULTS[method]["parameters"],
-    }
+    knobs = knob_names(space, len(experts))
+    default = {**{f"w{i}": 1.0 for i in range(len(experts)) if f"w{i}" in knobs}, **spec.default}
     study.enqueue_trial({k: v for k, v in default.items() if k in knobs})
     budget = settings.trials if knobs else 1
-    results: list[dict[str, Any]] = []
-    while len(results) < budget:
-        batch = [study.ask() for _ in range(min(executor.parallelism, budget - len(results)))]
-        choices = [space(trial, len(experts)) for trial in batch]
-        configs = [merge_config(method, base, experts, c, settings.seed) for c in choices]
+    trials: list[SearchTrial] = []
+    while len(trials) < budget:
+        batch = [study.ask() for _ in range(min(executor.parallelism, budget - len(trials)))]
+        chosen = [space(trial, len(experts)) for trial in batch]
+        configs = [merge_config(spec.name, base, experts, s, settings.seed) for s in chosen]
         scores = executor.map(score_merge, [(config, scoring) for config in configs])
-        for trial, choice, score in zip(batch, choices, scores, strict=True):
-            study.tell(trial, score["loss"])
-            results.append({"trial": trial.number, **choice, **score})
-    best = min(results, key=lambda r: r["loss"])
-    return SearchResult(method=method, best=best, trials=results)
+        for trial, setting, score in zip(batch, chosen, scores, strict=True):
+            study.tell(trial, score.loss)
+            weights = setting.weights if setting.weights is not None else [1.0] * len(experts)
+            trials.append(
+                SearchTrial(trial.number, setting.parameters, weights, score.loss, score.per_dataset)
+            )
+    best = min(trials, key=lambda t: t.loss)
+    return SearchResult(method=spec.name, best=best, trials=trials)
 
 
-def _knob_names(space: Space, n: int) -> list[str]:
-    """The names a search space suggests (recorded by a stand-in trial that answers `low`)."""
-    names: list[str] = []
+def _greedy(
+    spec: MethodSpec, base: str, experts: list[str], scoring: Scoring, executor: Executor
+) -> SearchResult:
+    """The greedy soup of the experts, each candidate soup scored in memory; every candidate is a trial."""
+    trials: list[SearchTrial] = []
 
-    class Recorder:
-        def suggest_float(self, name: str, low: float, high: float) -> float:
-            names.append(name)
-            return low
+    def score(candidate: MergeConfig) -> float:
+        result = executor.map(score_merge, [(candidate, scoring)])[0]
+        members = [m.path for m in candidate.models]
+        weights = [1.0 if p in members else 0.0 for p in experts]
+        trials.append(SearchTrial(len(trials), {}, weights, result.loss, result.per_dataset, members))
+        return -result.loss  # the soup maximises
 
-    space(Recorder(), n)
-    return names
-
-
-def _greedy(base: str, experts: list[str], scoring: Scoring, executor: Executor, seed: int) -> SearchResult:
-    from medmerge.merge.soup import greedy_soup
-
-    trials: list[dict[str, Any]] = []
-
-    def score(members: list[str]) -> float:
-        config = merge_config("linear", base, members, {"parameters": {}}, seed)
-        result = executor.map(score_merge, [(config, scoring)])[0]
-        trials.append({"trial": len(trials), "members": members, **result})
-        return -result["loss"]  # greedy_soup maximises
-
-    soup = greedy_soup(experts, score)
-    members = [experts[i] for i in soup.members]
-    weights = [1.0 if p in members else 0.0 for p in experts]
-    best = next(t for t in reversed(trials) if t["members"] == members and -t["loss"] == soup.score)
-    return SearchResult(
-        method="soup_greedy",
-        best={"parameters": {}, "weights": weights, "loss": best["loss"], "per_dataset": best["per_dataset"]},
-        trials=trials,
-    )
+    request = MergeConfig(method=spec.name, base_model=base, models=experts)
+    soup = greedy_soup_merge(request, score)
+    members = [m.path for m in soup.config.models]
+    best = next(t for t in reversed(trials) if t.members == members and -t.loss == soup.walk.score)
+    return SearchResult(method=spec.name, best=best, trials=trials)

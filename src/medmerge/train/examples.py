@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medmerge.config import TrainConfig
-from medmerge.data import encode_pair, load_dataset, parse_spec, split_fingerprint, split_pairs
+from medmerge.data import encode_pair, load_dataset, spec_checksum, split_fingerprint, split_pairs
 from medmerge.data.prompts import IGNORE_INDEX
 from medmerge.errors import MedmergeError
-from medmerge.manifest import sha256_dir, sha256_file
 from medmerge.models import ModelKind
 
 Example = dict[str, list[int]]
@@ -42,13 +41,6 @@ def answer_tokens(example: Example, kind: ModelKind) -> int:
     return sum(1 for t in labels if t != IGNORE_INDEX)
 
 
-def _file_checksum(spec: str) -> str | None:
-    path = parse_spec(spec).path
-    if path is None or not path.exists():
-        return None
-    return sha256_dir(path) if path.is_dir() else sha256_file(path)
-
-
 def prepare_data(config: TrainConfig, tokenizer: Any, kind: ModelKind) -> TrainData:
     """Load, split and encode the data of `config` (see module doc); empty splits are errors."""
     cut = config.data.max_examples
@@ -68,7 +60,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any, kind: ModelKind) -> TrainD
         out.sources.append(
             {
                 "spec": spec,
-                "sha256": _file_checksum(spec),
+                "sha256": spec_checksum(spec),
                 "split_seed": config.data.split_seed,
                 "fractions": list(config.data.fractions),
                 "sizes": {"train": len(train), "validation": len(validation)},

@@ -8,9 +8,9 @@ config, versions, final metrics). Checkpoints live in `<out>.checkpoint/` until 
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from medmerge.manifest import atomic_dir, build_manifest, checksum, sha256_file,
 from medmerge.models import load_tokenizer, resolve_model
 from medmerge.train import checkpoint as ckpt
 from medmerge.train.curve import plot_curve, write_curve_csv
-from medmerge.train.examples import prepare_data
+from medmerge.train.examples import TrainData, prepare_data
 from medmerge.train.loop import LoopState, Trainer
 from medmerge.train.model import build_model, resolve_kind
 from medmerge.train.precision import (
@@ -32,8 +32,7 @@ from medmerge.train.precision import (
     stop_runtime,
     use_bf16_autocast,
 )
-
-DIGEST_ENV = "MEDMERGE_TRAIN_DIGEST_DIR"  # test hook: each rank writes a digest of its final weights here
+from medmerge.train.privacy import PrivateTrainer, privacy_card
 
 
 def train_expert(
@@ -82,8 +81,6 @@ def _train(
             f"{checkpoints}: a checkpoint of an unfinished run exists (pass --resume or --overwrite)"
         )
     config = config.model_copy(update={"model": _model_reference(config.model)})
-    if config.threads:
-        torch.set_num_threads(config.threads)
     base_path = resolve_model(config.model)
     kind = resolve_kind(config, base_path)
     tokenizer = load_tokenizer(base_path)
@@ -91,7 +88,8 @@ def _train(
     torch.manual_seed(config.seed)
     model, kind, base_path = build_model(config, runtime.device)
     bf16 = use_bf16_autocast(config.autocast, runtime.device)
-    trainer = Trainer(config, model, kind, data.train, data.validation, tokenizer.pad_token_id, runtime, bf16)
+    loop = PrivateTrainer if config.privacy is not None else Trainer
+    trainer = loop(config, model, kind, data.train, data.validation, tokenizer.pad_token_id, runtime, bf16)
     trainer.hooks.extend(hooks)
     if resume:
         loop_state, trainer.best_state = ckpt.load_checkpoint(
@@ -129,11 +127,9 @@ def _train(
 
     started = time.time()
     state = trainer.run(save, progress=progress)
-    _write_digest(model, runtime)
     if runtime.main:
-        _write_expert(
-            config, out_dir, overwrite, model, tokenizer, base_path, data, state, trainer, bf16, started
-        )
+        record = ExpertRecord(config, model, tokenizer, base_path, data, state, runtime, bf16, started)
+        _write_expert(record, out_dir, overwrite)
         shutil.rmtree(checkpoints, ignore_errors=True)
     _barrier(runtime)
     return out_dir
@@ -157,22 +153,24 @@ def _barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def _write_digest(model: torch.nn.Module, runtime: Runtime) -> None:
-    folder = os.environ.get(DIGEST_ENV)
-    if not folder:
-        return
-    import hashlib
+@dataclass(frozen=True)
+class ExpertRecord:
+    """What a finished training writes into its expert folder."""
 
-    digest = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        digest.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / f"rank{runtime.rank}.txt").write_text(digest.hexdigest())
+    config: TrainConfig
+    model: Any  # the trained (unwrapped) model: PEFT model or full transformers model
+    tokenizer: Any
+    base_path: Path
+    data: TrainData
+    state: LoopState
+    runtime: Runtime
+    bf16: bool
+    started: float  # time.time() when the training began
 
 
-def _write_expert(
-    config, out_dir, overwrite, model, tokenizer, base_path, data, state, trainer, bf16, started
-):
+def _write_expert(record: ExpertRecord, out_dir: Path, overwrite: bool) -> None:
+    config, model, tokenizer, base_path = record.config, record.model, record.tokenizer, record.base_path
+    data, state, started = record.data, record.state, record.started
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -215,8 +213,10 @@ def _write_expert(
             method=config.method,
             trainable_parameters=trainable,
             total_parameters=total,
-            processes=trainer.runtime.world,
-            bf16_autocast=bf16,
-            device=str(trainer.runtime.device),
+            processes=record.runtime.world,
+            bf16_autocast=record.bf16,
+            device=str(record.runtime.device),
+            privacy=state.privacy,
         )
+        privacy_card(tmp, state.privacy)
         write_json_atomic(tmp / "manifest.json", manifest)

@@ -18,6 +18,7 @@ import contextlib
 import math
 import signal
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,7 @@ class LoopState:
     last_val: float | None = None
     stopped_because: str = ""
     curve: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None  # DP accountant history / record (medmerge.train.privacy)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -93,7 +95,7 @@ class StopFlag:
 
 
 class Trainer:
-    """Runs the loop on an already built model; `hooks` (for tests) get (trainer, step) after each step."""
+    """Runs the loop on an already built model; each of `hooks` gets (trainer, step) after each step."""
 
     def __init__(
         self,
@@ -127,9 +129,14 @@ class Trainer:
         )
         epoch_steps = max(1, self.stream.batches_per_epoch // config.grad_accum)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * epoch_steps))
+        # The schedule reads total_steps (a subclass may change it) through a weak reference: a strong
+        # one (trainer → scheduler → lambda → trainer) is a reference cycle that keeps the model and the
+        # optimizer state alive after the training until Python's next full collection, so that
+        # trainings in one process would add up instead of following each other.
+        trainer = weakref.ref(self)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda s: lr_factor(s, config.warmup_steps, self.total_steps, config.min_lr_ratio),
+            lambda s: lr_factor(s, config.warmup_steps, trainer().total_steps, config.min_lr_ratio),
         )
         self.state = LoopState()
         self.best_state: dict[str, torch.Tensor] | None = None

@@ -15,7 +15,7 @@ parallel counter-based hash; see medmerge.train.dropout), which on a CPU is 2–
 
 bitsandbytes 0.50.2 on CPUs with avx512_bf16 repacks 4-bit weights into an inference-only layout after a
 no-grad eval forward, after which LoRA parameters silently get no gradient. `patch_linear4bit` turns
-that path off on every `Linear4bit` (see docs/stack-notes).
+that path off on every `Linear4bit`.
 """
 
 from __future__ import annotations
