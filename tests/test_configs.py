@@ -7,9 +7,16 @@ from pathlib import Path
 import pytest
 
 from medmerge.config import ExperimentConfig, MergeConfig, TrainConfig, load_config
+from medmerge.federated.config import FederatedConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODELS = {"train": TrainConfig, "merge": MergeConfig, "demo": ExperimentConfig, "study": ExperimentConfig}
+MODELS = {
+    "train": TrainConfig,
+    "merge": MergeConfig,
+    "demo": ExperimentConfig,
+    "study": ExperimentConfig,
+    "federated": FederatedConfig,  # federated-*.yaml: `medmerge federate`
+}
 
 
 def model_for(path: Path) -> type:
@@ -33,3 +40,6 @@ def test_shipped_config_validates(path: Path) -> None:
         for expert in config.experts:
             assert config.train_config(list(expert.data)).data.specs == list(expert.data)
         assert config.evaluate_config().data == config.all_specs()
+    if model is FederatedConfig:  # each site's training config, from its own copy
+        for site in config.sites:
+            assert config.for_party(site.name).train_config(site.data).data.specs == site.data

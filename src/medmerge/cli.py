@@ -3,6 +3,7 @@
 medmerge data stats SPEC            counts, skipped records, answer lengths, split sizes
 medmerge data fetch NAME [--from P] download (or copy) a public dataset into the cache
 medmerge train CONFIG --out DIR     fine-tune an expert (full / LoRA / QLoRA)
+medmerge stats EXPERT --data SPEC   site statistics (Gram, Fisher) for data-aware merges
 medmerge merge CONFIG --out DIR     merge models or adapters
 medmerge evaluate MODEL --data SPEC --out DIR
 medmerge report DIR                 re-render an evaluation report from results.json
@@ -116,11 +117,67 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=cmd_train)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from medmerge.config import MergeConfig, load_config
-    from medmerge.merge import merge_models
+def cmd_stats(args: argparse.Namespace) -> int:
+    from medmerge.threads import use_threads
+    from medmerge.train.statistics import compute_statistics
 
-    config = load_config(args.config, MergeConfig)
+    use_threads(args.threads)
+    out = compute_statistics(
+        args.expert,
+        args.data or None,
+        kinds=args.kinds,
+        max_examples=args.max_examples,
+        fisher_examples=args.fisher_examples,
+        batch_size=args.batch_size,
+        out_dir=args.out,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    info = json.loads((out / "statistics.json").read_text())
+    print(
+        f"{out / 'statistics.safetensors'}: {', '.join(info['kinds'])} of {info['examples']} training "
+        f"questions ({info['bytes'] / 2**20:.1f} MiB; record {out / 'statistics.json'})"
+    )
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="site statistics of an expert (Gram matrices, diagonal Fisher) for RegMean / Fisher merging",
+        description="Compute statistics of an expert on its own training questions (the seeded split it "
+        "trained on) and write statistics.safetensors + statistics.json beside it. They hold no text, but "
+        "they are derived from the site's data: see docs/privacy.md before sharing them.",
+    )
+    p.add_argument("expert", metavar="EXPERT_DIR", help="expert folder (PEFT adapter or full model)")
+    p.add_argument(
+        "--data", nargs="+", metavar="SPEC", help="the SPECs it trained on (default: its manifest's)"
+    )
+    p.add_argument("--kinds", nargs="+", choices=["gram", "fisher"], default=["gram", "fisher"])
+    p.add_argument(
+        "--max-examples", type=_positive, metavar="N", help="questions used (default: 256 Gram, 64 Fisher)"
+    )
+    p.add_argument("--fisher-examples", type=_positive, metavar="N", help="questions of the Fisher (64)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="questions per Gram batch (8)")
+    p.add_argument("--out", metavar="DIR", help="folder to write into (default: EXPERT_DIR)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing statistics")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_stats)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from medmerge.merge import merge_models
+    from medmerge.merge.mergekit import load_merge_config
+
+    config = load_merge_config(args.config)  # medmerge's schema, or mergekit's as it is
     out = merge_models(
         config, args.out, scorer=_merge_scorer(config), overwrite=args.overwrite, progress=not args.quiet
     )
@@ -146,7 +203,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         help="merge fine-tuned models or LoRA adapters (methods and formulas: docs/merging.md)",
         description="Merge models or LoRA adapters as described by CONFIG (YAML; see docs/merging.md).",
     )
-    merge.add_argument("config", metavar="CONFIG", help="merge config (YAML): method, base_model, models, …")
+    merge.add_argument(
+        "config", metavar="CONFIG", help="merge config (YAML): method, base_model, models, …; or mergekit's"
+    )
     merge.add_argument("--out", required=True, metavar="DIR", help="output model (or adapter) folder")
     merge.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -287,6 +346,35 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=cmd_run)
 
 
+def cmd_federate(args: argparse.Namespace) -> int:
+    from medmerge.config import load_config
+    from medmerge.federated.config import FederatedConfig
+    from medmerge.federated.launcher import federate
+
+    config = load_config(args.config, FederatedConfig, args.set)
+    verdict = federate(config, args.out, insecure=args.insecure, host=args.host)
+    print(verdict.parent / "report.md")
+    return 0
+
+
+def _add_federate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "federate",
+        help="the study as a local Flower federation: sites keep their data (docs/federated.md)",
+        description="Start one SuperLink and one SuperNode per site on 127.0.0.1 (TLS and SuperNode "
+        "authentication), train each site's expert at its site, search merges through the sites, "
+        "evaluate at the sites and write the coordinator's verdict.",
+    )
+    p.add_argument("config", metavar="EXPERIMENT.yaml", help="e.g. configs/federated-demo.yaml")
+    p.add_argument("--out", required=True, metavar="DIR", help="federation folder")
+    p.add_argument(
+        "--insecure", action="store_true", help="plaintext, loopback --host only (no TLS, no node auth)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on and sites dial")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    p.set_defaults(handler=cmd_federate)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from medmerge.export.exporter import export_model
 
@@ -339,6 +427,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _answer_config(args: argparse.Namespace):
     from medmerge.config import AnswerConfig, load_config, validate_config
+    from medmerge.config.answer import GREEDY, Decoding
 
     base = load_config(args.config, AnswerConfig) if args.config else AnswerConfig()
     changes = {}
@@ -348,6 +437,11 @@ def _answer_config(args: argparse.Namespace):
         changes["allow_no_notice"] = True
     if args.max_new_tokens is not None:
         changes["max_new_tokens"] = args.max_new_tokens
+    if getattr(args, "max_queued", None) is not None:
+        changes["max_queued"] = args.max_queued
+    decoding = (GREEDY if args.greedy else base.decoding).model_dump()  # then the flags given
+    decoding.update({k: v for k, v in vars(args).items() if k in Decoding.model_fields and v is not None})
+    changes["decoding"] = decoding
     source = f"{args.config} + command line" if args.config else "command line"
     return validate_config({**base.model_dump(), **changes}, AnswerConfig, source)
 
@@ -360,6 +454,13 @@ def _add_answer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads of the engine (default: all)")
     p.add_argument("--config", help="YAML answer config (notice, max_question_chars, max_new_tokens, ...)")
     p.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (default 256)")
+    p.add_argument("--greedy", action="store_true", help="plain greedy decoding (no penalty, no repeat stop)")
+    p.add_argument("--repetition-penalty", type=float, help="penalty on the answer's tokens (default 1.2)")
+    p.add_argument("--no-repeat-ngram", dest="no_repeat_ngram_size", type=int, help="never repeat an n-gram")
+    p.add_argument("--stop-repeat-tokens", type=int, help="stop once the last n tokens repeat (default 12)")
+    p.add_argument("--temperature", type=float, help="sample at this temperature (default 0: no sampling)")
+    p.add_argument("--top-p", type=float, help="nucleus mass when sampling (default 1)")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
     p.add_argument("--notice", help="safety notice appended to every answer (replaces the default)")
     p.add_argument(
         "--no-notice-i-understand",
@@ -404,6 +505,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _add_answer_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--max-queued", type=int, help="requests waiting beyond the one answering (default 8; more: 429)"
+    )
     p.set_defaults(handler=cmd_serve)
 
 
@@ -418,10 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_data,
         _add_train,
+        _add_stats,
         _add_merge,
         _add_evaluate,
         _add_report,
         _add_run,
+        _add_federate,
         _add_export,
         _add_ask,
         _add_serve,

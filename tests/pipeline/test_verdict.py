@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from medmerge.config import ExperimentConfig
@@ -138,3 +140,32 @@ def test_no_multitask_model_means_no_gap() -> None:
     v = verdict(config, validation, _evaluation(losses, losses))
     assert v.gap is None and v.gap_closed is None and "gap" not in v.to_json()
     assert next(r for r in v.table if r.model == "linear").validation_loss == pytest.approx(1.8)
+
+
+def _gap_verdict(merge_loss: float, per_question_noise: bool) -> list[str]:
+    """Summary lines for a merge at `merge_loss` in domain; noise makes the merge − expert CI straddle 0."""
+    config = ExperimentConfig(
+        experts=[{"name": "a", "data": ["jsonl:a.jsonl"]}, {"name": "b", "data": ["jsonl:b.jsonl"]}],
+        methods=["linear"],
+    )
+    validation = _validation({"a": 2.0, "b": 2.1, "multitask": 1.8, "linear-full": 1.9})
+    losses = {"a": 2.0, "b": 2.4, "multitask": 1.8, "linear": merge_loss}
+    evaluation = _evaluation(losses, losses)
+    if per_question_noise:  # the merge is better on half the questions and worse on the other half
+        wobble = [merge_loss + (0.5 if i % 2 else -0.5) for i in range(N)]
+        cells = dict(evaluation.cells) | {("linear", "ind"): _cell(wobble), ("linear", "ood"): _cell(wobble)}
+        evaluation = replace(evaluation, cells=cells)
+    return summary_lines(verdict(config, validation, evaluation))
+
+
+def test_verdict_speaks_plainly() -> None:
+    beats = "\n".join(_gap_verdict(1.7, per_question_noise=False))
+    assert "The merge beats the multi-task model" in beats and "by 0.1000 nats/token" in beats
+    assert "closed by the merge" not in beats  # never a share over 100%
+    worse = "\n".join(_gap_verdict(2.1, per_question_noise=False))
+    assert "worse than the best expert" in worse and "closes none of the gap" in worse
+    assert "significantly higher" in worse
+    share = "\n".join(_gap_verdict(1.9, per_question_noise=False))
+    assert "closed by the merge: 50.0% (0% = no better than the best expert" in share
+    noisy = "\n".join(_gap_verdict(1.9, per_question_noise=True))
+    assert "no evidence either way" in noisy

@@ -1,8 +1,10 @@
-"""`medmerge ask` / `serve` settings: answer limits and the safety notice."""
+"""`medmerge ask` / `serve` settings: answer limits, decoding, the server's queue and the safety notice."""
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationInfo, field_validator
+from typing import Any
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from medmerge.config.base import StrictModel
 
@@ -12,10 +14,58 @@ DEFAULT_NOTICE = (
 )
 
 
+class Decoding(StrictModel):
+    """How an engine picks each answer token; every engine honours every field (see docs/serving.md).
+
+    `Decoding()` is plain greedy decoding (argmax, nothing against repetition): what evaluation and the
+    export agreement checks use. `AnswerConfig().decoding` holds the answer-time defaults of ask / serve.
+    """
+
+    repetition_penalty: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=3.0,
+        description="logits of tokens already in prompt or answer: /p if >0, ×p if <0",
+    )
+    no_repeat_ngram_size: int = Field(default=0, ge=0, le=64, description="never repeat an n-gram (0: off)")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0: greedy; >0: seeded sampling")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass (with temperature)")
+    seed: int = Field(default=0, ge=0, lt=2**31, description="seed of the sampler, reset for every answer")
+    stop_repeat_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="stop once the answer's last n tokens already occurred in it (0: off)",
+    )
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0.0
+
+    @property
+    def plain_argmax(self) -> bool:
+        """True when each token is the argmax of the model's own logits (no penalty, n-gram ban, sampling)."""
+        return not self.sampling and self.repetition_penalty == 1.0 and self.no_repeat_ngram_size == 0
+
+    def label(self) -> str:
+        """A short human-readable description, e.g. `repetition_penalty=1.2, stop_repeat_tokens=12`."""
+        changed = {k: v for k, v in self.model_dump().items() if v != Decoding.model_fields[k].default}
+        if not self.sampling:
+            changed.pop("top_p", None)
+            changed.pop("seed", None)
+        return ", ".join(f"{k}={v}" for k, v in changed.items()) or "greedy"
+
+
+GREEDY = Decoding()
+# Answer-time defaults, chosen by bench/answer_defaults.py (table in docs/serving.md).
+ANSWER_DECODING = Decoding(repetition_penalty=1.2, stop_repeat_tokens=12)
+
+
 class AnswerConfig(StrictModel):
-    """How `medmerge ask` / `serve` answer: limits and the safety notice that ends every answer.
+    """How `medmerge ask` / `serve` answer: limits, decoding, queue, and the notice that ends every answer.
 
     The notice may be changed but not removed silently: an empty notice needs `allow_no_notice: true`.
+    A partial `decoding:` mapping changes only the fields it names (the others keep the answer defaults).
     """
 
     allow_no_notice: bool = Field(default=False, description="explicit opt-in to answers without a notice")
@@ -23,6 +73,20 @@ class AnswerConfig(StrictModel):
     max_question_chars: int = Field(default=2000, ge=1, le=100_000)
     max_new_tokens: int = Field(default=256, ge=1, le=4096)
     system_prompt: str | None = Field(default=None, description="system message for chat templates")
+    decoding: Decoding = Field(default=ANSWER_DECODING, description="answer-time decoding settings")
+    max_queued: int = Field(
+        default=8,
+        ge=0,
+        le=1024,
+        description="serve: requests waiting for the engine beyond the one answering",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_decoding(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("decoding"), dict):
+            data = {**data, "decoding": {**ANSWER_DECODING.model_dump(), **data["decoding"]}}
+        return data
 
     @field_validator("notice")
     @classmethod

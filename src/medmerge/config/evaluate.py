@@ -21,7 +21,14 @@ class EvaluateSettings(SplitSettings, LossSettings):
     split: Literal["train", "validation", "test"] = "test"
     max_examples: int | None = Field(default=None, ge=1, description="keep the first n pairs of each set")
     generate: bool = Field(default=True, description="generate answers (False: teacher-forced loss only)")
+    generate_examples: int | None = Field(
+        default=None, ge=1, description="generate for the first n questions of each set (None: all)"
+    )
     max_new_tokens: int = Field(default=128, ge=1, le=4096)
+    pubmedqa_accuracy: bool = Field(
+        default=True,
+        description="yes/no/maybe accuracy (lm-eval's pubmedqa protocol) on sets with PubMedQA labels",
+    )
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)

@@ -41,6 +41,15 @@ class SearchSettings(LossSettings):
     max_answer_tokens: AnswerTokens = 128  # search scores shorter answers than training by default
 
 
+class StatisticsSettings(StrictModel):
+    """The site statistics computed for data-aware merges (RegMean: Gram matrices, Fisher merging:
+    diagonal Fisher), on each expert's training questions (medmerge.train.statistics)."""
+
+    examples: int = Field(default=64, ge=1, description="training questions per expert for the Gram")
+    fisher_examples: int = Field(default=16, ge=1, description="training questions per expert for the Fisher")
+    batch_size: int = Field(default=8, ge=1)
+
+
 def _every_method() -> list[str]:
     from medmerge.merge.registry import METHODS
 
@@ -67,6 +76,9 @@ class ExperimentConfig(SplitSettings, ThreadsSetting):
     lora_rank: int | None = Field(default=None, ge=1, description="LoRA-space merge rank (default Σ r_i)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     search: SearchSettings = SearchSettings()
+    statistics: StatisticsSettings = Field(
+        default_factory=StatisticsSettings, description="site statistics for data-aware merges"
+    )
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings, description="how models are scored")
 
     @model_validator(mode="before")

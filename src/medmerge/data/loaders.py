@@ -133,13 +133,19 @@ def _child(element: ElementTree.Element, *names: str) -> ElementTree.Element | N
     return next((c for c in element if c.tag.lower() in names), None)
 
 
-def load_medquad(path: Path) -> Dataset:
-    """MedQuAD: keep answered pairs with focus, qtype and document id; count unanswered by collection."""
+def load_medquad(path: Path, collections: str = "") -> Dataset:
+    """MedQuAD: keep answered pairs with focus, qtype and document id; count unanswered by collection.
+    `collections` ("A,B"): only those source collections (folder names); an unknown name is an error."""
     pairs: list[QAPair] = []
     skipped: Counter[str] = Counter()
     bad: list[str] = []
     documents = 0
+    wanted = {c.strip() for c in collections.split(",") if c.strip()}
+    seen: set[str] = set()
     for collection, name, raw in _medquad_documents(path):
+        seen.add(collection)
+        if wanted and collection not in wanted:
+            continue
         documents += 1
         try:
             root = ElementTree.fromstring(raw)
@@ -187,6 +193,10 @@ def load_medquad(path: Path) -> Dataset:
                     },
                 )
             )
+    if wanted - seen:
+        raise MedmergeError(
+            f"{path}: no MedQuAD collection(s) {sorted(wanted - seen)} (there are: {', '.join(sorted(seen))})"
+        )
     if documents == 0:
         raise MedmergeError(f"{path}: no MedQuAD XML documents found (expected <collection>/<doc>.xml)")
     return Dataset(spec="", source="medquad", pairs=pairs, skipped=skipped, bad_files=bad)
@@ -270,7 +280,9 @@ def load_genmedgpt(path: Path) -> Dataset:
 
 
 def load_pubmedqa(path: Path) -> Dataset:
-    """PubMedQA PQA-L: QUESTION → LONG_ANSWER (the abstract's conclusion); keeps final_decision."""
+    """PubMedQA PQA-L: QUESTION → LONG_ANSWER (the abstract's conclusion); keeps final_decision and
+    CONTEXTS (the abstract without its conclusion) and the raw QUESTION, which the yes/no/maybe accuracy
+    reads."""
     data = _read_json(path)
     if not isinstance(data, dict):
         raise MedmergeError(f"{path}: expected a JSON object keyed by PubMed id, found {type(data).__name__}")
@@ -285,7 +297,7 @@ def load_pubmedqa(path: Path) -> Dataset:
         iter(data.items()),
         "QUESTION",
         "LONG_ANSWER",
-        extra_fields=("final_decision", "YEAR"),
+        extra_fields=("final_decision", "CONTEXTS", "QUESTION", "YEAR"),
     )
 
 

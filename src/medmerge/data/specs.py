@@ -4,6 +4,9 @@ KIND is one of medquad, icliniq, genmedgpt, pubmedqa, jsonl, csv. For jsonl/csv 
 columns: `jsonl:mine.jsonl?question=prompt&answer=response&id=uid`. A bare KIND (`medquad`, also
 `medquad:` or `KIND?options`) is a public dataset found by `medmerge.data.resolve`: `$MEDMERGE_DATA`,
 the folder `scripts/setup.sh` registered, the cache, else a verified download.
+
+MedQuAD takes `?collections=A,B`: only the named source collections (folder names such as
+`1_CancerGov_QA`), so one download can stand for several institutions in a federated study.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from urllib.parse import parse_qsl
 from medmerge.errors import MedmergeError
 
 KINDS = ("medquad", "icliniq", "genmedgpt", "pubmedqa", "jsonl", "csv")
-_OPTIONS = {"jsonl": {"question", "answer", "id"}, "csv": {"question", "answer", "id"}}
+_OPTIONS = {
+    "jsonl": {"question", "answer", "id"},
+    "csv": {"question", "answer", "id"},
+    "medquad": {"collections"},
+}
 
 
 @dataclass(frozen=True)

@@ -117,4 +117,6 @@ METRICS: dict[str, tuple[str, int]] = {
     "bertscore_f1": ("BERTScore F1 (MiniLM)", 1),
     "length": ("answer length (words)", 0),
     "repetition": ("repetition rate (rep-4)", -1),
+    "accuracy": ("PubMedQA accuracy (yes/no/maybe)", 1),
+    "accuracy_test": ("PubMedQA accuracy, official 500-question test half", 1),
 }

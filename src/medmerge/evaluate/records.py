@@ -12,7 +12,9 @@
     Evaluation   the whole evaluation: models, sets, cells by (model, set), comparisons, examples,
                  settings, manifest, cache stats
 
-Losses are mean NLL per answer token (nats); text metrics are per-question scores (see `metrics.METRICS`).
+Losses are mean NLL per answer token (nats); text metrics are per-question scores (see `metrics.METRICS`);
+`accuracy` (sets with PubMedQA labels, `evaluate.choices`) is 0/1 per question, and `accuracy_test` — in
+`metrics` only, with no per-question list — its mean over the official 500-question test half.
 `Evaluation.from_json` reads back every `results.json` of format `medmerge-evaluation/1`.
 """
 
@@ -63,6 +65,7 @@ class ModelRef:
     path: str
     checksum: str
     kind: str
+    dp: str | None = None  # its differential-privacy guarantee (evaluate.privacy), None without one
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ class Evaluation:
             "format": self.format,
             "manifest": self.manifest,
             "settings": self.settings,
-            "models": [asdict(m) for m in self.models],
+            "models": [{k: v for k, v in asdict(m).items() if k != "dp" or v} for m in self.models],
             "datasets": [s.to_json() for s in self.datasets],
             "results": {
                 m.name: {s.name: self.cell(m.name, s.name).to_json() for s in self.datasets}

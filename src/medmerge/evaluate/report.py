@@ -13,6 +13,7 @@ from pathlib import Path
 
 from medmerge.errors import MedmergeError
 from medmerge.evaluate.metrics import METRICS
+from medmerge.evaluate.privacy import POST_PROCESSING
 from medmerge.evaluate.records import Evaluation, ScoredSet
 from medmerge.evaluate.stats import Interval
 from medmerge.manifest import atomic_dir, write_json_atomic
@@ -190,10 +191,15 @@ def markdown(results: Evaluation, models: list[str], sets: Sequence[ScoredSet]) 
         "",
         "## Models",
         "",
-        "| model | kind | path | checksum |",
-        "|---|---|---|---|",
+        "| model | kind | path | checksum | differential privacy |",
+        "|---|---|---|---|---|",
     ]
-    out += [f"| `{m.name}` | {m.kind} | `{m.path}` | `{m.checksum[:12]}` |" for m in results.models]
+    out += [
+        f"| `{m.name}` | {m.kind} | `{m.path}` | `{m.checksum[:12]}` | {m.dp or '–'} |"
+        for m in results.models
+    ]
+    if any(m.dp for m in results.models):
+        out += ["", POST_PROCESSING]
     out += [
         "",
         "## Question sets",
@@ -208,6 +214,8 @@ def markdown(results: Evaluation, models: list[str], sets: Sequence[ScoredSet]) 
             continue
         better = {1: "higher is better", -1: "lower is better", 0: "no better direction"}[direction]
         out += [f"## {label} ({better})", "", metric_table(results, models, sets, metric), ""]
+        if metric == "accuracy" and "accuracy" in st:
+            out += [st["accuracy"] + ".", ""]
         if metric == "length":
             ref = ", ".join(f"{s.name} {results.cell(models[0], s.name).reference_length:.1f}" for s in sets)
             out += [f"Reference answers, mean words: {ref}.", ""]

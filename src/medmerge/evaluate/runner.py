@@ -23,9 +23,11 @@ from medmerge.config import EvaluateConfig
 from medmerge.data import QAPair, load_dataset, load_split, parse_spec, spec_checksum, split_fingerprint
 from medmerge.errors import MedmergeError
 from medmerge.evaluate import bertscore as bertscore_module
+from medmerge.evaluate import choices as choices_module
 from medmerge.evaluate.cache import EvalCache, cache_key
 from medmerge.evaluate.generate import generate_answers
 from medmerge.evaluate.metrics import METRICS, corpus_bleu_chrf, text_metrics
+from medmerge.evaluate.privacy import dp_guarantee
 from medmerge.evaluate.records import (
     CacheStats,
     Comparison,
@@ -50,7 +52,7 @@ from medmerge.models import (
 )
 
 METRICS_VERSION = 1  # bump when a metric's definition changes: invalidates cached scores
-COMPARED = ("loss", "rougeL", "chrf", "bertscore_f1")  # metrics of the pairwise tests
+COMPARED = ("loss", "rougeL", "chrf", "bertscore_f1", "accuracy")  # metrics of the pairwise tests
 
 
 def eval_sets(config: EvaluateConfig) -> list[EvalSet]:
@@ -77,7 +79,9 @@ def model_ref(text: str) -> ModelRef:
     digest = checksum(path)
     if is_adapter(path):  # the adapter's numbers also depend on its base
         digest = cache_key(adapter=digest, base=checksum(resolve_model(adapter_base(path))))
-    return ModelRef(name=name, path=str(path), checksum=digest, kind=model_kind(path))
+    guarantee = dp_guarantee(path)
+    dp = None if guarantee is None else guarantee.label
+    return ModelRef(name=name, path=str(path), checksum=digest, kind=model_kind(path), dp=dp)
 
 
 def load_pairs(s: EvalSet, config: EvaluateConfig) -> list[QAPair]:
@@ -176,6 +180,7 @@ def settings(config: EvaluateConfig) -> dict[str, Any]:
         "repetition": "rep-4: 1 - distinct word 4-grams / word 4-grams",
         "loss": "mean NLL per reference-answer token (nats), eos included, answers cut at max_answer_tokens",
         "intervals": f"percentile bootstrap over questions, {config.bootstrap_resamples} resamples",
+        "accuracy": choices_module.PROTOCOL,
     }
 
 
@@ -216,6 +221,22 @@ def _loss_stage(run: _ModelRun, pairs: list[QAPair], data_id: dict, about: dict)
     loss = {"nll": nll, "tokens": tokens, "seconds": time.perf_counter() - start}
     run.cache.put("loss", key, loss, **about)
     return loss, False
+
+
+def _choices_stage(run: _ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> tuple[dict, bool]:
+    """Per-question log-likelihoods of yes / no / maybe (`medmerge.evaluate.choices`); (values, hit)."""
+    key = cache_key(stage="choices", **data_id, dtype=run.config.dtype, v=choices_module.VERSION)
+    found = run.cache.get("choices", key)
+    if found is not None:
+        return found, True
+    start = time.perf_counter()
+    contexts = [choices_module.pubmedqa_context(p) for p in pairs]
+    ll = choices_module.choice_loglikelihoods(
+        run.model(), run.tokenizer, run.ref.kind, contexts, batch_size=run.config.batch_size
+    )
+    found = {"loglikelihoods": ll, "seconds": time.perf_counter() - start}
+    run.cache.put("choices", key, found, **about)
+    return found, False
 
 
 def _generate_stage(
@@ -287,12 +308,22 @@ def _evaluate_cell(run: _ModelRun, s: EvalSet, pairs: list[QAPair]) -> EvalCell:
     }
     weights = {"loss": [float(t) for t in loss["tokens"]]}
     timing = Timing(loss["seconds"], loss["seconds"] / len(pairs))
+    subsets: dict[str, list[float]] = {}  # metrics over a subset of the questions (no per-item entry)
+    if config.pubmedqa_accuracy and choices_module.has_choices(pairs):
+        found, cached["choices"] = _choices_stage(run, pairs, data_id, about)
+        labels = [p.extra["final_decision"] for p in pairs]
+        per_item["accuracy"] = choices_module.accuracy_per_item(found["loglikelihoods"], labels)
+        subsets["accuracy_test"] = choices_module.test_half_values(
+            per_item["accuracy"], pairs, load_dataset(s.spec).pairs
+        )
     corpus: dict[str, float] = {}
     answers: list[str] | None = None
     if config.generate:
-        gen, gen_key, cached["generate"] = _generate_stage(run, pairs, data_id, about)
+        asked = pairs[: config.generate_examples] if config.generate_examples else pairs
+        asked_id = data_id | {"questions": split_fingerprint(asked)}
+        gen, gen_key, cached["generate"] = _generate_stage(run, asked, asked_id, about)
         answers = gen["texts"]
-        scores, cached["scores"] = _score_stage(run, answers, pairs, gen_key, about)
+        scores, cached["scores"] = _score_stage(run, answers, asked, gen_key, about)
         corpus = scores["corpus"]
         per_item |= {k: v for k, v in scores.items() if k != "corpus"}
         new_tokens = sum(gen["new_tokens"])
@@ -300,7 +331,7 @@ def _evaluate_cell(run: _ModelRun, s: EvalSet, pairs: list[QAPair]) -> EvalCell:
             timing.loss_seconds,
             timing.loss_seconds_per_question,
             generation_seconds=gen["seconds"],
-            generation_seconds_per_question=gen["seconds"] / len(pairs),
+            generation_seconds_per_question=gen["seconds"] / len(asked),
             new_tokens=new_tokens,
             new_tokens_per_second=new_tokens / max(gen["seconds"], 1e-9),
         )
@@ -312,7 +343,8 @@ def _evaluate_cell(run: _ModelRun, s: EvalSet, pairs: list[QAPair]) -> EvalCell:
             confidence=config.confidence,
             seed=config.seed,
         )
-        for name, values in per_item.items()
+        for name, values in (per_item | subsets).items()
+        if values
     }
     lo = metrics["loss"]
     metrics["perplexity"] = Interval(
@@ -377,4 +409,4 @@ def examples(
 
 
 def _nth(answers: list[str] | None, i: int) -> str | None:
-    return answers[i] if answers is not None else None
+    return answers[i] if answers is not None and i < len(answers) else None

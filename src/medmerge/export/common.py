@@ -1,4 +1,4 @@
-"""What the answer engines share: the export manifest, thread counts, end-of-answer ids.
+"""What the answer engines share: the export manifest, thread counts, end-of-answer ids, repeat checks.
 
 Kept apart from `medmerge.export.engines` so that each engine module imports this one and the engine
 registry imports the engines, with no circle between them.
@@ -55,3 +55,33 @@ def eos_ids(tokenizer: Any, config_eos: int | list[int] | None = None) -> list[i
     if tokenizer.eos_token_id is not None:
         found.append(tokenizer.eos_token_id)
     return sorted(set(found))
+
+
+def banned_ngram_tokens(ids: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `ids` (Hugging Face's no_repeat_ngram rule)."""
+    if n <= 0 or len(ids) + 1 < n:
+        return []
+    prefix = tuple(ids[len(ids) - n + 1 :]) if n > 1 else ()
+    return sorted({ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i : i + n - 1]) == prefix})
+
+
+class RepeatWatch:
+    """Watches an answer token by token: `push` is True once the last `n` tokens already occurred, in the
+    same order, earlier in the answer (the answer has started to loop). n = 0 never fires."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.ids: list[int] = []
+        self.seen: set[tuple[int, ...]] = set()
+
+    def push(self, token: int) -> bool:
+        if self.n <= 0:
+            return False
+        self.ids.append(int(token))
+        if len(self.ids) < self.n:
+            return False
+        gram = tuple(self.ids[-self.n :])
+        if gram in self.seen:
+            return True
+        self.seen.add(gram)
+        return False

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medmerge.config.answer import GREEDY, Decoding
 from medmerge.errors import MedmergeError
 from medmerge.export.common import eos_ids, read_export_manifest, until_eos
 from medmerge.models import ModelKind
@@ -24,8 +25,27 @@ def cpu_compute_type(quantization: str) -> str:
     return quantization if quantization in supported else "default"
 
 
+def decoding_options(decoding: Decoding) -> dict[str, float | int]:
+    """CTranslate2's decoding options for `decoding` (sampling: full vocabulary, then top-p)."""
+    options: dict[str, float | int] = {
+        "repetition_penalty": decoding.repetition_penalty,
+        "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
+        "sampling_topk": 1,
+    }
+    if decoding.sampling:
+        import ctranslate2
+
+        # best effort: CTranslate2's worker threads keep their own generators, so a seed does not make its
+        # sampling repeatable (OpenNMT/CTranslate2#1757); torch and llama.cpp sampling is repeatable
+        ctranslate2.set_random_seed(decoding.seed)
+        options.update(
+            sampling_topk=0, sampling_topp=decoding.top_p, sampling_temperature=decoding.temperature
+        )
+    return options
+
+
 class CT2Engine:
-    """Greedy decoding with CTranslate2 on the CPU."""
+    """Decoding with CTranslate2 on the CPU (its own penalties and sampler)."""
 
     def __init__(self, folder: Path, *, threads: int, compute_type: str | None = None) -> None:
         import ctranslate2
@@ -82,27 +102,36 @@ class CT2Engine:
             out.append(self.tokenizer.convert_tokens_to_ids(hyp[t]) if len(hyp) > t else -1)
         return out
 
-    def stream_ids(self, prompt: list[int], max_new_tokens: int) -> Iterator[int]:
-        """Greedy ids as CTranslate2 produces them, stopping after eos."""
+    def stream_ids(
+        self, prompt: list[int], max_new_tokens: int, decoding: Decoding = GREEDY
+    ) -> Iterator[int]:
+        """Ids as CTranslate2 produces them, stopping after eos."""
+        options = decoding_options(decoding)
         if self.kind == "seq2seq":
             steps = self.model.generate_tokens(
-                self._tokens(prompt), max_decoding_length=max_new_tokens, sampling_topk=1, end_token=[]
+                self._tokens(prompt), max_decoding_length=max_new_tokens, end_token=[], **options
             )
         else:
             steps = self.model.generate_tokens(
-                self._tokens(prompt), max_length=max_new_tokens, sampling_topk=1, end_token=[]
+                self._tokens(prompt), max_length=max_new_tokens, end_token=[], **options
             )
         for step in steps:
             yield step.token_id
             if step.token_id in self.eos:
                 return
 
-    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations of a batch, each cut after eos."""
+    def generate_batch(
+        self, prompts: list[list[int]], max_new_tokens: int, decoding: Decoding = GREEDY
+    ) -> list[list[int]]:
+        """Continuations of a batch, each cut after eos (sampling: prompt by prompt, each from the seed)."""
+        if decoding.sampling:
+            return [until_eos(list(self.stream_ids(p, max_new_tokens, decoding)), self.eos) for p in prompts]
+        options = decoding_options(decoding)
         tokens = [self._tokens(p) for p in prompts]
         if self.kind == "seq2seq":
+            options.pop("sampling_topk")
             results = self.model.translate_batch(
-                tokens, beam_size=1, max_decoding_length=max_new_tokens, end_token=self._eos_tokens
+                tokens, beam_size=1, max_decoding_length=max_new_tokens, end_token=self._eos_tokens, **options
             )
             return [
                 until_eos(self.tokenizer.convert_tokens_to_ids(r.hypotheses[0]), self.eos) for r in results
@@ -110,8 +139,8 @@ class CT2Engine:
         results = self.model.generate_batch(
             tokens,
             max_length=max_new_tokens,
-            sampling_topk=1,
             end_token=self._eos_tokens,
             include_prompt_in_result=False,
+            **options,
         )
         return [until_eos(r.sequences_ids[0], self.eos) for r in results]

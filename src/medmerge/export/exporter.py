@@ -2,9 +2,10 @@
 
 Output folder (renamed into place only after the agreement check passed):
     ct2:  model.bin, vocabulary.json, config.json (CTranslate2's) + tokenizer files
-    gguf: model-<quant>.gguf + tokenizer files
-    both: source_config.json (the Hugging Face config) and medmerge-export.json, the manifest: source
-          checksum, format, quantization, file sizes (bytes) and size ratio, agreement numbers, versions.
+    gguf: model-<quant>.gguf + tokenizer files + Modelfile (Ollama)
+    both: source_config.json (the Hugging Face config), medmerge-export.json, the manifest: source
+          checksum, format, quantization, file sizes (bytes) and size ratio, agreement numbers, versions;
+          and the model card README.md (medmerge.model_card).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from medmerge.export.agreement import TOLERANCES, measure_agreement, precision_c
 from medmerge.export.common import EXPORT_MANIFEST, llama_cpp_available
 from medmerge.export.engines import open_engine
 from medmerge.manifest import atomic_dir, build_manifest, checksum, write_json_atomic
+from medmerge.model_card import export_card, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def export_model(
     `threads` sets torch's and the exported engine's thread count for the agreement check.
     """
     from medmerge.export.ct2 import check_ct2_quantization, convert_ct2
-    from medmerge.export.gguf import check_gguf_quantization, write_gguf
+    from medmerge.export.gguf import check_gguf_quantization, write_gguf, write_modelfile
     from medmerge.export.torch_engine import TorchEngine
     from medmerge.models import model_kind
 
@@ -112,7 +114,8 @@ def export_model(
         if fmt == "ct2":
             notes = convert_ct2(source, tmp, quantization)
         else:
-            notes = write_gguf(source, tmp / gguf_file, quantization)
+            notes = write_gguf(source, tmp / gguf_file, quantization, exported_as=str(model))
+            write_modelfile(tmp, gguf_file, source)
         copy_tokenizer(source, tmp)
         manifest = build_manifest(
             "export",
@@ -161,4 +164,5 @@ def export_model(
                 )
             )
         write_json_atomic(tmp / EXPORT_MANIFEST, manifest)
+        write_model_card(tmp, export_card(manifest))
     return manifest

@@ -1,8 +1,11 @@
 """The llama.cpp answer engine (optional: needs the llama-cpp-python package, which builds from source).
 
 Runs a GGUF export with llama.cpp's own kernels (quantized matmuls), `threads` threads for both prompt and
-generation, greedy decoding on token ids of the model's Hugging Face tokenizer (so prompts match the other
-engines token for token). Scoring (export checks) uses a second context that keeps all positions' logits.
+generation, on token ids of the model's Hugging Face tokenizer (so prompts match the other engines token for
+token). Decoding is greedy by default; a `Decoding` maps to llama.cpp's `temperature`, `top_p` and seeded
+sampler, and to a logits processor for the repetition penalty and no-repeat n-grams on the answer's ids
+(llama.cpp's own `repeat_penalty` would also penalize the prompt's tokens; torch and CTranslate2 do not).
+Scoring (export checks) uses a second context that keeps all positions' logits.
 """
 
 from __future__ import annotations
@@ -12,13 +15,48 @@ from pathlib import Path
 
 import numpy as np
 
+from medmerge.config.answer import GREEDY, Decoding
 from medmerge.errors import MedmergeError
-from medmerge.export.common import eos_ids, llama_cpp_available, until_eos
+from medmerge.export.common import banned_ngram_tokens, eos_ids, llama_cpp_available, until_eos
 from medmerge.models import ModelKind
 
 
+def answer_processor(decoding: Decoding, prompt_length: int):
+    """A llama-cpp-python logits processor applying the repetition penalty and the n-gram ban to the answer's
+    ids (the context after the prompt), as the other engines do; None when `decoding` needs neither."""
+    penalty, n = decoding.repetition_penalty, decoding.no_repeat_ngram_size
+    if penalty == 1.0 and n == 0:
+        return None
+
+    def process(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        answer = [int(t) for t in input_ids[prompt_length:]]
+        if penalty != 1.0 and answer:
+            seen = np.unique(answer)
+            scores[seen] = np.where(scores[seen] < 0, scores[seen] * penalty, scores[seen] / penalty)
+        banned = banned_ngram_tokens(answer, n)
+        if banned:
+            scores[banned] = -np.inf
+        return scores
+
+    return process
+
+
+def generate_options(decoding: Decoding, prompt_length: int) -> dict:
+    """Keyword arguments of `Llama.generate` for `decoding` (its own repeat_penalty, which also sees the
+    prompt, stays off: the penalty is applied by `answer_processor`)."""
+    options: dict = {"repeat_penalty": 1.0, "top_k": 1, "temp": 0.0}
+    if decoding.sampling:
+        options.update(top_k=0, top_p=decoding.top_p, temp=decoding.temperature)
+    process = answer_processor(decoding, prompt_length)
+    if process is not None:
+        from llama_cpp import LogitsProcessorList
+
+        options["logits_processor"] = LogitsProcessorList([process])
+    return options
+
+
 class LlamaCppEngine:
-    """Greedy decoding with llama.cpp on the CPU."""
+    """Decoding with llama.cpp on the CPU."""
 
     def __init__(self, folder: Path, gguf_file: str, *, threads: int, n_ctx: int = 2048) -> None:
         if not llama_cpp_available():
@@ -64,13 +102,20 @@ class LlamaCppEngine:
             logp[:, list(ban)] = -np.inf
         return logp.argmax(-1).tolist()
 
-    def stream_ids(self, prompt: list[int], max_new_tokens: int) -> Iterator[int]:
+    def stream_ids(
+        self, prompt: list[int], max_new_tokens: int, decoding: Decoding = GREEDY
+    ) -> Iterator[int]:
         self.model.reset()
-        for n, token in enumerate(self.model.generate(prompt, top_k=1, temp=0.0, reset=True)):
+        if decoding.sampling:
+            self.model.set_seed(decoding.seed)
+        steps = self.model.generate(prompt, reset=True, **generate_options(decoding, len(prompt)))
+        for n, token in enumerate(steps):
             yield int(token)
             if token in self.eos or n + 1 >= max_new_tokens:
                 return
 
-    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def generate_batch(
+        self, prompts: list[list[int]], max_new_tokens: int, decoding: Decoding = GREEDY
+    ) -> list[list[int]]:
         """One prompt after the other (llama-cpp-python's high-level API decodes one sequence)."""
-        return [until_eos(list(self.stream_ids(p, max_new_tokens)), self.eos) for p in prompts]
+        return [until_eos(list(self.stream_ids(p, max_new_tokens, decoding)), self.eos) for p in prompts]

@@ -1,18 +1,22 @@
-"""`medmerge serve`: a local answer page. Type a question, watch the answer stream in.
+"""`medmerge serve`: a local answer page, and the OpenAI chat API over the same engine.
 
-GET  /           the page (no external assets; works offline)
-GET  /api/info   {"model", "engine", "notice"}
-POST /api/ask    {"question": "..."} → text/plain, streamed piece by piece, ending with the safety notice;
-                 400 {"error": "..."} for an empty or over-long question
-Bound to 127.0.0.1 by default: the page is for the person at this machine. One answer at a time.
+GET  /                     the page (no external assets; works offline)
+GET  /api/info             {"model", "engine", "notice"}
+POST /api/ask              {"question": "..."} → text/plain, streamed piece by piece, ending with the safety
+                           notice; 400 {"error": "..."} for an empty or over-long question
+GET  /v1/models            OpenAI model list (one model)
+POST /v1/chat/completions  OpenAI chat completions, streamed (server-sent events) or not
+                           (`medmerge.export.openai_api`); the safety notice ends every answer
+Bound to 127.0.0.1 by default: the page is for the person at this machine. One answer at a time (one
+engine); up to `max_queued` requests wait, more are refused with 429 and Retry-After.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,8 +24,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from medmerge.config import AnswerConfig
 from medmerge.errors import MedmergeError
-from medmerge.export.answer import answer_stream
-from medmerge.export.engines import Engine
+from medmerge.export.answer import AnswerQueue, Busy, check_question, notice_suffix
+from medmerge.export.engines import Engine, prompt_ids
+from medmerge.export.openai_api import add_openai_routes, model_id
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +96,16 @@ def is_loopback(host: str) -> bool:
 
 
 def create_app(engine: Engine, config: AnswerConfig, model_name: str) -> FastAPI:
-    """The FastAPI application serving `engine`."""
-    app = FastAPI(title="medmerge", docs_url=None, redoc_url=None, openapi_url=None)
-    lock = threading.Lock()  # engines keep decoding state: one answer at a time
+    """The FastAPI application serving `engine`: the page, its API and the OpenAI API, one answer queue."""
+    answers = AnswerQueue(engine, config.max_queued)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        answers.close()
+
+    app = FastAPI(title="medmerge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.answers = answers
     page = PAGE.replace("__MAXCHARS__", str(config.max_question_chars))
 
     @app.get("/", response_class=HTMLResponse)
@@ -114,18 +126,26 @@ def create_app(engine: Engine, config: AnswerConfig, model_name: str) -> FastAPI
         if not isinstance(question, str):
             return JSONResponse({"error": "question: expected a string"}, status_code=400)
         try:
-            pieces = answer_stream(engine, question, config)
+            prompt = prompt_ids(engine, check_question(question, config), config.system_prompt)
+            job = answers.submit(prompt, config.max_new_tokens, config.decoding)
         except MedmergeError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except Busy as exc:
+            return JSONResponse(
+                {"error": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after)}
+            )
 
-        def locked() -> Iterator[str]:
-            with lock:
-                yield from pieces
+        async def text() -> AsyncIterator[str]:
+            async for piece in job.pieces():
+                yield piece
+            if suffix := notice_suffix(config):
+                yield suffix
 
         return StreamingResponse(
-            locked(), media_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-store"}
+            text(), media_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-store"}
         )
 
+    add_openai_routes(app, answers, config, model_name)
     return app
 
 
@@ -137,7 +157,9 @@ def run_server(engine: Engine, config: AnswerConfig, model_name: str, host: str,
         log.warning("serving on %s: reachable from other machines (default is 127.0.0.1)", host)
     app = create_app(engine, config, model_name)
     print(
-        f"medmerge serve: http://{host}:{port}/ ({model_name}, engine {engine.name}); Ctrl-C stops",
+        f"medmerge serve: http://{host}:{port}/ ({model_name}, engine {engine.name}, "
+        f"{config.decoding.label()}); "
+        f"OpenAI API: base_url http://{host}:{port}/v1, model {model_id(model_name)!r}; Ctrl-C stops",
         flush=True,
     )
     uvicorn.run(app, host=host, port=port, log_level="warning")

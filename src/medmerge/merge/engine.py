@@ -2,9 +2,10 @@
 
 Peak memory ≈ one float32 tensor per input (plus the method's scratch); output tensors go to disk as
 soon as they are merged (medmerge.merge.writers), or into memory for a search (`merged_state`). The
-output folder is built under a temporary name and renamed into place when complete, with `merge.json`:
-config, input checksums, versions and per-tensor statistics. Greedy-soup methods run their walk
-(medmerge.merge.soup) with the caller's scorer, then merge the soup here.
+output folder is built under a temporary name and renamed into place when complete, with `merge.json`
+(config, input checksums, versions and per-tensor statistics), the model card `README.md`
+(medmerge.model_card) and `mergekit_config.yml`, the same merge for mergekit (medmerge.merge.mergekit).
+Greedy-soup methods run their walk (medmerge.merge.soup) with the caller's scorer, then merge the soup here.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ from medmerge.errors import MedmergeError
 from medmerge.manifest import atomic_dir, build_manifest, write_json_atomic
 from medmerge.merge import checks
 from medmerge.merge.checksums import input_checksums
+from medmerge.merge.mergekit import MERGEKIT_FILE, to_mergekit
+from medmerge.merge.methods import Extras
 from medmerge.merge.registry import MethodSpec, get_method
 from medmerge.merge.soup import Scorer, greedy_soup_merge
 from medmerge.merge.sources import Source, open_source
+from medmerge.merge.statistics import input_shortfall, open_statistics
 from medmerge.merge.writers import write_full, write_lora
+from medmerge.model_card import merge_card, write_model_card
+from medmerge.site_stats import SiteStatistics
 
 
 def _resolve(path: str) -> Path:
@@ -75,6 +81,38 @@ def _check_inputs(name, thetas, base_tensor, sources, base) -> None:
         _finite(name, base_tensor, str(base.path))
 
 
+def _statistics(spec: MethodSpec, sources: list[Source]) -> list[SiteStatistics]:
+    """The statistics of every input, refused (one line naming the folder) where `spec` needs some that an
+    input lacks; [] for methods that need none."""
+    shortfall = input_shortfall(spec, [s.path for s in sources])
+    if shortfall is not None:
+        raise MedmergeError(shortfall)
+    if not spec.needs_statistics:
+        return []
+    return [open_statistics(s.path) for s in sources]
+
+
+def _extras(spec: MethodSpec, name: str, shape, sources, statistics: list[SiteStatistics]) -> Extras:
+    """The statistics and LoRA factors of every input for tensor `name`, read now (one tensor each)."""
+    found = []
+    for stats in statistics:
+        tensors = {kind: _float(stats.read(kind, name)) for kind in spec.needs_statistics}
+        for kind, tensor in tensors.items():
+            wanted = (shape[-1], shape[-1]) if kind == "gram" else tuple(shape)
+            if tensor is not None and tuple(tensor.shape) != wanted:
+                raise MedmergeError(
+                    f"{stats.folder}: statistic {kind}::{name} has shape {tuple(tensor.shape)}, "
+                    f"expected {wanted}"
+                )
+        found.append(tensors)
+    factors = tuple(s.factors(name) for s in sources) if spec.needs_factors else ()
+    return Extras(statistics=tuple(found), factors=factors)
+
+
+def _float(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(torch.float32)
+
+
 def merge_tensors(
     spec: MethodSpec,
     params: object,
@@ -84,7 +122,13 @@ def merge_tensors(
     names: list[str],
     progress: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor, dict]]:
-    """Yield (name, merged float32 tensor or copied non-float tensor, stats) for each name, in order."""
+    """Yield (name, merged float32 tensor or copied non-float tensor, stats) for each name, in order.
+    Inputs that lack what the method needs (site statistics, LoRA factors) are refused here, at once."""
+    statistics = _statistics(spec, sources)
+    return _stream(spec, params, base, sources, weights, names, progress, statistics)
+
+
+def _stream(spec, params, base, sources, weights, names, progress, statistics) -> Iterator:
     use_base = base is not None and spec.uses_base(params)
     for name in tqdm(names, desc=f"merge {spec.name}", unit="tensor", disable=not progress):
         if base is not None and not any(s.touches(name) for s in sources):
@@ -111,7 +155,12 @@ def merge_tensors(
         base_tensor = base.read(name).to(torch.float32) if use_base else None
         if not spec.task_vectors:
             _check_inputs(name, thetas, base_tensor, sources, base)
-        merged = spec.merge(name, base_tensor, thetas, weights, params)
+        if spec.needs_extras:
+            extras = _extras(spec, name, thetas[0].shape, sources, statistics)
+            merged = spec.merge(name, base_tensor, thetas, weights, params, extras)
+            del extras
+        else:
+            merged = spec.merge(name, base_tensor, thetas, weights, params)
         del first, thetas, base_tensor  # only the output stays alive while the next tensors are read
         if spec.task_vectors and not all(math.isfinite(x) for x in merged.stats["tau_norm"]):
             # some τ_i is not finite: re-read the inputs to name the culprit (a float32 norm can also
@@ -199,7 +248,17 @@ def merge_models(
             **extra,
         )
         write_json_atomic(tmp / "merge.json", manifest)
+        paths, adapters = [s.path for s in sources], [s.is_adapter for s in sources]
+        (tmp / MERGEKIT_FILE).write_text(to_mergekit(config, base.path if base else None, paths, adapters))
+        _write_card(tmp, manifest, reference, base, sources)
     return Path(out_dir)
+
+
+def _write_card(folder: Path, manifest: dict, reference: Source, base: Source | None, sources) -> None:
+    """The merge's model card (README.md), from its manifest and inputs (medmerge.model_card)."""
+    kind = "seq2seq" if reference.config.get("is_encoder_decoder") else "causal"
+    inputs = [s.path for s in ([base] if base is not None else []) + sources]
+    write_model_card(folder, merge_card(manifest, inputs, manifest["config"]["output"] == "lora", kind))
 
 
 def _merge_soup(
@@ -225,4 +284,6 @@ def _merge_soup(
         "history": soup.walk.history,
     }
     write_json_atomic(path / "merge.json", manifest)
+    base, sources = open_merge_inputs(soup.config)
+    _write_card(path, manifest, base if base is not None else sources[0], base, sources)
     return path

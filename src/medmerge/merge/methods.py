@@ -116,13 +116,23 @@ def _sparsify(
     raise ValueError(f"unknown sparsifier {how!r}")
 
 
+def _per_model(density: float | Sequence[float], n: int) -> list[float]:
+    """`density` as one float per model: a number repeated n times, or a sequence of exactly n."""
+    if isinstance(density, int | float):
+        return [float(density)] * n
+    densities = [float(d) for d in density]
+    if len(densities) != n:
+        raise ValueError(f"density: {len(densities)} values for {n} models (expected one per model)")
+    return densities
+
+
 def generalized_task_arithmetic(
     base: torch.Tensor,
     thetas: Sequence[torch.Tensor],
     weights: Sequence[float],
     *,
     sparsifier: Sparsifier = "none",
-    density: float = 1.0,
+    density: float | Sequence[float] = 1.0,
     gamma: float = 0.0,
     epsilon: float = 0.0,
     rescale: bool = True,
@@ -135,7 +145,9 @@ def generalized_task_arithmetic(
 ) -> Merged:
     """The one task-arithmetic family; task_arithmetic, ties, dare_*, breadcrumbs*, della* are settings.
 
-    1. τ_i = θ_i − θ_base, sparsified to τ̂_i by `sparsifier` (see medmerge.merge.sparsify).
+    1. τ_i = θ_i − θ_base, sparsified to τ̂_i by `sparsifier` (see medmerge.merge.sparsify) at
+       `density`: one number for every model, or one per model (d_i, in input order; mergekit's
+       per-model `density`).
     2. Without sign consensus: δ = Σ_i w_i τ̂_i, divided by Σ_i w_i if `normalize`.
        With sign consensus (TIES): γ = sign(Σ_i w_i τ̂_i) (γ = +1 where the sum is 0); entry j of model i
        agrees when sign(τ̂_ij) = γ_j (a trimmed zero never agrees); disjoint weighted mean
@@ -148,6 +160,7 @@ def generalized_task_arithmetic(
     the entries where kept τ̂ of different models have opposite signs).
     """
     stats: dict[str, object] = {"tau_norm": [], "kept": []}
+    densities = _per_model(density, len(thetas))
     base = base.to(torch.float32)
     weighted_sum = torch.zeros_like(base)
     sparse: list[torch.Tensor] = []
@@ -157,7 +170,7 @@ def generalized_task_arithmetic(
         tau_hat, keep = _sparsify(
             tau,
             sparsifier,
-            density,
+            densities[i],
             gamma,
             epsilon,
             rescale,

@@ -3,8 +3,9 @@
 Every method name medmerge accepts is a key of `METHODS`; `get_method(name)` raises a one-line error
 listing the choices. A spec owns the method's parameters model (unknown keys are an error) and its
 input contract (`check`), the driver that runs it, its tensor function, and its search space with the
-default first trial. Adding a method = one entry here + its tensor function (medmerge.merge.methods)
-+ its section in docs/merging.md (tests/merge/test_registry.py checks all three).
+default first trial, and what it reads beyond θ (site statistics, LoRA factors). Adding a method = one
+entry here + its tensor function (medmerge.merge.methods, .spectral or .data_aware) + its section in
+docs/merging.md (tests/merge/test_registry.py checks all three).
 """
 
 from __future__ import annotations
@@ -13,30 +14,38 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from pydantic import ValidationError
 
 from medmerge.config.base import StrictModel, format_validation_error
 from medmerge.errors import MedmergeError
-from medmerge.merge import methods, spaces
+from medmerge.merge import data_aware, methods, spaces, spectral
 from medmerge.merge.methods import Merged
 from medmerge.merge.params import (
     BreadcrumbsParams,
     BreadcrumbsTiesParams,
+    CoreSpaceParams,
     DareLinearParams,
     DareTiesParams,
     DellaLinearParams,
     DellaParams,
+    FisherParams,
+    InnerMergeParams,
+    IsoCParams,
+    IsoCtsParams,
     KarcherParams,
     ModelStockParams,
     NoParams,
+    RegMeanParams,
     SlerpParams,
     TaskArithmeticParams,
     TiesParams,
+    TsvParams,
 )
 from medmerge.merge.spaces import Space
 
-TensorFn = Callable[[str, torch.Tensor | None, Sequence[torch.Tensor], Sequence[float], Any], Merged]
+TensorFn = Callable[..., Merged]
+# (name, θ_base or None, θ_i list, w_i list, params) → Merged; methods that need statistics or LoRA
+# factors also get a sixth argument, the tensor's medmerge.merge.methods.Extras
 Driver = Literal["per_tensor", "greedy_soup"]
 # per_tensor: the streaming engine calls `merge` once per tensor name;
 # greedy_soup: an evaluation-driven walk over uniform linear merges (needs a scorer; merge.soup)
@@ -62,6 +71,10 @@ class MethodSpec:
     nonzero_weight_sum: bool = False  # the weights must not sum to 0 (they divide the result)
     space: Space | None = None  # search space of the knobs; None: nothing to search
     default: dict[str, Any] = field(default_factory=dict)  # parameters of a search's first trial
+    # kinds of site statistics every input must hold (statistics.safetensors: gram, fisher); the engine
+    # hands them over per tensor in Extras.statistics
+    needs_statistics: frozenset[str] = frozenset()
+    needs_factors: bool = False  # every input must be a LoRA adapter; Extras.factors holds its (B′, A′)
 
     def __post_init__(self) -> None:
         if (self.driver == "per_tensor") != (self.merge is not None):
@@ -71,6 +84,11 @@ class MethodSpec:
         if self.random_masks != ("seed" in self.params.model_fields):
             raise ValueError(f"{self.name}: random_masks goes with a `seed` parameter")
         self.params.model_validate(self.default)
+
+    @property
+    def needs_extras(self) -> bool:
+        """Whether the tensor function takes the per-tensor Extras (statistics or LoRA factors)."""
+        return bool(self.needs_statistics) or self.needs_factors
 
     @property
     def needs_scorer(self) -> bool:
@@ -165,7 +183,25 @@ def _task_vector_method(
     )
 
 
+def _spectral_method(
+    name: str, params: type[StrictModel], merge: TensorFn, summary: str, **knobs: tuple[float, float, float]
+) -> MethodSpec:
+    """A spectral merge of the τ_i (medmerge.merge.spectral): base required, λ and the weights searched,
+    plus `knobs` (name → (low, high, first trial))."""
+    return MethodSpec(
+        name,
+        summary,
+        params,
+        merge=merge,
+        base="required",
+        nonzero_weight_sum=True,
+        space=spaces.with_knobs(spaces.task_vector_space(), **{k: v[:2] for k, v in knobs.items()}),
+        default={"lambda": 1.0, **{k: v[2] for k, v in knobs.items()}},
+    )
+
+
 _TRIM = {"density": 0.5, "lambda": 1.0}
+_INNER = {"inner": "ties", "density": 0.5, "lambda": 1.0}
 _BREADCRUMBS = {"density": 0.9, "gamma": 0.01, "lambda": 1.0}
 _DELLA = {"density": 0.5, "epsilon": 0.1, "lambda": 1.0}
 
@@ -261,6 +297,55 @@ METHODS: dict[str, MethodSpec] = {
             "Riemannian mean on the sphere",
             KarcherParams,
             merge=_karcher,
+            space=spaces.weights_only,
+        ),
+        MethodSpec(
+            "knots",
+            "SVD-aligned task updates, merged by ta/ties/dare",
+            InnerMergeParams,
+            merge=spectral.knots,
+            base="required",
+            random_masks=True,
+            space=spaces.task_vector_space("density"),
+            default=_INNER,
+        ),
+        _spectral_method("tsv", TsvParams, spectral.tsv, "low-rank task matrices, decorrelated (TSV-M)"),
+        _spectral_method("iso_c", IsoCParams, spectral.iso_c, "isotropic spectrum of Σ τ_i"),
+        _spectral_method(
+            "iso_cts",
+            IsoCtsParams,
+            spectral.iso_cts,
+            "isotropic common + task-specific subspaces",
+            common_fraction=(0.5, 0.95, 0.8),
+        ),
+        MethodSpec(
+            "core_space",
+            "LoRA updates merged in their shared r×r core",
+            CoreSpaceParams,
+            merge=spectral.core_space,
+            base="required",
+            needs_factors=True,
+            random_masks=True,
+            space=spaces.task_vector_space("density"),
+            default=_INNER,
+        ),
+        MethodSpec(
+            "regmean",
+            "least squares on the sites' layer inputs (Gram)",
+            RegMeanParams,
+            merge=data_aware.regmean,
+            needs_statistics=frozenset({"gram"}),
+            nonzero_weight_sum=True,
+            space=spaces.with_knobs(spaces.weights_only, alpha=(0.5, 1.0)),
+            default={"alpha": 0.9},
+        ),
+        MethodSpec(
+            "fisher",
+            "Fisher-weighted average (diagonal Fisher)",
+            FisherParams,
+            merge=data_aware.fisher,
+            needs_statistics=frozenset({"fisher"}),
+            nonzero_weight_sum=True,
             space=spaces.weights_only,
         ),
     ]

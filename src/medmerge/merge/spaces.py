@@ -62,6 +62,17 @@ def task_vector_space(*extra: str) -> Space:
     return space
 
 
+def with_knobs(space: Space, **ranges: tuple[float, float]) -> Space:
+    """`space`, then each named parameter drawn from its (low, high) range, in the order given."""
+
+    def extended(trial: Any, n: int) -> Setting:
+        setting = space(trial, n)
+        drawn = {name: trial.suggest_float(name, low, high) for name, (low, high) in ranges.items()}
+        return Setting({**setting.parameters, **drawn}, setting.weights)
+
+    return extended
+
+
 def knob_names(space: Space, n: int) -> list[str]:
     """The names `space` suggests for `n` models, in order (recorded by a stand-in trial)."""
     names: list[str] = []

@@ -43,9 +43,24 @@ def _relative(weights: Sequence[float]) -> list[float]:
     return [len(weights) * w / total for w in weights]
 
 
+def _rank(s: torch.Tensor, shape) -> int:
+    """Numerical rank from descending singular values s (NumPy's matrix_rank tolerance)."""
+    if s.numel() == 0:
+        return 0
+    return int((s > s[0].clamp_min(1e-30) * max(shape) * torch.finfo(s.dtype).eps).sum())
+
+
+def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced SVD of x cut to its numerical rank: directions with σ ≈ 0 are arbitrary, so never kept."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    r = _rank(s, x.shape)
+    return u[:, :r], s[:r], vh[:r]
+
+
 def _orthogonalize(x: torch.Tensor) -> torch.Tensor:
-    """The nearest matrix with orthonormal columns (or rows, when wide): P·Qᵀ from x = P Σ Qᵀ."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    """The nearest partial isometry to x: P·Qᵀ from x = P Σ Qᵀ, over the nonzero singular values only
+    (orthonormal columns, or rows when wide, when x has full rank; directions x lacks stay out)."""
+    p, _, qh = _svd(x)
     return p @ qh
 
 
@@ -87,7 +102,9 @@ def knots(name: str, base, thetas, weights, p, extras: Extras | None = None) -> 
     norms = [float(torch.linalg.vector_norm(t)) for t in taus]
     if not is_matrix(name, base):
         merged = inner_merge(name, taus, weights, p)
-        return Merged(merged.tensor.add_(base), {"tau_norm": norms, "fallback": p.inner} | _inner_stats(merged))
+        return Merged(
+            merged.tensor.add_(base), {"tau_norm": norms, "fallback": p.inner} | _inner_stats(merged)
+        )
     cols = base.shape[1]
     u, s, vh = torch.linalg.svd(torch.cat(taus, dim=1), full_matrices=False)  # vh: (k, n·in)
     del taus
@@ -98,7 +115,9 @@ def knots(name: str, base, thetas, weights, p, extras: Extras | None = None) -> 
     return Merged(delta.add_(base), {"tau_norm": norms, "rank": int(s.numel())} | _inner_stats(merged))
 
 
-def tsv_delta(taus: Sequence[torch.Tensor], weights: Sequence[float], rank_fraction: float | None) -> torch.Tensor:
+def tsv_delta(
+    taus: Sequence[torch.Tensor], weights: Sequence[float], rank_fraction: float | None
+) -> torch.Tensor:
     """TSV-M's merged task matrix: each τ_i = U_i S_i V_iᵀ cut to its top k = ⌊rank_fraction · min(out, in)⌋
     (default fraction 1/n, at least 1) directions; U = [U_1,k … U_n,k], V likewise, S = [w̃_1 S_1,k … ];
     U⊥ = P Qᵀ from U = P Σ Qᵀ, V⊥ likewise (decorrelation); M = U⊥ diag(S) V⊥ᵀ."""
@@ -106,7 +125,7 @@ def tsv_delta(taus: Sequence[torch.Tensor], weights: Sequence[float], rank_fract
     k = max(1, int(min(taus[0].shape) * (rank_fraction if rank_fraction is not None else 1.0 / n)))
     us, ss, vhs = [], [], []
     for w, tau in zip(_relative(weights), taus, strict=True):
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, s, vh = _svd(tau)
         us.append(u[:, :k])
         ss.append(s[:k] * w)
         vhs.append(vh[:k])
@@ -127,8 +146,8 @@ def tsv(name: str, base, thetas, weights, p, extras: Extras | None = None) -> Me
 def iso_c_delta(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Iso-C's merged task matrix: M = Σ w̃_i τ_i = U S Vᵀ, its spectrum made isotropic: mean(S)·U Vᵀ."""
     total = methods.linear(taus, weights).mul_(len(taus))  # Σ w̃_i τ_i
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    return (u @ vh).mul_(s.mean())
+    u, s, vh = _svd(total)
+    return (u @ vh).mul_(s.mean() if s.numel() else 0.0)
 
 
 def iso_c(name: str, base, thetas, weights, p, extras: Extras | None = None) -> Merged:
@@ -140,7 +159,9 @@ def iso_c(name: str, base, thetas, weights, p, extras: Extras | None = None) -> 
     return Merged(iso_c_delta(taus, weights).mul_(p.lam).add_(base))
 
 
-def iso_cts_delta(taus: Sequence[torch.Tensor], weights: Sequence[float], common_fraction: float) -> torch.Tensor:
+def iso_cts_delta(
+    taus: Sequence[torch.Tensor], weights: Sequence[float], common_fraction: float
+) -> torch.Tensor:
     """Iso-CTS's merged task matrix (as the authors' code): of the rank budget m = min(out, in), the task-
     specific part gets t = round((m − ⌊m·common_fraction⌋)/n) directions per task and the common subspace
     the c = m − n·t others. Common: the top-c singular triplets of M = Σ w̃_i τ_i. Task i: the top-t of
@@ -150,17 +171,17 @@ def iso_cts_delta(taus: Sequence[torch.Tensor], weights: Sequence[float], common
     per_task = round((m - int(m * common_fraction)) / n)
     common = m - n * per_task
     scaled = [tau.mul_(w) for w, tau in zip(_relative(weights), taus, strict=True)]  # w̃_i τ_i
-    u, s, vh = torch.linalg.svd(torch.stack(scaled).sum(0), full_matrices=False)
+    u, s, vh = _svd(torch.stack(scaled).sum(0))
     us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
     for tau in scaled if per_task else ():
-        residual = tau - us[0] @ (us[0].T @ tau)
-        ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
+        ut, st, vht = _svd(tau - us[0] @ (us[0].T @ tau))
         us.append(ut[:, :per_task])
         ss.append(st[:per_task])
         vhs.append(vht[:per_task])
     u_perp = _orthogonalize(torch.cat(us, dim=1))
     vh_perp = _orthogonalize(torch.cat(vhs, dim=0))
-    return (u_perp @ vh_perp).mul_(torch.cat(ss).mean())
+    kept = torch.cat(ss)
+    return (u_perp @ vh_perp).mul_(kept.mean() if kept.numel() else 0.0)
 
 
 def iso_cts(name: str, base, thetas, weights, p, extras: Extras | None = None) -> Merged:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from medmerge.errors import MedmergeError
+from medmerge.site_stats import STATISTICS_FILES  # site statistics beside the weights
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -91,7 +92,11 @@ def weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
         return [folder / name for name in dict.fromkeys(weight_map.values())]
-    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_model"))
+    files = sorted(
+        p
+        for p in folder.glob("*.safetensors")
+        if not p.name.startswith("adapter_model") and p.name not in STATISTICS_FILES
+    )
     if not files:
         raise MedmergeError(f"{folder}: no .safetensors weights (medmerge reads safetensors only)")
     return files

@@ -30,7 +30,14 @@ _WEIGHT_SUFFIXES = (
     ".safetensors.index.json",
     ".bin.index.json",
 )
-_NOT_COPIED = {"merge.json", "medmerge-model.json", "adapter_config.json", "adapter_model.safetensors"}
+_NOT_COPIED = {
+    "merge.json",
+    "medmerge-model.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "README.md",  # the reference's own model card: the merge writes its own
+    "mergekit_config.yml",
+}
 Stream = Iterable[tuple[str, torch.Tensor, dict]]
 
 
@@ -88,7 +95,7 @@ def _adapter_config(
     return {
         "peft_type": "LORA",
         "task_type": "SEQ_2_SEQ_LM" if reference.config.get("is_encoder_decoder") else "CAUSAL_LM",
-        "base_model_name_or_path": str(base.path),
+        "base_model_name_or_path": str(base.path.resolve()),  # absolute: PEFT loads it offline
         "r": config.rank,
         "lora_alpha": config.rank,
         "rank_pattern": rank_pattern,

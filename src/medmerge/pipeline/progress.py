@@ -38,5 +38,9 @@ class Progress:
         self.step += 1
         self._line(f"{text}: cached, skipped")
 
+    def note(self, text: str) -> None:
+        """A line that is no step of its own (e.g. why a method is left out)."""
+        self._line(text)
+
     def done(self, text: str) -> None:
         self._line(f"{text} done in {time.perf_counter() - self._step_started:.1f}s")

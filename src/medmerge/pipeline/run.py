@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from medmerge.config import ExperimentConfig, MergeConfig, validate_config
 from medmerge.data import spec_checksum
 from medmerge.manifest import build_manifest, checksum, write_json_atomic
+from medmerge.merge import get_method
 from medmerge.models import resolve_model
 from medmerge.pipeline.executor import Executor, make_executor
 from medmerge.pipeline.progress import Progress
@@ -30,6 +31,8 @@ from medmerge.pipeline.scoring import Scoring, score_model
 from medmerge.pipeline.search import merge_config, search_method
 from medmerge.pipeline.steps import is_fresh, mark_done, step_key
 from medmerge.threads import use_threads
+
+STATISTICS_KEY = "statistics.key"  # in an expert folder: the step key of its site statistics
 
 if TYPE_CHECKING:
     from medmerge.evaluate.records import Evaluation
@@ -76,7 +79,7 @@ def run_experiment(
     try:
         experts_in_order = [trained[e.name] for e in config.experts]
         merges, searches = {}, {}
-        for method in config.methods:
+        for method in _methods_with_inputs(ctx, experts_in_order):
             searches[method] = _search_step(ctx, method, experts_in_order)
             merges[method] = _merge_steps(ctx, method, experts_in_order, searches[method])
         validation = _validation_step(ctx, trained, merges, searches)
@@ -120,6 +123,52 @@ def _train_step(ctx: StepContext, name: str, specs: list[str]) -> TrainedExpert:
 # ----------------------------------------------------------------------------------- search, merge
 
 
+def _methods_with_inputs(ctx: StepContext, experts: list[TrainedExpert]) -> list[str]:
+    """The experiment's methods whose inputs exist. The site statistics that data-aware methods need are
+    computed first; a method whose inputs cannot be had (LoRA factors of full models) is left out, and
+    the run says why."""
+    from medmerge.merge.statistics import input_shortfall
+
+    specs = [get_method(m) for m in ctx.config.methods]
+    kinds = sorted(set().union(*(s.needs_statistics for s in specs)))
+    if kinds:
+        for expert in experts:
+            _statistics_step(ctx, expert, kinds)
+    runnable = []
+    for spec in specs:
+        reason = input_shortfall(spec, [e.path for e in experts])
+        if reason is None:
+            runnable.append(spec.name)
+        else:
+            ctx.show.note(f"{spec.name} left out: {reason}")
+    return runnable
+
+
+def _statistics_step(ctx: StepContext, expert: TrainedExpert, kinds: list[str]) -> None:
+    """The expert's site statistics of `kinds`, beside its adapter (cached under their step key)."""
+    from medmerge.train.statistics import compute_statistics
+
+    settings = ctx.config.statistics
+    key = step_key(step="statistics", expert=expert.key, kinds=kinds, settings=settings)
+    record = expert.path / STATISTICS_KEY
+    if record.is_file() and record.read_text() == key:
+        ctx.show.skip(f"statistics of {expert.name}")
+        return
+    ctx.show.start(f"statistics ({', '.join(kinds)}) of expert {expert.name}")
+    record.unlink(missing_ok=True)
+    compute_statistics(
+        expert.path,
+        kinds=kinds,
+        max_examples=settings.examples,
+        fisher_examples=settings.fisher_examples,
+        batch_size=settings.batch_size,
+        overwrite=True,
+        progress=ctx.show.enabled,
+    )
+    record.write_text(key)
+    ctx.show.done(f"statistics of {expert.name}")
+
+
 def _scoring(config: ExperimentConfig) -> Scoring:
     return Scoring(
         base_model=config.base_model,
@@ -135,6 +184,8 @@ def _search_step(ctx: StepContext, method: str, experts: list[TrainedExpert]) ->
     config, show = ctx.config, ctx.show
     path = ctx.out / "search" / f"{method}.json"
     upstream = [e.key for e in experts]
+    if get_method(method).needs_statistics:  # the merge reads the statistics made with these settings
+        upstream.append(step_key(statistics=config.statistics))
     key = step_key(
         step="search", method=method, settings=config.search, experts=upstream, scoring=repr(ctx.scoring)
     )

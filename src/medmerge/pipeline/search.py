@@ -49,7 +49,7 @@ def merge_config(
     return MergeConfig(method=method, base_model=base, models=models, parameters=parameters)
 
 
-def _sampler(settings: SearchSettings) -> Any:
+def make_sampler(settings: SearchSettings) -> Any:
     import optuna
 
     if settings.sampler == "tpe":
@@ -81,7 +81,7 @@ def search_method(
         raise MedmergeError(f"methods: {method} has no search space")
     space = spec.space
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=_sampler(settings))
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(settings))
     knobs = knob_names(space, len(experts))
     default = {**{f"w{i}": 1.0 for i in range(len(experts)) if f"w{i}" in knobs}, **spec.default}
     study.enqueue_trial({k: v for k, v in default.items() if k in knobs})

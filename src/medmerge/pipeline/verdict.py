@@ -23,6 +23,7 @@ from typing import Any
 
 from medmerge.config import ExperimentConfig
 from medmerge.errors import MedmergeError
+from medmerge.evaluate.privacy import POST_PROCESSING
 from medmerge.evaluate.records import Evaluation
 from medmerge.evaluate.stats import PairedTest, paired_bootstrap
 from medmerge.manifest import build_manifest, write_json_atomic
@@ -30,6 +31,8 @@ from medmerge.pipeline.progress import Progress
 from medmerge.pipeline.records import ValidationRecord
 
 COLUMNS = (("loss", "test loss ↓"), ("rougeL", "ROUGE-L ↑"), ("bertscore_f1", "BERTScore F1 ↑"))
+# scored only on some sets (those with PubMedQA labels): a column where present, pooled over those sets
+OPTIONAL_COLUMNS = (("accuracy", "PubMedQA accuracy ↑"),)
 DOMAINS = ("in-domain", "out-of-domain")
 
 
@@ -41,12 +44,14 @@ class VerdictRow:
     model: str
     validation_loss: float | None
     values: dict[tuple[str, str], float | None]
+    dp: str | None = None  # differential-privacy guarantee (medmerge.evaluate.privacy), None without one
 
     def value(self, domain: str, metric: str) -> float | None:
         return self.values.get((domain, metric))
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {"model": self.model, "validation_loss": self.validation_loss}
+        row |= {"dp": self.dp} if self.dp else {}
         return row | {f"{domain}:{metric}": v for (domain, metric), v in self.values.items()}
 
 
@@ -104,7 +109,9 @@ def _validation_loss(
 def _pooled(evaluation: Evaluation, model: str, sets: list[str], metric: str) -> tuple[list, list | None]:
     """Per-question values of `metric` over `sets`, concatenated (with loss token weights)."""
     cells = [evaluation.cell(model, s) for s in sets]
-    if any(metric not in c.per_item for c in cells):
+    if metric in dict(OPTIONAL_COLUMNS):
+        cells = [c for c in cells if metric in c.per_item]
+    if not cells or any(metric not in c.per_item for c in cells):
         return [], None
     values = [v for c in cells for v in c.per_item[metric]]
     weights = [w for c in cells for w in c.weights[metric]] if metric in cells[0].weights else None
@@ -130,6 +137,12 @@ def _compare(
     return paired_bootstrap(va, vb, weights_a=wa, weights_b=wb, seed=seed)
 
 
+def _columns(evaluation: Evaluation) -> tuple[tuple[str, str], ...]:
+    """COLUMNS, plus each optional column that some cell of the evaluation has."""
+    cells = evaluation.cells.values()
+    return COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if any(c[0] in cell.per_item for cell in cells))
+
+
 def verdict(
     config: ExperimentConfig, validation: Mapping[str, ValidationRecord], evaluation: Evaluation
 ) -> Verdict:
@@ -138,6 +151,8 @@ def verdict(
     for s in evaluation.datasets:
         domains[s.domain].append(s.name)
     evaluated = evaluation.model_names
+    columns = _columns(evaluation)
+    dp = {m.name: m.dp for m in evaluation.models}
     scored = {m: _validation_loss(config, validation, m) for m in config.methods if m in evaluated}
     methods = [m for m, loss in scored.items() if loss is not None]
     if not methods:
@@ -151,14 +166,15 @@ def verdict(
             values={
                 (domain, metric): _mean(*_pooled(evaluation, model, sets, metric)) if sets else None
                 for domain, sets in domains.items()
-                for metric, _ in COLUMNS
+                for metric, _ in columns
             },
+            dp=dp[model],
         )
         for model in evaluated
     )
     seed = config.search.seed
     comparisons = {
-        domain: {metric: _compare(evaluation, merge, expert, sets, metric, seed) for metric, _ in COLUMNS}
+        domain: {metric: _compare(evaluation, merge, expert, sets, metric, seed) for metric, _ in columns}
         for domain, sets in domains.items()
         if sets
     }
@@ -185,25 +201,64 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def table_markdown(v: Verdict) -> str:
     """Models × (validation loss, in-domain and OOD test metrics) as a Markdown table."""
     domains = [d for d in DOMAINS if any(r.value(d, "loss") is not None for r in v.table)]
-    head = ["model", "val loss ↓"] + [f"{d} {label}" for d in domains for _, label in COLUMNS]
+    private = any(row.dp for row in v.table)  # the DP column only where some model has a guarantee
+    columns = {
+        d: COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if any(r.value(d, c[0]) is not None for r in v.table))
+        for d in domains
+    }
+    head = ["model", "val loss ↓"] + [f"{d} {label}" for d in domains for _, label in columns[d]]
+    head += ["differential privacy"] if private else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in v.table:
         name = row.model + (" (chosen merge)" if row.model == v.chosen_merge else "")
         name += " (best expert)" if row.model == v.best_expert else ""
         cells = [name, _fmt(row.validation_loss)]
-        cells += [_fmt(row.value(d, metric)) for d in domains for metric, _ in COLUMNS]
+        cells += [_fmt(row.value(d, metric)) for d in domains for metric, _ in columns[d]]
+        cells += [row.dp or "–"] if private else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _versus(test: PairedTest, whom: str) -> str:
-    """'lower than X's (Δ = …, 95% CI […], p = …: significant)' for a paired test of merge − X."""
-    significant = test.high < 0 or test.low > 0
+    """'lower than X's (Δ = …, 95% CI […], p = …: significant)' for a paired test of merge − X; an
+    interval that straddles zero is said to be no evidence either way."""
+    if test.high < 0:
+        meaning = "significant"
+    elif test.low > 0:
+        meaning = "significantly higher"
+    else:
+        meaning = "not significant: the interval straddles zero, so no evidence either way"
     than = f" than {whom}'s" if whom else ""
     return (
         f"{'lower' if test.diff < 0 else 'not lower'}{than} "
         f"(Δ = {test.diff:+.4f} nats/token, 95% CI [{test.low:+.4f}, {test.high:+.4f}], "
-        f"p = {test.p_value:.3f}: {'significant' if significant else 'not significant'})"
+        f"p = {test.p_value:.3f}: {meaning})"
+    )
+
+
+def _gap_line(v: Verdict) -> str | None:
+    """The gap closed, in words: a share in [0, 1], beating the multi-task model, or worse than the expert."""
+    if v.gap is None:
+        return None
+    if v.gap_closed is None:
+        return (
+            f"The multi-task model is not better than the best expert on in-domain test loss "
+            f"(Δ = {-v.gap:+.4f}), so there is no gap for the merge to close."
+        )
+    gap = f"the multi-task model's in-domain test loss is {v.gap:.4f} nats/token below the best expert's"
+    if v.gap_closed > 1:
+        beyond = (v.gap_closed - 1) * v.gap
+        return (
+            f"The merge beats the multi-task model (trained on the pooled data) on in-domain test loss, "
+            f"by {beyond:.4f} nats/token ({gap})."
+        )
+    if v.gap_closed < 0:
+        worse = "The merge is worse than the best expert on in-domain test loss"
+        return f"{worse}, so it closes none of the gap ({gap})."
+    return (
+        f"Gap between best expert and multi-task model ({v.gap:.4f} nats/token of in-domain "
+        f"test loss) closed by the merge: {100 * v.gap_closed:.1f}% "
+        "(0% = no better than the best expert, 100% = as good as the multi-task model)."
     )
 
 
@@ -218,17 +273,11 @@ def summary_lines(v: Verdict) -> list[str]:
         if oracle is not None and oracle.loss is not None:
             who = f"the expert best on these sets in hindsight, {oracle.expert}"
             lines.append(f"{domain}: against {who}, the merge's test loss is {_versus(oracle.loss, '')}.")
-
-    if v.gap_closed is not None:
-        lines.append(
-            f"Gap between best expert and multi-task model ({v.gap:.4f} nats/token of in-domain "
-            f"test loss) closed by the merge: {100 * v.gap_closed:.1f}%."
-        )
-    elif v.gap is not None:
-        lines.append(
-            f"The multi-task model is not better than the best expert on in-domain test loss "
-            f"(Δ = {-v.gap:+.4f}), so there is no gap for the merge to close."
-        )
+    if any(row.dp for row in v.table):
+        lines.append(POST_PROCESSING)
+    gap = _gap_line(v)
+    if gap is not None:
+        lines.append(gap)
     return lines
 
 

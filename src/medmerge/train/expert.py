@@ -1,13 +1,17 @@
 """`train_expert(config, out_dir)`: check everything, train, and write the expert folder atomically.
 
 The expert folder holds the PEFT adapter (adapter_config.json + adapter_model.safetensors, whose
-base_model_name_or_path is the model the config names) or the full model (safetensors + config), the
-tokenizer, curve.csv / curve.png, and manifest.json (base checksum, data SPECs and split fingerprints,
-config, versions, final metrics). Checkpoints live in `<out>.checkpoint/` until the run completes.
+base_model_name_or_path is the absolute folder of the base, so PEFT loads it offline; the name the config
+gives stays in manifest.json) or the full model (safetensors + config), the tokenizer, curve.csv /
+curve.png, the model card README.md (medmerge.model_card), and manifest.json (base checksum, data SPECs
+and split fingerprints, config, versions, final metrics). Checkpoints live in `<out>.checkpoint/` until
+the run completes.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ import torch
 from medmerge.config import TrainConfig
 from medmerge.errors import MedmergeError
 from medmerge.manifest import atomic_dir, build_manifest, checksum, sha256_file, write_json_atomic
+from medmerge.model_card import expert_card, write_model_card
 from medmerge.models import load_tokenizer, resolve_model
 from medmerge.train import checkpoint as ckpt
 from medmerge.train.curve import plot_curve, write_curve_csv
@@ -54,7 +59,11 @@ def train_expert(
     runtime = start_runtime()
     try:
         with reuse_freed_memory(runtime.device.type == "cpu"):
-            return _train(config, out_dir, runtime, resume, overwrite, progress, hooks or [])
+            folder = _train(config, out_dir, runtime, resume, overwrite, progress, hooks or [])
+            # what a reference cycle still holds of this training (torch's first lazy import keeps a
+            # traceback) is freed now, before the trim, not at the next step's full collection
+            gc.collect()
+            return folder
     finally:
         stop_runtime(runtime)
 
@@ -178,6 +187,10 @@ def _write_expert(record: ExpertRecord, out_dir: Path, overwrite: bool) -> None:
         # up on the Hugging Face hub (slow retries offline) to find out.
         save = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
         model.save_pretrained(tmp, safe_serialization=True, **save)
+        if save:  # PEFT resolves the base offline only from a folder: record its absolute path
+            adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+            adapter_config["base_model_name_or_path"] = str(base_path.resolve())
+            (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
         tokenizer.save_pretrained(tmp)
         write_curve_csv(state.curve, tmp / "curve.csv")
         plot_curve(state.curve, tmp / "curve.png", f"{config.method} on {', '.join(config.data.specs)}"[:90])
@@ -218,5 +231,6 @@ def _write_expert(record: ExpertRecord, out_dir: Path, overwrite: bool) -> None:
             device=str(record.runtime.device),
             privacy=state.privacy,
         )
+        write_model_card(tmp, expert_card(manifest, base_path))
         privacy_card(tmp, state.privacy)
         write_json_atomic(tmp / "manifest.json", manifest)

@@ -8,7 +8,7 @@ gram::W    G = Σ_t x_t x_tᵀ over the inputs x_t of the nn.Linear holding W, s
            tokens); for seq2seq, encoder tokens for the encoder's Linears and the cross-attention k/v, decoder
            tokens (answer ‖ eos, shifted right) for the decoder's other Linears. Forward pre-hooks, no_grad,
            padded batches (padding rows are masked out, so the sum does not depend on the batch size).
-           Each batch's XᵀX is a float32 matmul, added into a float64 sum (see docs/site-statistics).
+           Each batch's XᵀX is a float32 matmul, added into a float64 sum (see docs/site-statistics.md).
 fisher::W  F = (1/n) Σ_i (∂ℓ_i/∂W)², ℓ_i = Σ_k log p(y_k | prompt, y_<k), example i's summed answer
            log-likelihood (the same answer tokens as `medmerge.loss`); one backward pass per example.
 
@@ -266,9 +266,9 @@ def compute_statistics(
     """Compute `kinds` statistics of the expert in `expert_dir` on its training questions; write them
     into `out_dir` (default: the expert folder) and return that folder.
 
-    `specs` default to the SPECs of the expert's manifest. Up to `max_examples` training questions
-    (default 256) feed the Gram matrices; the first `fisher_examples` of them (default 64, at most
-    `max_examples`) the Fisher. The questions are a seeded sample (the config's seed) of the split.
+    `specs` default to the SPECs of the expert's manifest. Up to `max_examples` training questions are
+    used (default 256 for the Gram, 64 for the Fisher; `fisher_examples` sets the Fisher's apart). They
+    are a seeded sample (the config's seed) of the split; the Fisher's are the first of the Gram's.
     """
     expert_dir = Path(expert_dir)
     out = Path(out_dir) if out_dir is not None else expert_dir
@@ -300,6 +300,8 @@ def compute_statistics(
     grams = (
         collect_grams(model, modules, picked[:n_gram], pad_id, batch_size, progress) if n_gram else Grams()
     )
+    gram_tensors = grams.float32()  # the float64 sums go before the Fisher pass needs its memory
+    grams.sums.clear()
     fishers = collect_fishers(model, modules, picked[:n_fisher], pad_id, progress)
     info = {
         "examples": len(picked),
@@ -325,5 +327,5 @@ def compute_statistics(
         },
         "tokens_counted": "non-padding input tokens (causal: prompt + answer; seq2seq: encoder + decoder)",
     }
-    write_statistics(out, grams.float32(), fishers, info, aliases=grams.aliases)
+    write_statistics(out, gram_tensors, fishers, info, aliases=grams.aliases)
     return out

@@ -1,0 +1,54 @@
+"""The coordinator refuses an adapter for another base or with wrong shapes, in one line naming the site;
+the objective aggregates site numbers as configured; a party's config copy holds only its own SPECs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from medmerge.errors import MedmergeError
+from medmerge.federated.checks import base_shapes, check_adapter
+from medmerge.federated.config import FederatedConfig
+from medmerge.federated.verdict import objective
+from medmerge.federated.wire import Payload
+from medmerge.manifest import checksum
+
+KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+
+
+def adapter(a_shape, b_shape) -> dict[str, bytes]:
+    tensors = {KEY.format("A"): torch.zeros(a_shape), KEY.format("B"): torch.zeros(b_shape)}
+    return {"adapter_model.safetensors": save(tensors), "adapter_config.json": json.dumps({"r": 4}).encode()}
+
+
+def test_adapter_checks(tiny_llama):
+    shapes, digest = base_shapes(tiny_llama), checksum(tiny_llama)
+    out_f, in_f = shapes["model.layers.0.self_attn.q_proj.weight"]
+    meta = {"base": {"checksum": digest}}
+    check_adapter("north", meta, adapter((4, in_f), (out_f, 4)), digest, shapes)
+    with pytest.raises(MedmergeError, match=r"^site north: adapter trained on another base") as exc:
+        check_adapter(
+            "north", {"base": {"checksum": "0" * 64}}, adapter((4, in_f), (out_f, 4)), digest, shapes
+        )
+    assert "\n" not in str(exc.value)
+    with pytest.raises(MedmergeError, match=r"^site south: adapter tensor .* does not fit"):
+        check_adapter("south", meta, adapter((4, in_f + 1), (out_f, 4)), digest, shapes)
+
+
+def test_objective_and_party_copies(tiny_qa_jsonl):
+    numbers = {"a": {"nll_sum": 10.0, "tokens": 10}, "b": {"nll_sum": 30.0, "tokens": 10}}
+    assert objective(numbers, "tokens") == 2.0 and objective(numbers, "sites") == 2.0
+    assert objective(numbers, "worst_site") == 3.0
+    config = FederatedConfig(sites=[{"name": "a", "data": [f"jsonl:{tiny_qa_jsonl}"]}, {"name": "b"}])
+    assert all(not s.data for s in config.for_party(None).sites)
+    assert config.for_party("a").site("a").data and not config.for_party("b").site("a").data
+
+
+def test_payload_round_trip():
+    pytest.importorskip("flwr")
+    p = Payload("score", {"recipe": {"method": "linear"}}, {"x": b"\x00\x01"})
+    assert Payload.from_record(p.to_record()) == p
+    assert p.size == len(p.meta_text().encode()) + 2
