@@ -13,7 +13,7 @@ would be) and the answers are scored against the references:
 Every setting is scored twice from the same generation: as generated, and cut where `stop_repeat_tokens`
 would stop the stream (the answer's last N tokens already occurred in it; `engines.cut_at_repeat`, the
 exact cut `ask` / `serve` make). Chosen: among rows with mean rep-4 ≤ 0.05, the highest BERTScore F1
-(ties: ROUGE-L); the lowest rep-4 if no row qualifies.
+(ties: ROUGE-L, then the row with the stop); the lowest rep-4 if no row qualifies.
 
     .venv/bin/python bench/answer_defaults.py [--questions 24] [--max-new-tokens 128] [--work DIR]
 
@@ -128,7 +128,10 @@ def pick(rows: list[dict]) -> dict:
     fine = [r for r in rows if r["rep4"] <= MAX_REP4]
     if not fine:
         return min(rows, key=lambda r: r["rep4"])
-    return max(fine, key=lambda r: (round(r["bertscore"], 3), r["rougeL"]))
+    # ties (same scores to 3 decimals): the row with the repeat stop, a safety net that costs nothing there
+    return max(
+        fine, key=lambda r: (round(r["bertscore"], 3), round(r["rougeL"], 3), "+ stop" in r["setting"])
+    )
 
 
 def render(rows: list[dict], chosen: dict, args: argparse.Namespace) -> str:

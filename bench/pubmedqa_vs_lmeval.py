@@ -13,7 +13,8 @@ questions on which the two predictions differ, and the largest log-likelihood di
         [--lm-eval /tmp/lmeval/bin/lm_eval] [--threads 1] [--batch-size 8]
 
 `--half test`: PubMedQA's official 500-question test set (rebuilt offline by the publisher's split
-script, see medmerge.evaluate.choices); `--half all`: the labelled 1,000.
+script, see medmerge.evaluate.choices); `--half cv`: the other 500 (its cross-validation half);
+`--half all`: the labelled 1,000.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _lm_eval_samples(root: Path) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--half", choices=["test", "all"], default="test")
+    parser.add_argument("--half", choices=["test", "cv", "all"], default="test")
     parser.add_argument("--limit", type=int, default=None, help="first n questions of the half")
     parser.add_argument("--lm-eval", default="/tmp/lmeval/bin/lm_eval")
     parser.add_argument("--threads", type=int, default=1)
@@ -103,9 +104,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     pairs = load_dataset("pubmedqa").pairs
-    if args.half == "test":
+    if args.half != "all":
         half = official_test_half(pairs)
-        pairs = [p for p in pairs if p.id in half]
+        pairs = [p for p in pairs if (p.id in half) == (args.half == "test")]
     pairs = pairs[: args.limit] if args.limit else pairs
     docs = [
         {

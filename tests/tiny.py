@@ -58,15 +58,16 @@ def build_tokenizer(kind: str, vocab_size: int = 300):
     return tokenizer
 
 
-def build_tiny_llama(out: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 32, 4 heads, 2 kv heads, untied embeddings) with random weights."""
+def build_tiny_llama(out: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer Llama (hidden 32 by default, MLP 2×hidden, 4 heads, 2 kv heads, untied embeddings) with
+    random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer("causal")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -348,6 +348,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 def cmd_federate(args: argparse.Namespace) -> int:
     from medmerge.config import load_config
+    from medmerge.extras import require
+
+    require("medmerge federate", "flwr", "cryptography", "optuna")
     from medmerge.federated.config import FederatedConfig
     from medmerge.federated.launcher import federate
 
@@ -455,7 +458,7 @@ def _add_answer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML answer config (notice, max_question_chars, max_new_tokens, ...)")
     p.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (default 256)")
     p.add_argument("--greedy", action="store_true", help="plain greedy decoding (no penalty, no repeat stop)")
-    p.add_argument("--repetition-penalty", type=float, help="penalty on the answer's tokens (default 1.2)")
+    p.add_argument("--repetition-penalty", type=float, help="penalty on the answer's tokens (default 1.1)")
     p.add_argument("--no-repeat-ngram", dest="no_repeat_ngram_size", type=int, help="never repeat an n-gram")
     p.add_argument("--stop-repeat-tokens", type=int, help="stop once the last n tokens repeat (default 12)")
     p.add_argument("--temperature", type=float, help="sample at this temperature (default 0: no sampling)")
@@ -491,6 +494,9 @@ def _add_ask(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from medmerge.extras import require
+
+    require("medmerge serve", "fastapi", "uvicorn")
     from medmerge.export.engines import open_engine
     from medmerge.export.serve import run_server
 

@@ -113,21 +113,24 @@ def test_medmerge_data_names_a_mirror(bare_python, source_root, tmp_path, spec, 
 
 
 def _stub_checkout(root: Path) -> Path:
-    """scripts/setup.sh and pyproject.toml with an installed-looking .venv stamped as up to date."""
+    """scripts/setup.sh, pyproject.toml and constraints.txt with an installed-looking .venv stamped as up
+    to date (the stamp is setup.sh's: the hash of those files and the MEDMERGE_TORCH choice)."""
     (root / "scripts").mkdir(parents=True)
-    for name in ("scripts/setup.sh", "pyproject.toml"):
+    files = ("pyproject.toml", "constraints.txt", "scripts/setup.sh")
+    for name in files:
         shutil.copy(REPO / name, root / name)
     bin_dir = root / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     for tool in ("python", "medmerge"):
         (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
         (bin_dir / tool).chmod(0o755)
-    stamp = hashlib.sha256((root / "pyproject.toml").read_bytes() + (root / "scripts/setup.sh").read_bytes())
+    stamp = hashlib.sha256(b"".join((root / name).read_bytes() for name in files) + b"torch: \n")
     (root / ".venv" / ".medmerge-install-stamp").write_text(stamp.hexdigest() + "\n")
     return root
 
 
-def test_setup_registers_shared_datasets_only_when_present(tmp_path):
+def test_setup_registers_shared_datasets_only_when_present(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDMERGE_TORCH", raising=False)
     checkout = _stub_checkout(tmp_path / "medmerge")
     mirrors = checkout / ".venv" / "medmerge-data-mirrors.txt"
     shared = tmp_path / "shared" / "datasets"

@@ -201,3 +201,18 @@ def test_llama_cpp_receives_the_same_settings(monkeypatch, tmp_path):
         "temp": 0.7,
         "repeat_penalty": 1.0,
     }
+
+
+@pytest.mark.slow
+def test_real_model_no_longer_loops_on_the_reported_question(embedded_cache):
+    """The reported loop: SmolLM2-135M, greedy, repeats a list item until the limit; the defaults do not."""
+    from medmerge.evaluate.metrics import repetition_rates
+
+    engine = open_engine("smollm2-135m", "torch", threads=1)
+    prompt = prompt_ids(engine, "What are the symptoms of type 2 diabetes?")
+    greedy = stream_text(engine, prompt, 128)
+    greedy_text = "".join(greedy)
+    answer = stream_text(engine, prompt, 128, ANSWER_DECODING)
+    text = "".join(answer)
+    assert greedy.finish_reason == "length" and repetition_rates([greedy_text])[0] > 0.2
+    assert repetition_rates([text])[0] < 0.05 and "diabetes" in text.lower()

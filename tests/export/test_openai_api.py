@@ -190,12 +190,15 @@ class _Endless:
     def __init__(self, engine):
         self.kind, self.tokenizer, self.eos, self.name = engine.kind, engine.tokenizer, engine.eos, "endless"
         self.produced = 0
+        self.words = engine.tokenizer("the patient has a cough and a fever", add_special_tokens=False)[
+            "input_ids"
+        ]
 
     def stream_ids(self, prompt, n, decoding):
         for _ in range(n):
             self.produced += 1
             threading.Event().wait(0.01)
-            yield 300 + self.produced % 50
+            yield self.words[self.produced % len(self.words)]
 
 
 def test_a_client_that_leaves_frees_the_engine(engine):

@@ -146,9 +146,9 @@ def test_a_site_killed_mid_search_is_dropped(tmp_path, tiny_llama):
     with LocalFederation(config, tmp_path / "fed") as federation:
         verdict_path = federation.run(timeout=600, on_poll=kill_after_exchange)
     verdict = json.loads(verdict_path.read_text())["verdict"]
-    assert set(verdict["dropped_sites"]) == {"south"} and verdict["dropped_sites"]["south"].startswith(
-        "search"
-    )
+    # killed right after storing its peers: its reply to the exchange may or may not have gone out
+    assert set(verdict["dropped_sites"]) == {"south"}
+    assert verdict["dropped_sites"]["south"].startswith(("exchange", "search"))
     assert all(set(r["test_loss_per_site"]) == {"north", "north-2"} for r in verdict["table"])
     assert {r["model"] for r in verdict["table"]} >= {"base", "north", "north-2", "task_arithmetic"}
     report = (verdict_path.parent / "report.md").read_text()

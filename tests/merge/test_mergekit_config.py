@@ -74,6 +74,11 @@ CASES = [
         lambda b, x, y: _mm("ties", [(x, 1.0), (y, 0.7)], base=b, parameters={"density": 0.3}),
     ),
     (
+        "ties-per-model-density",  # each model trims to its own density
+        lambda b, x, y: _mk("ties", [_m(x, weight=1.0, density=0.5), _m(y, weight=0.7, density=0.3)], base=b),
+        lambda b, x, y: _mm("ties", [(x, 1.0), (y, 0.7)], base=b, parameters={"density": [0.5, 0.3]}),
+    ),
+    (
         "ties-global-density-int8-mask",
         lambda b, x, y: _mk(
             "ties",
@@ -238,11 +243,11 @@ def test_fields_medmerge_cannot_honour_are_refused_in_one_line(trio, change, say
     assert says in str(exc.value) and "\n" not in str(exc.value) and str(exc.value).startswith("mk.yml")
 
 
-def test_per_model_densities_that_differ_are_refused_in_one_line(trio) -> None:
+def test_per_model_gammas_that_differ_are_refused_in_one_line(trio) -> None:
     b, x, y = trio
-    config = _mk("ties", [_m(x, weight=1.0, density=0.5), _m(y, weight=1.0, density=0.3)], base=b)
-    with pytest.raises(MedmergeError, match="per-model density differs"):
-        from_mergekit(config, "mk.yml")
+    models = [_m(x, weight=1.0, density=0.9, gamma=0.01), _m(y, weight=1.0, density=0.9, gamma=0.02)]
+    with pytest.raises(MedmergeError, match="per-model gamma differs"):
+        from_mergekit(_mk("breadcrumbs_ties", models, base=b), "mk.yml")
 
 
 def test_ignored_fields_warn_once(trio, caplog) -> None:

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from medmerge.train import train_expert
-from tests.tiny import build_tokenizer
+from tests.tiny import build_tiny_llama
 from tests.train.helpers import tiny_config
 
 TOLERANCE_MIB = 32  # the leak held about 80 MiB of this model (weights, AdamW moments, best copy)
@@ -29,27 +28,7 @@ TOLERANCE_MIB = 32  # the leak held about 80 MiB of this model (weights, AdamW m
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama of hidden size 512 (about 20 MiB of float32 weights): big enough to see in RSS."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("models") / "small-llama"
-    tokenizer = build_tokenizer("causal")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "small-llama", hidden=512)
 
 
 def _rss_mib() -> float:

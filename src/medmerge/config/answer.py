@@ -58,7 +58,7 @@ class Decoding(StrictModel):
 
 GREEDY = Decoding()
 # Answer-time defaults, chosen by bench/answer_defaults.py (table in docs/serving.md).
-ANSWER_DECODING = Decoding(repetition_penalty=1.2, stop_repeat_tokens=12)
+ANSWER_DECODING = Decoding(repetition_penalty=1.1, stop_repeat_tokens=12)
 
 
 class AnswerConfig(StrictModel):

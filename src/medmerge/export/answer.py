@@ -143,10 +143,11 @@ class AnswerQueue:
 
     def _answer(self, job: Job) -> None:
         try:
-            job.stream = stream_text(self.engine, job.prompt, job.max_new_tokens, job.decoding)
+            # a client that went away (or a shut-down loop) stops the decoding at the next token
+            job.stream = stream_text(
+                self.engine, job.prompt, job.max_new_tokens, job.decoding, job.cancelled.is_set
+            )
             for piece in job.stream:
-                if job.cancelled.is_set():  # the client went away: stop decoding
-                    return
                 job.emit(piece)
             job.emit(_DONE)
         except Exception as exc:  # noqa: BLE001 - reported to the request; the worker keeps serving

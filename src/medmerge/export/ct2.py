@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medmerge.errors import MedmergeError
+from medmerge.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def guard_tied_embeddings(model: Any, folder: Path) -> dict[str, Any]:
 
 def convert_ct2(source: Path, out: Path, quantization: str) -> dict[str, Any]:
     """Convert the Hugging Face folder `source` into a CTranslate2 model in the (new, empty) folder `out`."""
+    require("export --format ct2", "ctranslate2")
     from ctranslate2.converters import TransformersConverter
 
     check_ct2_quantization(quantization)

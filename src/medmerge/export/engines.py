@@ -24,7 +24,7 @@ An engine keeps decoding state: one generation at a time per engine (serve queue
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -119,19 +119,24 @@ def prompt_ids(engine: Engine, question: str, system: str | None = None) -> list
 class TextStream:
     """The answer's text, piece by piece as tokens arrive (special tokens dropped); once iterated,
     `tokens` holds the answer's ids and `finish_reason` says why it ended: "stop" (eos), "repeat" (the
-    last `stop_repeat_tokens` ids repeated earlier ones) or "length" (`max_new_tokens` reached).
+    last `stop_repeat_tokens` ids repeated earlier ones), "length" (`max_new_tokens` reached) or
+    "cancelled" (`cancelled()` turned true: the stream ends at once, the rest of the text unsent).
 
     Pieces are differences of successive decodes of all ids so far, so multi-token characters and
     byte-level merges come out whole; a piece is held back while it ends in an incomplete character.
     """
 
-    def __init__(self, engine: Engine, prompt: list[int], max_new_tokens: int, decoding: Decoding) -> None:
-        self.engine, self.prompt, self.max_new_tokens, self.decoding = (
-            engine,
-            prompt,
-            max_new_tokens,
-            decoding,
-        )
+    def __init__(
+        self,
+        engine: Engine,
+        prompt: list[int],
+        max_new_tokens: int,
+        decoding: Decoding,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
+        self.engine, self.prompt, self.max_new_tokens = engine, prompt, max_new_tokens
+        self.decoding = decoding
+        self.cancelled = cancelled  # checked after every token: True ends decoding ("cancelled")
         self.tokens: list[int] = []
         self.finish_reason = "length"
 
@@ -142,6 +147,9 @@ class TextStream:
         steps = engine.stream_ids(self.prompt, self.max_new_tokens, self.decoding)
         try:
             for token in steps:
+                if self.cancelled is not None and self.cancelled():
+                    self.finish_reason = "cancelled"
+                    return
                 ids.append(token)
                 if token in engine.eos:
                     self.finish_reason = "stop"
@@ -164,10 +172,14 @@ class TextStream:
 
 
 def stream_text(
-    engine: Engine, prompt: list[int], max_new_tokens: int, decoding: Decoding = GREEDY
+    engine: Engine,
+    prompt: list[int],
+    max_new_tokens: int,
+    decoding: Decoding = GREEDY,
+    cancelled: Callable[[], bool] | None = None,
 ) -> TextStream:
     """The answer to `prompt` as a `TextStream` of text pieces (greedy unless `decoding` says otherwise)."""
-    return TextStream(engine, prompt, max_new_tokens, decoding)
+    return TextStream(engine, prompt, max_new_tokens, decoding, cancelled)
 
 
 def cut_at_repeat(ids: list[int], n: int, eos: Sequence[int]) -> list[int]:

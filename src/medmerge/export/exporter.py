@@ -115,7 +115,7 @@ def export_model(
             notes = convert_ct2(source, tmp, quantization)
         else:
             notes = write_gguf(source, tmp / gguf_file, quantization, exported_as=str(model))
-            write_modelfile(tmp, gguf_file, source)
+            write_modelfile(tmp, gguf_file, source, name=Path(str(model)).name)
         copy_tokenizer(source, tmp)
         manifest = build_manifest(
             "export",

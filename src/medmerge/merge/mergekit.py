@@ -239,8 +239,9 @@ def _method_parameters(
         )
     out: dict[str, Any] = {"lambda": settings["lambda"]}
     values = {k: [v[k] for _, v in inputs] for k in PER_MODEL[method] if k != "weight"}
-    for name in values:
-        out[name] = _agreed(values[name], name, where)
+    for name in values:  # density may differ per model (each τ_i trimmed to its own); the others may not
+        differs = name == "density" and len(set(values[name])) > 1
+        out[name] = list(values[name]) if differs else _agreed(values[name], name, where)
     if method in CONSENSUS and not settings["normalize"]:
         raise MedmergeError(
             f"{where}: parameters.normalize: false ({method}: the sum of the agreeing entries) is not "
@@ -320,12 +321,14 @@ def to_mergekit(
     else:
         if base is not None:
             out["base_model"] = str(base.resolve())
-        per_model = {k: params[k] for k in ("density", "gamma", "epsilon") if k in params}
+        shared = {k: params[k] for k in ("density", "gamma", "epsilon") if k in params}
         weighted = method not in ("model_stock", "karcher")
-        out["models"] = [
-            {"model": r, **({"parameters": {"weight": m.weight, **per_model}} if weighted else {})}
-            for r, m in zip(refs, config.models, strict=True)
-        ]
+        out["models"] = []
+        for i, (r, m) in enumerate(zip(refs, config.models, strict=True)):
+            own = {k: v[i] if isinstance(v, list) else v for k, v in shared.items()}  # per-model density
+            out["models"].append(
+                {"model": r, **({"parameters": {"weight": m.weight, **own}} if weighted else {})}
+            )
         out["parameters"] = _global_parameters(method, params)
         if method in RANDOM:
             notes.append(

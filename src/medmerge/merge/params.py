@@ -5,7 +5,7 @@ YAML names are the field names, except `lambda` (a Python keyword), read into `l
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -29,10 +29,15 @@ class TaskArithmeticParams(StrictModel):
     normalize: bool = Field(False, description="divide Σ w_i τ_i by Σ w_i")
 
 
+Density = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
 class TiesParams(StrictModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    density: float = Field(gt=0.0, le=1.0, description="fraction of entries of each τ_i kept")
+    density: Density | list[Density] = Field(
+        description="fraction of entries of each τ_i kept: one for every model, or a list, one per model"
+    )
     lam: float = Field(1.0, alias="lambda")
 
 
@@ -58,8 +63,9 @@ class DellaParams(DareTiesParams):
 
     @model_validator(mode="after")
     def _probabilities_in_range(self) -> DellaParams:
-        if self.density - self.epsilon <= 0 or self.density + self.epsilon > 1:
-            raise ValueError(f"density ± epsilon must lie in (0, 1], got {self.density} ± {self.epsilon}")
+        for density in self.density if isinstance(self.density, list) else [self.density]:
+            if density - self.epsilon <= 0 or density + self.epsilon > 1:
+                raise ValueError(f"density ± epsilon must lie in (0, 1], got {density} ± {self.epsilon}")
         return self
 
 

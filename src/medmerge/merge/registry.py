@@ -108,6 +108,9 @@ class MethodSpec:
         except ValidationError as exc:
             raise ValueError(format_validation_error(f"parameters of {self.name}", exc)) from None
         n = len(weights)
+        for name, value in params:  # a list-valued parameter holds one value per model
+            if isinstance(value, list) and len(value) != n:
+                raise ValueError(f"parameters of {self.name}: {name} has {len(value)} values for {n} models")
         if n < self.min_models or (self.max_models is not None and n > self.max_models):
             wanted = self.min_models if self.max_models == self.min_models else f"at least {self.min_models}"
             raise ValueError(f"{self.name} needs {wanted} models, got {n}")

@@ -14,6 +14,7 @@ from typing import Any
 
 from medmerge.config import MergeConfig, MergeInput, SearchSettings
 from medmerge.errors import MedmergeError
+from medmerge.extras import require
 from medmerge.merge.registry import MethodSpec, get_method
 from medmerge.merge.soup import greedy_soup_merge, soup_config
 from medmerge.merge.spaces import Setting, knob_names
@@ -72,6 +73,7 @@ def search_method(
     executor: Executor,
 ) -> SearchResult:
     """Search `method`'s knobs; `executor` scores a batch of trials (in parallel on Ray)."""
+    require("the merge search", "optuna")
     import optuna
 
     spec = get_method(method)

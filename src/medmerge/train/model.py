@@ -29,6 +29,7 @@ import torch
 
 from medmerge.config import LoraSettings, TrainConfig
 from medmerge.errors import MedmergeError
+from medmerge.extras import require
 from medmerge.models import ModelKind, load_model, model_kind, resolve_model
 from medmerge.train.dropout import use_counter_dropout
 
@@ -84,6 +85,7 @@ def load_base(config: TrainConfig, path: Path, kind: ModelKind, device: torch.de
     """The base model for `config.method`: float32, or 4-bit NF4 for qlora."""
     if config.method != "qlora":
         return load_model(path).to(device)
+    require("method: qlora", "bitsandbytes")
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -36,6 +36,7 @@ import torch
 from medmerge.config import TrainConfig
 from medmerge.data import pad_batch
 from medmerge.errors import MedmergeError
+from medmerge.extras import require
 from medmerge.loss import token_nll
 from medmerge.train.examples import answer_tokens, example_tokens
 from medmerge.train.loop import Trainer
@@ -87,10 +88,9 @@ def read_privacy(expert_dir: str | Path) -> PrivacyRecord | None:
 
 
 def _opacus() -> Any:
-    try:
-        import opacus
-    except ImportError:
-        raise MedmergeError("privacy: needs the opacus package (pip install opacus==1.6.0)") from None
+    require("privacy (DP-SGD)", "opacus")
+    import opacus
+
     return opacus
 
 
