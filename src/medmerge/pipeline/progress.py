@@ -6,6 +6,7 @@ import sys
 import time
 
 from medmerge.config import ExperimentConfig
+from medmerge.merge import get_method
 
 
 class Progress:
@@ -14,7 +15,9 @@ class Progress:
     def __init__(self, config: ExperimentConfig, enabled: bool = True) -> None:
         experts = len(config.experts) + int(config.multitask)
         methods = len(config.methods)
-        self.total = experts + methods + methods * len(config.spaces) + 3  # + validation, evaluation, verdict
+        statistics = len(config.experts) if any(get_method(m).needs_statistics for m in config.methods) else 0
+        # + validation, evaluation, verdict
+        self.total = experts + statistics + methods + methods * len(config.spaces) + 3
         self.enabled = enabled
         self.step = 0
         self.started = time.perf_counter()
