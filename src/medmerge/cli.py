@@ -335,13 +335,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--out", required=True, metavar="DIR", help="experiment folder (created or resumed)")
     run.add_argument("--ray", metavar="ADDRESS", help="Ray cluster for trials ('auto-local': start one)")
     run.add_argument("--no-ray", action="store_true", help="never use Ray, even where it is installed")
-    run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one setting of the YAML (dotted key, YAML value), e.g. --set train.max_steps=100",
-    )
+    _add_set_option(run)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     run.set_defaults(handler=cmd_run)
 
@@ -374,8 +368,18 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
         "--insecure", action="store_true", help="plaintext, loopback --host only (no TLS, no node auth)"
     )
     p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on and sites dial")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    _add_set_option(p)
     p.set_defaults(handler=cmd_federate)
+
+
+def _add_set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting of the YAML (dotted key, YAML value), e.g. --set train.max_steps=100",
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
