@@ -134,13 +134,18 @@ def tsv_delta(
     return (u_perp * torch.cat(ss)) @ vh_perp
 
 
+def _spectral(name: str, base, thetas, weights, lam: float, delta, *args) -> Merged:
+    """θ_base + λ·delta(τ, w, *args) for a weight matrix; θ_base + λ·Σ w_i τ_i / Σ w_i for any other."""
+    taus = _task_vectors(base, thetas)
+    if not is_matrix(name, base):
+        return _mean_fallback(base, taus, weights, lam)
+    return Merged(delta(taus, weights, *args).mul_(lam).add_(base))
+
+
 def tsv(name: str, base, thetas, weights, p, extras: Extras | None = None) -> Merged:
     """TSV-M (Gargiulo et al., CVPR 2025): θ = θ_base + λ·tsv_delta(τ); non-matrix tensors:
     θ_base + λ·Σ w_i τ_i / Σ w_i."""
-    taus = _task_vectors(base, thetas)
-    if not is_matrix(name, base):
-        return _mean_fallback(base, taus, weights, p.lam)
-    return Merged(tsv_delta(taus, weights, p.rank_fraction).mul_(p.lam).add_(base))
+    return _spectral(name, base, thetas, weights, p.lam, tsv_delta, p.rank_fraction)
 
 
 def iso_c_delta(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -153,10 +158,7 @@ def iso_c_delta(taus: Sequence[torch.Tensor], weights: Sequence[float]) -> torch
 def iso_c(name: str, base, thetas, weights, p, extras: Extras | None = None) -> Merged:
     """Iso-C (Marczak et al., 2025): θ = θ_base + λ·mean(σ(M))·U Vᵀ, M = Σ w̃_i τ_i = U S Vᵀ; non-matrix
     tensors: θ_base + λ·Σ w_i τ_i / Σ w_i."""
-    taus = _task_vectors(base, thetas)
-    if not is_matrix(name, base):
-        return _mean_fallback(base, taus, weights, p.lam)
-    return Merged(iso_c_delta(taus, weights).mul_(p.lam).add_(base))
+    return _spectral(name, base, thetas, weights, p.lam, iso_c_delta)
 
 
 def iso_cts_delta(
@@ -187,10 +189,7 @@ def iso_cts_delta(
 def iso_cts(name: str, base, thetas, weights, p, extras: Extras | None = None) -> Merged:
     """Iso-CTS (Marczak et al., 2025): θ = θ_base + λ·iso_cts_delta(τ); non-matrix tensors:
     θ_base + λ·Σ w_i τ_i / Σ w_i."""
-    taus = _task_vectors(base, thetas)
-    if not is_matrix(name, base):
-        return _mean_fallback(base, taus, weights, p.lam)
-    return Merged(iso_cts_delta(taus, weights, p.common_fraction).mul_(p.lam).add_(base))
+    return _spectral(name, base, thetas, weights, p.lam, iso_cts_delta, p.common_fraction)
 
 
 def _merge_updates(name: str, updates: list[torch.Tensor], weights, p, spectral: bool) -> Merged:
