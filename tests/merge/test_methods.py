@@ -213,6 +213,7 @@ SETTINGS = {
     "iso_cts": {"lambda": 0.5},
     "core_space": {"inner": "ties", "density": 1.0},  # without factors: the inner merge in full space
     "regmean": {},  # without statistics: the average
+    "regmean_plus_plus": {},  # without its data pass: the average
     "fisher": {},
 }
 # Iso-C/CTS flatten the spectrum, so only a task vector with a flat spectrum survives them unchanged

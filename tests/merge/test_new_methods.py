@@ -63,6 +63,23 @@ def test_knots_ties_merges_the_aligned_v_blocks():
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_knots_ties_on_low_rank_updates_keeps_only_their_rank():
+    """Rank-2 updates (as LoRA's): the SVD of [τ_1 τ_2] has rank ≤ 4; its rows of σ ≈ 0 are arbitrary and
+    must not enter the TIES trim. The merge equals TIES of the V blocks cut to the true rank, by hand."""
+    torch.manual_seed(2)
+    base = torch.randn(12, 10)
+    taus = [torch.randn(12, 2) @ torch.randn(2, 10) for _ in range(2)]
+    out = _merge("knots", base, [base + t for t in taus], inner="ties", density=0.3)
+    u, s, vh = torch.linalg.svd(torch.cat(taus, dim=1), full_matrices=False)
+    k = 4  # rank of [τ_1 τ_2]
+    assert float(s[k]) < 1e-5 * float(s[0])
+    blocks = [vh[:k, :10], vh[:k, 10:]]
+    v_star = generalized_task_arithmetic(
+        torch.zeros(k, 10), blocks, [1.0, 1.0], sparsifier="magnitude", density=0.3, sign_consensus=True
+    ).tensor
+    torch.testing.assert_close(out, base + (u[:, :k] * s[:k]) @ v_star, atol=1e-5, rtol=1e-5)
+
+
 def test_knots_falls_back_to_the_inner_merge_on_vectors_and_embeddings():
     base = torch.zeros(4)
     thetas = [torch.tensor([1.0, -2.0, 0.1, 0.0]), torch.tensor([1.0, 1.0, -0.3, 0.0])]

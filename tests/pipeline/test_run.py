@@ -54,6 +54,7 @@ def experiment(tmp_path_factory, tiny_llama) -> Path:
             "autocast": "off",
         },
         "threads": 1,
+        "isolate_steps": False,  # one process: fast; test_isolated_steps_give_the_same_study runs them apart
         "search": {"trials": 2, "validation_examples": 8, "seed": 0},
         "evaluate": {
             "ood": [f"jsonl:{ood}"],
@@ -117,6 +118,22 @@ def test_changed_search_setting_reruns_only_search_and_below(experiment, tmp_pat
     err = capsys.readouterr().err
     assert "training expert" not in err and "expert cardio: cached, skipped" in err
     assert "searching ties (3 trials" in err
+
+
+def test_isolated_steps_give_the_same_study(experiment, tmp_path):
+    """Each heavy step in its own child process (the default, for memory: issue #11 §6) gives the same
+    experts, searches and verdict as one process."""
+    data = yaml.safe_load(experiment.read_text()) | {"methods": ["ties"], "spaces": ["full"]}
+    verdicts = {}
+    for isolate in (False, True):
+        path = tmp_path / f"isolate-{isolate}.yaml"
+        path.write_text(yaml.safe_dump(data | {"isolate_steps": isolate}))
+        out = tmp_path / f"run-{isolate}"
+        assert main(["run", str(path), "--out", str(out), "--no-ray", "-q"]) == 0
+        verdicts[isolate] = json.loads((out / "verdict.json").read_text())["verdict"]["table"]
+        search = json.loads((out / "search" / "ties.json").read_text())
+        verdicts[isolate].append(search["trials"])
+    assert verdicts[True] == verdicts[False]
 
 
 def test_bad_experiment_configs(tmp_path, experiment):

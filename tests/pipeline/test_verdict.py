@@ -68,7 +68,11 @@ def test_verdict_compares_on_validation_choice_and_in_hindsight() -> None:
     assert "in hindsight, b, the merge's test loss is not lower (Δ = +0.1000" in text
     assert "closed by the merge: 50.0%" in text
 
-    data = v.to_json()  # verdict.json keeps its shape
+    (linear,) = v.by_method  # every method's gap closed, per domain: (L_a − L_m) / (L_a − L_multitask)
+    assert linear.gap_closed == {"in-domain": pytest.approx(0.5), "out-of-domain": pytest.approx(2.0)}
+    assert v.families == ()  # only data-free methods: no family to compare with them
+
+    data = v.to_json()  # verdict.json keeps its shape, and gains the by-method keys at its end
     assert list(data) == [
         "chosen_merge",
         "best_expert",
@@ -77,6 +81,8 @@ def test_verdict_compares_on_validation_choice_and_in_hindsight() -> None:
         "hindsight",
         "gap",
         "gap_closed",
+        "by_method",
+        "families",
     ]
     assert data["table"][0] == {
         "model": "a",

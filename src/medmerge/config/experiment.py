@@ -80,6 +80,11 @@ class ExperimentConfig(SplitSettings, ThreadsSetting):
         default_factory=StatisticsSettings, description="site statistics for data-aware merges"
     )
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings, description="how models are scored")
+    isolate_steps: bool = Field(
+        default=True,
+        description="train, compute statistics, search and evaluate each in a child process, so that the"
+        " study's peak memory is its largest step's (off: one process, as under torchrun)",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -10,7 +10,8 @@ medmerge.evaluate.scorer.merge_loss_scorer(config.scorer).
 Methods (one registry, medmerge.merge.registry.METHODS): linear, soup_greedy, slerp, task_arithmetic,
 ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, karcher;
 spectral / LoRA-native (medmerge.merge.spectral): knots, tsv, iso_c, iso_cts, core_space; data-aware,
-from the sites' statistics (medmerge.merge.data_aware): regmean, fisher.
+from the sites' statistics (medmerge.merge.data_aware): regmean, fisher; from the experts' training
+data, run through the merged model block by block (medmerge.merge.regmean_pp): regmean_plus_plus.
 Formulas and conventions: docs/merging.md.
 """
 

@@ -6,6 +6,9 @@ output folder is built under a temporary name and renamed into place when comple
 (config, input checksums, versions and per-tensor statistics), the model card `README.md`
 (medmerge.model_card) and `mergekit_config.yml`, the same merge for mergekit (medmerge.merge.mergekit).
 Greedy-soup methods run their walk (medmerge.merge.soup) with the caller's scorer, then merge the soup here.
+Methods that read the experts' training data (RegMean++) first run their pass over the blocks
+(medmerge.merge.regmean_pp), which merges each block with this loop as it goes; their output is then
+held in memory (one float32 copy of the merged model) until written.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +27,7 @@ from tqdm.auto import tqdm
 from medmerge.config import MergeConfig
 from medmerge.errors import MedmergeError
 from medmerge.manifest import atomic_dir, build_manifest, write_json_atomic
-from medmerge.merge import checks
+from medmerge.merge import checks, regmean_pp
 from medmerge.merge.checksums import input_checksums
 from medmerge.merge.mergekit import MERGEKIT_FILE, to_mergekit
 from medmerge.merge.methods import Extras
@@ -123,9 +127,27 @@ def merge_tensors(
     progress: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor, dict]]:
     """Yield (name, merged float32 tensor or copied non-float tensor, stats) for each name, in order.
-    Inputs that lack what the method needs (site statistics, LoRA factors) are refused here, at once."""
+    Inputs that lack what the method needs (site statistics, LoRA factors, training data) are refused
+    here, at once; a method that needs the experts' data runs its whole pass here too."""
     statistics = _statistics(spec, sources)
+    if spec.needs_data:
+        merged = _data_pass(spec, params, base, sources, weights, progress)
+        return ((name, *merged.pop(name)) for name in names)
     return _stream(spec, params, base, sources, weights, names, progress, statistics)
+
+
+def _data_pass(spec, params, base, sources, weights, progress) -> dict[str, tuple[torch.Tensor, dict]]:
+    """RegMean++'s pass over the experts' data (medmerge.merge.regmean_pp): every tensor merged by this
+    engine's loop and the method's tensor function, each block with the Grams the pass took for it."""
+    reads_grams = replace(spec, needs_statistics=frozenset({"gram"}), needs_data=False)
+
+    def merge(names: list[str], grams: list) -> Iterator[tuple[str, torch.Tensor, dict]]:
+        return _stream(reads_grams, params, base, sources, weights, names, False, grams)
+
+    reference = base if base is not None else sources[0]
+    return regmean_pp.regmean_plus_plus(
+        reference.path, sources, params.examples, params.batch_size, merge, progress
+    )
 
 
 def _stream(spec, params, base, sources, weights, names, progress, statistics) -> Iterator:

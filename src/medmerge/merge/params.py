@@ -128,5 +128,10 @@ class RegMeanParams(StrictModel):
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="scale of the Gram matrices' off-diagonal entries")
 
 
+class RegMeanPlusPlusParams(RegMeanParams):
+    examples: int = Field(64, ge=1, description="training questions per expert run through the layers")
+    batch_size: int = Field(8, ge=1, description="questions per forward pass (padding is masked out)")
+
+
 class FisherParams(StrictModel):
     epsilon: float = Field(1e-8, ge=0.0, description="absolute floor added to every Fisher entry")

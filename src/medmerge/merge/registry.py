@@ -3,7 +3,8 @@
 Every method name medmerge accepts is a key of `METHODS`; `get_method(name)` raises a one-line error
 listing the choices. A spec owns the method's parameters model (unknown keys are an error) and its
 input contract (`check`), the driver that runs it, its tensor function, and its search space with the
-default first trial, and what it reads beyond θ (site statistics, LoRA factors). Adding a method = one
+default first trial, and what it reads beyond θ (site statistics, LoRA factors, the experts' training
+data: `needs_data`, which a federation must refuse). Adding a method = one
 entry here + its tensor function (medmerge.merge.methods, .spectral or .data_aware) + its section in
 docs/merging.md (tests/merge/test_registry.py checks all three).
 """
@@ -36,6 +37,7 @@ from medmerge.merge.params import (
     ModelStockParams,
     NoParams,
     RegMeanParams,
+    RegMeanPlusPlusParams,
     SlerpParams,
     TaskArithmeticParams,
     TiesParams,
@@ -50,6 +52,9 @@ Driver = Literal["per_tensor", "greedy_soup"]
 # per_tensor: the streaming engine calls `merge` once per tensor name;
 # greedy_soup: an evaluation-driven walk over uniform linear merges (needs a scorer; merge.soup)
 BaseUse = Literal["required", "optional", "unused"]
+Family = Literal["data_free", "spectral", "data_aware"]
+# data_free: weight arithmetic on θ and τ alone (mergekit's methods, soups); spectral: LoRA-native and
+# spectral methods (SVD of the task matrices, no data); data_aware: weighted by statistics of site data
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,12 @@ class MethodSpec:
     # hands them over per tensor in Extras.statistics
     needs_statistics: frozenset[str] = frozenset()
     needs_factors: bool = False  # every input must be a LoRA adapter; Extras.factors holds its (B′, A′)
+    # the merge reads the experts' TRAINING DATA (their questions run through the models at merge time),
+    # not only weights and statistics a site may share: the engine runs the method's pass over it and
+    # hands its tensor function the Grams it takes in Extras.statistics (regmean_plus_plus:
+    # medmerge.merge.regmean_pp). A federation, which never sees the sites' data, must refuse such methods.
+    needs_data: bool = False
+    family: Family = "data_free"  # what the verdict compares: each family's best against the data-free best
 
     def __post_init__(self) -> None:
         if (self.driver == "per_tensor") != (self.merge is not None):
@@ -83,6 +94,8 @@ class MethodSpec:
             raise ValueError(f"{self.name}: an optional base needs base_switch, and only it")
         if self.random_masks != ("seed" in self.params.model_fields):
             raise ValueError(f"{self.name}: random_masks goes with a `seed` parameter")
+        if self.needs_data and (self.driver != "per_tensor" or self.needs_statistics or self.needs_factors):
+            raise ValueError(f"{self.name}: needs_data is a per_tensor method's only input beyond θ")
         self.params.model_validate(self.default)
 
     @property
@@ -200,6 +213,7 @@ def _spectral_method(
         nonzero_weight_sum=True,
         space=spaces.with_knobs(spaces.task_vector_space(), **{k: v[:2] for k, v in knobs.items()}),
         default={"lambda": 1.0, **{k: v[2] for k, v in knobs.items()}},
+        family="spectral",
     )
 
 
@@ -207,6 +221,7 @@ _TRIM = {"density": 0.5, "lambda": 1.0}
 _INNER = {"inner": "ties", "density": 0.5, "lambda": 1.0}
 _BREADCRUMBS = {"density": 0.9, "gamma": 0.01, "lambda": 1.0}
 _DELLA = {"density": 0.5, "epsilon": 0.1, "lambda": 1.0}
+_ALPHA = spaces.with_knobs(spaces.weights_only, alpha=(0.5, 1.0))  # RegMean's and RegMean++'s space
 
 METHODS: dict[str, MethodSpec] = {
     s.name: s
@@ -311,6 +326,7 @@ METHODS: dict[str, MethodSpec] = {
             random_masks=True,
             space=spaces.task_vector_space("density"),
             default=_INNER,
+            family="spectral",
         ),
         _spectral_method("tsv", TsvParams, spectral.tsv, "low-rank task matrices, decorrelated (TSV-M)"),
         _spectral_method("iso_c", IsoCParams, spectral.iso_c, "isotropic spectrum of Σ τ_i"),
@@ -331,6 +347,7 @@ METHODS: dict[str, MethodSpec] = {
             random_masks=True,
             space=spaces.task_vector_space("density"),
             default=_INNER,
+            family="spectral",
         ),
         MethodSpec(
             "regmean",
@@ -338,8 +355,20 @@ METHODS: dict[str, MethodSpec] = {
             RegMeanParams,
             merge=data_aware.regmean,
             needs_statistics=frozenset({"gram"}),
+            family="data_aware",
             nonzero_weight_sum=True,
-            space=spaces.with_knobs(spaces.weights_only, alpha=(0.5, 1.0)),
+            space=_ALPHA,
+            default={"alpha": 0.9},
+        ),
+        MethodSpec(
+            "regmean_plus_plus",
+            "RegMean block by block on the merged model's own inputs (reads the training data)",
+            RegMeanPlusPlusParams,
+            merge=data_aware.regmean,
+            family="data_aware",
+            needs_data=True,
+            nonzero_weight_sum=True,
+            space=_ALPHA,
             default={"alpha": 0.9},
         ),
         MethodSpec(
@@ -348,6 +377,7 @@ METHODS: dict[str, MethodSpec] = {
             FisherParams,
             merge=data_aware.fisher,
             needs_statistics=frozenset({"fisher"}),
+            family="data_aware",
             nonzero_weight_sum=True,
             space=spaces.weights_only,
         ),

@@ -95,7 +95,8 @@ def _inner_stats(merged: Merged) -> dict[str, object]:
 
 def knots(name: str, base, thetas, weights, p, extras: Extras | None = None) -> Merged:
     """KnOTS (Stoica et al., ICLR 2025): one SVD of the column concatenation [τ_1 … τ_n] = U Σ [V_1ᵀ … V_nᵀ]
-    (out × n·in); the V_iᵀ blocks (k × in) are merged by the task-vector merge `p.inner` (over a zero base,
+    (out × n·in), cut to its numerical rank k (rows of σ ≈ 0 are arbitrary: kept, they would take part
+    in a TIES trim); the V_iᵀ blocks (k × in) are merged by the task-vector merge `p.inner` (over a zero base,
     with its density / λ), giving V*ᵀ; θ = θ_base + U Σ V*ᵀ. With inner "ta" this is task arithmetic
     exactly (U Σ Σ_i w_i V_iᵀ = Σ_i w_i τ_i). Non-matrix tensors: the inner merge of the τ_i themselves."""
     taus = _task_vectors(base, thetas)
@@ -106,7 +107,7 @@ def knots(name: str, base, thetas, weights, p, extras: Extras | None = None) -> 
             merged.tensor.add_(base), {"tau_norm": norms, "fallback": p.inner} | _inner_stats(merged)
         )
     cols = base.shape[1]
-    u, s, vh = torch.linalg.svd(torch.cat(taus, dim=1), full_matrices=False)  # vh: (k, n·in)
+    u, s, vh = _svd(torch.cat(taus, dim=1))  # vh: (k, n·in), k the numerical rank
     del taus
     blocks = [vh[:, i * cols : (i + 1) * cols].contiguous() for i in range(len(thetas))]
     del vh

@@ -24,12 +24,20 @@ class _Needs(Protocol):
     name: str
     needs_statistics: frozenset[str]
     needs_factors: bool
+    needs_data: bool
 
 
 def input_shortfall(spec: _Needs, folders: list[Path]) -> str | None:
     """One line naming the first expert folder that lacks what `spec` needs (statistics of some kind,
-    LoRA factors), or None when every folder has it. The engine refuses with it; a pipeline may skip."""
+    LoRA factors, a readable training set), or None when every folder has it. The engine refuses with
+    it; a pipeline may skip."""
     for folder in map(Path, folders):
+        if spec.needs_data:
+            from medmerge.merge.regmean_pp import data_shortfall
+
+            reason = data_shortfall(folder)
+            if reason is not None:
+                return reason
         if spec.needs_factors and not (folder / "adapter_config.json").is_file():
             return (
                 f"{folder}: {spec.name} merges LoRA factors B·A and needs PEFT LoRA adapters, "

@@ -7,7 +7,10 @@
                                multi-task and the best merge of each method
     out/report.md, verdict.json  which merge generalizes best, by how much, and the gap it closes
 
-Under `torchrun` every process trains (DDP); only rank 0 goes on to search, merge and evaluate.
+Each heavy step (a training, an expert's statistics, a method's search, the validation losses, the
+evaluation) runs in a child process (`StepContext.call`, medmerge.isolation), so the study's peak memory
+is its largest step's, not their sum. Under `torchrun` every process trains (DDP) in place; only rank 0
+goes on to search, merge and evaluate.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from medmerge.config import ExperimentConfig, MergeConfig, validate_config
 from medmerge.data import spec_checksum
+from medmerge.isolation import run_in_child
 from medmerge.manifest import build_manifest, checksum, write_json_atomic
 from medmerge.merge import get_method
 from medmerge.models import resolve_model
@@ -33,6 +38,7 @@ from medmerge.pipeline.steps import is_fresh, mark_done, step_key
 from medmerge.threads import use_threads
 
 STATISTICS_KEY = "statistics.key"  # in an expert folder: the step key of its site statistics
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from medmerge.evaluate.records import Evaluation
@@ -49,6 +55,15 @@ class StepContext:
     data_digests: dict[str, str | None]  # SPEC -> checksum of its file (None: not a local file)
     scoring: Scoring  # what validation losses are measured on
     executor: Executor = field(default_factory=Executor)  # after training: local, or Ray (rank 0 only)
+
+    def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in a child process when the experiment isolates its steps (so what the
+        step held is given back when it ends: medmerge.isolation); in this process under torchrun, on
+        Ray, or with `isolate_steps: false`."""
+        local = type(self.executor) is Executor and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        if self.config.isolate_steps and local:
+            return run_in_child(what, fn, *args, threads=self.config.threads, **kwargs)
+        return fn(*args, **kwargs)
 
 
 def run_experiment(
@@ -112,7 +127,9 @@ def _train_step(ctx: StepContext, name: str, specs: list[str]) -> TrainedExpert:
         shutil.rmtree(checkpoints)
     folder.parent.mkdir(parents=True, exist_ok=True)
     pending.write_text(key)
-    train_expert(train, folder, resume=resume, overwrite=True, progress=show.enabled)
+    ctx.call(
+        f"expert {name}", train_expert, train, folder, resume=resume, overwrite=True, progress=show.enabled
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         mark_done(folder, key, step="train", expert=name)
         pending.unlink(missing_ok=True)
@@ -156,7 +173,9 @@ def _statistics_step(ctx: StepContext, expert: TrainedExpert, kinds: list[str]) 
         return
     ctx.show.start(f"statistics ({', '.join(kinds)}) of expert {expert.name}")
     record.unlink(missing_ok=True)
-    compute_statistics(
+    ctx.call(
+        f"statistics of {expert.name}",
+        compute_statistics,
         expert.path,
         kinds=kinds,
         max_examples=settings.examples,
@@ -194,7 +213,16 @@ def _search_step(ctx: StepContext, method: str, experts: list[TrainedExpert]) ->
         return SearchRecord.from_json(json.loads(path.read_text()))
     show.start(f"searching {method} ({config.search.trials} trials, {config.search.sampler})")
     paths = [str(e.path) for e in experts]
-    result = search_method(method, config.base_model, paths, config.search, ctx.scoring, ctx.executor)
+    result = ctx.call(
+        f"search {method}",
+        search_method,
+        method,
+        config.base_model,
+        paths,
+        config.search,
+        ctx.scoring,
+        ctx.executor,
+    )
     record = SearchRecord(key=key, method=method, best=result.best, trials=result.trials)
     write_json_atomic(path, record.to_json())
     show.done(f"search {method}: validation loss {result.best.loss:.4f}")
@@ -271,7 +299,8 @@ def _validation_step(
     todo = [n for n in candidates if n not in records or records[n].key != keys[n]]
     if todo:
         ctx.show.start(f"validation loss of {len(todo)} models")
-        scores = ctx.executor.map(score_model, [(candidates[n], ctx.scoring) for n in todo])
+        calls = [(candidates[n], ctx.scoring) for n in todo]
+        scores = ctx.call("validation loss", ctx.executor.map, score_model, calls)
         for name, score in zip(todo, scores, strict=True):
             loss, per_dataset = score["loss"], score["per_dataset"]
             records[name] = ValidationRecord(keys[name], candidates[name], loss, per_dataset)
@@ -316,7 +345,9 @@ def _evaluate_step(
         f"evaluating {len(models)} models on {len(evaluate_config.data) + len(evaluate_config.ood)} sets"
     )
     cache_dir = ctx.out / "cache" / "evaluate"
-    evaluation = evaluate(models, evaluate_config, cache_dir=cache_dir, progress=show.enabled)
+    evaluation = ctx.call(
+        "evaluation", evaluate, models, evaluate_config, cache_dir=cache_dir, progress=show.enabled
+    )
     write_evaluation(evaluation, ctx.out / "evaluation", overwrite=True)
     show.done("evaluation")
     return evaluation

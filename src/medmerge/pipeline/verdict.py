@@ -27,6 +27,8 @@ from medmerge.evaluate.privacy import POST_PROCESSING
 from medmerge.evaluate.records import Evaluation
 from medmerge.evaluate.stats import PairedTest, paired_bootstrap
 from medmerge.manifest import build_manifest, write_json_atomic
+from medmerge.pipeline.by_method import FamilyTest, MethodGap, family_lines
+from medmerge.pipeline.by_method import markdown as by_method_markdown
 from medmerge.pipeline.progress import Progress
 from medmerge.pipeline.records import ValidationRecord
 
@@ -72,6 +74,8 @@ class Verdict:
     hindsight: dict[str, Hindsight]  # domain → oracle expert, where it is not the best expert
     gap: float | None = None  # L_expert − L_multitask (in-domain test loss); None: no multi-task model
     gap_closed: float | None = None  # module doc; None where gap ≤ 0
+    by_method: tuple[MethodGap, ...] = ()  # every evaluated method's gap closed per domain (by_method)
+    families: tuple[FamilyTest, ...] = ()  # each family's best merge − the data-free best
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -89,6 +93,8 @@ class Verdict:
         }
         if self.gap is not None:
             out |= {"gap": self.gap, "gap_closed": self.gap_closed}
+        out["by_method"] = [g.to_json() for g in self.by_method]
+        out["families"] = [t.to_json() for t in self.families]
         return out
 
 
@@ -278,6 +284,7 @@ def summary_lines(v: Verdict) -> list[str]:
     gap = _gap_line(v)
     if gap is not None:
         lines.append(gap)
+    lines += family_lines(list(v.families), lambda test: _versus(test, ""))
     return lines
 
 
@@ -301,6 +308,10 @@ def write_verdict(
             *summary_lines(v),
             "",
             table_markdown(v),
+            "",
+            "## Every method: the share of the best-expert-to-multi-task gap it closes",
+            "",
+            by_method_markdown(list(v.by_method), [d for d in DOMAINS if d in v.comparisons]),
             "",
             "Full generalization matrix with confidence intervals, heatmap and examples: "
             "[evaluation/report.md](evaluation/report.md). Search trials: `search/*.json`.",
