@@ -1,67 +1,23 @@
-"""`medmerge federate` end to end: a real SuperLink and two SuperNodes (separate processes, TLS and
-SuperNode authentication, a resident worker per site) on 127.0.0.1, tiny random models and tiny data:
-train → exchange → 2-trial search → 2 FedAvg rounds → evaluation → verdict; the coordinator's merge
-equals `merge_models`'; bytes per approach; no canary leaks. A second test (slow) kills one site's
-SuperNode with kill -9 mid-search: the study finishes with the others and says so."""
+"""`medmerge federate` end to end: a real SuperLink and one SuperNode per site (separate processes, TLS
+and SuperNode authentication, a resident worker per site) on 127.0.0.1, tiny random models and tiny
+data. The slow end-to-end test: two expert sites and an evaluate-only node holding an out-of-domain
+PubMedQA set; train → exchange → 2-trial search → 2 FedAvg rounds → evaluation → leave-one-site-out →
+verdict; the coordinator's merge equals `merge_models`'; bytes per approach; no canary leaks, on the
+wire or at the coordinator. A second slow test kills one site's SuperNode with kill -9 mid-search: the
+study finishes with the others, says which site was dropped, at which step, when and why, and leaves
+nothing half-written."""
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr")
 
-from medmerge.federated.config import FederatedConfig  # noqa: E402
 from medmerge.federated.launcher import LocalFederation  # noqa: E402
-
-TOPICS = {"north": ["hypertension", "angina", "stroke"], "south": ["eczema", "psoriasis", "acne"]}
-
-
-def canary(site: str, i: int) -> str:
-    return f"CANARY{site.upper()}{i:03d}ZQ"
-
-
-def write_site(path: Path, site: str, n: int = 30) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            topic = TOPICS[site][i % 3]
-            row = {
-                "question": f"What helps {topic}? {canary(site, i)}",
-                "answer": f"For {topic} rest. {canary(site, i)}a",
-            }
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
-def study(root: Path, base: Path, sites=tuple(TOPICS), trials: int = 2, **federation) -> FederatedConfig:
-    return FederatedConfig.model_validate(
-        {
-            "base_model": str(base),
-            "sites": [
-                {"name": s, "data": [f"jsonl:{write_site(root / f'{s}.jsonl', s.split('-')[0])}"]}
-                for s in sites
-            ],
-            "fractions": [0.6, 0.2, 0.2],
-            "threads": 1,
-            "train": {
-                "method": "lora",
-                "max_steps": 3,
-                "batch_size": 8,
-                "learning_rate": 0.01,
-                "eval_every": 0,
-                "checkpoint_every": 0,
-                "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                "autocast": "off",
-            },
-            "methods": ["task_arithmetic"],
-            "search": {"trials": trials, "validation_examples": 4, "seed": 0},
-            "evaluate": {"max_examples": 4},
-            "federation": {"per_question": True, "reply_timeout_s": 300, **federation},
-        }
-    )
+from tests.federated.common import TOPICS, study, with_evaluator, write_pubmedqa  # noqa: E402
 
 
 def test_federation_quick(tmp_path, tiny_llama):
@@ -83,7 +39,9 @@ def test_federation_end_to_end(tmp_path, tiny_llama):
     from medmerge.federated.site import recipe_config
     from medmerge.merge import merge_models
 
-    config = study(tmp_path, tiny_llama, fedavg={"rounds": 2, "local_steps": 2})
+    config = study(tmp_path, tiny_llama, fedavg={"rounds": 2, "local_steps": 2}, leave_one_out=True)
+    ood = write_pubmedqa(tmp_path / "pqal.json")
+    config = with_evaluator(config, ood)
     out = tmp_path / "fed"
     started = time.time()
     with LocalFederation(config, out, wire_log=True) as federation:
@@ -97,9 +55,16 @@ def test_federation_end_to_end(tmp_path, tiny_llama):
     verdict = json.loads(verdict_path.read_text())["verdict"]
     assert verdict["chosen_merge"] == "task_arithmetic" and verdict["best_expert"] in TOPICS
     assert {r["model"] for r in verdict["table"]} == {"base", "north", "south", "task_arithmetic", "fedavg"}
-    assert set(verdict["bytes"]["sent_to_site"]) == set(TOPICS) and not verdict["dropped_sites"]
+    assert set(verdict["bytes"]["sent_to_site"]) == {*TOPICS, "clinic"} and not verdict["dropped_sites"]
     approaches = verdict["bytes_by_approach"]
-    assert set(approaches) == {"one_shot", "fedavg", "evaluation"}
+    assert set(approaches) == {"one_shot", "fedavg", "evaluation", "leave_one_out"}
+    # out of domain at the evaluate-only node (it evaluates the FedAvg model too); leave-one-site-out
+    assert verdict["out_of_domain_sets"] == ["clinic:pubmedqa"]
+    assert all(r["out-of-domain:loss"] and r["out-of-domain:accuracy"] is not None for r in verdict["table"])
+    loso = {r["held_out"]: r for r in verdict["leave_one_site_out"]}
+    assert loso["north"]["experts"] == ["south"] and loso["south"]["experts"] == ["north"]
+    assert all(r["weights_match_coordinator"] for r in loso.values())
+    assert verdict["merges_sha256"]["task_arithmetic"]["sites_agree"] == [*TOPICS, "clinic"]
     print({k: {d: v[d]["north"] for d in v} for k, v in approaches.items()})
     fedavg = verdict["fedavg"]
     assert len(fedavg["rounds"]) == 2 and max(r["max_svd_error"] for r in fedavg["rounds"]) < 1e-5
@@ -122,7 +87,9 @@ def test_federation_end_to_end(tmp_path, tiny_llama):
     # privacy canaries: nothing the coordinator wrote or logged, nothing on the wire
     leaked = []
     places = [p for p in coordinator.rglob("*") if p.is_file()] + [out / "logs" / "superlink.log"]
-    places += [p for s in TOPICS for p in (federation.site_dir(s) / "wire").rglob("*") if p.is_file()]
+    places += [
+        p for s in (*TOPICS, "clinic") for p in (federation.site_dir(s) / "wire").rglob("*") if p.is_file()
+    ]
     assert any("wire" in str(p) for p in places)
     for path in places:
         data = path.read_bytes()
@@ -130,28 +97,52 @@ def test_federation_end_to_end(tmp_path, tiny_llama):
             leaked.append(str(path))
     assert not leaked
     # the canaries are real: the sites' own files do hold them
-    assert b"CANARY" in (tmp_path / "north.jsonl").read_bytes()
+    assert b"CANARY" in (tmp_path / "north.jsonl").read_bytes() and b"CANARYPUBMED" in ood.read_bytes()
 
 
 @pytest.mark.slow
 def test_a_site_killed_mid_search_is_dropped(tmp_path, tiny_llama):
     sites = ("north", "south", "north-2")
-    config = study(tmp_path, tiny_llama, sites, trials=3, reply_timeout_s=45, min_sites=2)
+    config = study(tmp_path, tiny_llama, sites, trials=3, reply_timeout_s=45, min_sites=2, leave_one_out=True)
 
     def kill_after_exchange(federation: LocalFederation) -> None:
         stored = federation.site_dir("south") / "peers" / "order.json"
         if stored.is_file() and federation.procs["supernode-south"].poll() is None:
             federation.kill_site("south")  # kill -9 its SuperNode mid-search
 
+    started = time.time()
     with LocalFederation(config, tmp_path / "fed") as federation:
         verdict_path = federation.run(timeout=600, on_poll=kill_after_exchange)
+    print(f"federation with a site killed: {time.time() - started:.1f}s")
+    coordinator = verdict_path.parent
     verdict = json.loads(verdict_path.read_text())["verdict"]
     # killed right after storing its peers: its reply to the exchange may or may not have gone out
     assert set(verdict["dropped_sites"]) == {"south"}
-    assert verdict["dropped_sites"]["south"].startswith(("exchange", "search"))
+    step = verdict["dropped_sites"]["south"]
+    assert step.startswith(("exchange", "search"))
+    drop = verdict["dropped"]["south"]  # which step, when, why
+    assert drop["step"] == step and drop["reason"] == "no reply within 45 s" and drop["after_s"] > 0
+    assert time.strptime(drop["at"], "%Y-%m-%dT%H:%M:%SZ")
     assert all(set(r["test_loss_per_site"]) == {"north", "north-2"} for r in verdict["table"])
     assert {r["model"] for r in verdict["table"]} >= {"base", "north", "north-2", "task_arithmetic"}
-    report = (verdict_path.parent / "report.md").read_text()
-    assert "Sites dropped" in report and "south" in report
-    leftovers = [p for p in (tmp_path / "fed" / "coordinator").rglob("*") if ".tmp" in p.name]
-    assert not leftovers  # every output was written atomically
+    report = (coordinator / "report.md").read_text()
+    assert (
+        "Sites dropped" in report and f"- south: at `{step}`" in report and "no reply within 45 s" in report
+    )
+    status = json.loads((coordinator / "status.json").read_text())
+    assert status["state"] == "finished" and set(status["dropped"]) == {"south"}
+    # leave-one-site-out goes on without it: its own row is skipped, the others' searches score at the rest
+    loso = {r["held_out"]: r for r in verdict["leave_one_site_out"]}
+    assert loso["south"]["skipped"].startswith("dropped at")
+    for held in ("north", "north-2"):
+        search = json.loads((coordinator / "loso" / held / "search" / "task_arithmetic.json").read_text())
+        assert search["scored_by"] == [s for s in ("north", "north-2") if s != held]
+        assert loso[held]["merge_test_loss"] > 0
+    # nothing half-written: no temporary names left, every output folder complete
+    leftovers = [
+        p for p in (tmp_path / "fed" / "coordinator").rglob("*") if ".tmp" in p.name or ".old-" in p.name
+    ]
+    assert not leftovers
+    for folder in (coordinator / "experts").iterdir():
+        assert {p.name for p in folder.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert list((coordinator / "merges" / "task_arithmetic").glob("*.safetensors"))

@@ -46,7 +46,12 @@ class FlowerSend:
         self.grid, self.timeout, self.nodes = grid, timeout, {}
 
     def __call__(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
-        targets = [self.nodes[s] for s in sites] if self.nodes else list(self.grid.get_node_ids())
+        # the first request (hello) goes to every node; its replies name the sites
+        targets = (
+            [self.nodes[s] for s in sites if s in self.nodes]
+            if self.nodes
+            else list(self.grid.get_node_ids())
+        )
         messages = [Message(request.to_record(), dst_node_id=n, message_type=ACTION) for n in targets]
         replies = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
@@ -82,9 +87,15 @@ def _coordinator(grid: Grid, context: Context) -> None:
         while len(list(grid.get_node_ids())) < wanted and time.time() < deadline:
             time.sleep(0.5)
         send = FlowerSend(grid, config.federation.reply_timeout_s)
-        exchange = Exchange(send, [s.name for s in config.sites], config.federation.min_sites)
+        exchange = Exchange(
+            send,
+            [s.name for s in config.sites],
+            config.federation.min_sites,
+            evaluators=config.evaluators,
+            reply_timeout_s=config.federation.reply_timeout_s,
+        )
         verdict = run_study(config, out, exchange)
-        _status(out, state="finished", verdict=str(verdict), dropped=exchange.dropped)
+        _status(out, state="finished", verdict=str(verdict), dropped=exchange.drops)
     except Exception as exc:  # noqa: BLE001
         _status(out, state="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
         print(json.dumps({"medmerge": "failed", "trace": traceback.format_exc()[-2000:]}))

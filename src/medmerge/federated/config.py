@@ -1,15 +1,20 @@
 """`medmerge federate` configs. One YAML describes the study; each party reads its part:
-the coordinator never reads a site's `data`, a site reads only its own (local mode writes each party
-its own copy: the coordinator's has no SPEC at all)."""
+the coordinator never reads a site's `data` or `ood`, a site reads only its own (local mode writes each
+party its own copy: the coordinator's has no SPEC at all).
+
+A site is an `expert` (it trains on `data`, scores the search on its validation split, evaluates its test
+split) or an `evaluate`-only node (no training data: it evaluates every model on its `ood` sets). Either
+kind may hold out-of-domain sets (`ood`: scored whole, as `medmerge evaluate --ood`)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from medmerge.config import (
     DataConfig,
+    EvaluateConfig,
     EvaluateSettings,
     SearchSettings,
     SplitSettings,
@@ -23,15 +28,42 @@ from medmerge.config.experiment import _every_method
 
 
 class SiteSpec(StrictModel):
-    """A site: its name and (only in the site's own copy) the dataset SPECs it trains and tests on."""
+    """A site: its name, its role and (only in the site's own copy) the dataset SPECs it holds."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    data: list[str] = Field(default_factory=list)
+    role: Literal["expert", "evaluate"] = Field(
+        "expert", description="expert: trains, scores the search, evaluates; evaluate: evaluates only"
+    )
+    data: list[str] = Field(default_factory=list, description="SPECs it trains, validates and tests on")
+    ood: list[str] = Field(default_factory=list, description="out-of-domain SPECs it evaluates (whole)")
 
-    @field_validator("data")
+    @field_validator("data", "ood")
     @classmethod
     def _specs(cls, specs: list[str]) -> list[str]:
         return normalised_specs(specs)
+
+    @model_validator(mode="after")
+    def _evaluators_hold_no_training_data(self) -> SiteSpec:
+        if self.role == "evaluate" and self.data:
+            raise ValueError(f"site {self.name}: an evaluate-only node has no `data` (give `ood` SPECs)")
+        return self
+
+
+class FederatedEvaluateSettings(EvaluateSettings):
+    """`evaluate` of a federated study: as `medmerge run`'s, but out-of-domain sets live at the sites
+    (`sites[].ood`), and generation (ROUGE, BLEU, chrF, BERTScore at each site) is off unless asked."""
+
+    generate: bool = Field(default=False, description="generate answers at each site (text metrics)")
+
+    @field_validator("ood")
+    @classmethod
+    def _ood_lives_at_a_site(cls, specs: list[str]) -> list[str]:
+        if specs:
+            raise ValueError(
+                "a federated study has no global out-of-domain set: give it to the site or evaluate-only "
+                "node that holds it (sites: [{name: ..., role: evaluate, ood: [...]}])"
+            )
+        return specs
 
 
 class FedAvgSettings(StrictModel):
@@ -47,7 +79,12 @@ class FederationSettings(StrictModel):
     )
     per_question: bool = Field(False, description="sites may send per-question test losses (bootstrap)")
     reply_timeout_s: float = Field(900, gt=0, description="a site silent this long is dropped")
-    min_sites: int = Field(2, ge=1, description="fewest sites the study may finish with")
+    min_sites: int = Field(2, ge=1, description="fewest expert sites the study may finish with")
+    leave_one_out: bool = Field(
+        False,
+        description="leave-one-site-out: for each expert site, search and merge the others' adapters on "
+        "the others' validation splits, and score that merge on the held-out site's test split",
+    )
     fedavg: FedAvgSettings = FedAvgSettings()
 
 
@@ -58,7 +95,7 @@ class FederatedConfig(SplitSettings, ThreadsSetting):
     train: TrainSettings = Field(default_factory=TrainSettings)
     methods: list[str] = Field(default_factory=_every_method)
     search: SearchSettings = SearchSettings()
-    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    evaluate: FederatedEvaluateSettings = Field(default_factory=FederatedEvaluateSettings)
     federation: FederationSettings = FederationSettings()
 
     @field_validator("sites")
@@ -67,15 +104,29 @@ class FederatedConfig(SplitSettings, ThreadsSetting):
         names = [s.name for s in sites]
         if len(set(names)) != len(names) or {"base", "fedavg"} & set(names):
             raise ValueError(f"site names must be unique and not 'base' or 'fedavg', got {names}")
+        if sum(s.role == "expert" for s in sites) < 2:
+            raise ValueError(f"a federated study needs at least 2 expert sites, got {names}")
         return sites
 
     def site(self, name: str) -> SiteSpec:
         return next(s for s in self.sites if s.name == name)
 
+    @property
+    def evaluators(self) -> list[str]:
+        """The evaluate-only nodes."""
+        return [s.name for s in self.sites if s.role == "evaluate"]
+
     def for_party(self, site: str | None) -> FederatedConfig:
         """The copy a party reads: a site keeps only its own SPECs, the coordinator (None) none."""
-        sites = [s.model_copy(update={"data": s.data if s.name == site else []}) for s in self.sites]
+        sites = [s if s.name == site else s.model_copy(update={"data": [], "ood": []}) for s in self.sites]
         return self.model_copy(update={"sites": sites})
+
+    def evaluate_config(self, name: str) -> EvaluateConfig:
+        """Site `name`'s evaluation (from its own copy): its test split in domain, its `ood` sets whole."""
+        site = self.site(name)
+        settings = self.split_settings().model_dump() | self.evaluate.model_dump(exclude_unset=True)
+        settings |= {"generate": self.evaluate.generate, "data": site.data, "ood": site.ood}
+        return EvaluateConfig.model_validate(settings)
 
     def train_config(self, specs: list[str]) -> TrainConfig:
         data = DataConfig(specs=specs, **self.split_settings().model_dump(), max_examples=self.train_examples)

@@ -5,11 +5,16 @@ the sites' data arrives as numbers from `Exchange.ask`.
     out/search/<method>.json    every federated trial: recipe, per-site Σ nll and tokens, objective
     out/merges/<method>/        the best recipe of each method, merged (medmerge.merge.merge_models)
     out/fedavg/                 the FedAvg baseline: model/ (base + every round's exact average), rounds
+    out/loso/<site>/search/     leave-one-site-out: the searches over the other sites (leave_one_out)
+    out/evaluation.json         the site-reported evaluation, pooled (medmerge-evaluation/1)
     out/verdict.json, report.md the verdict from site-reported numbers; bytes sent per site
+
+Every file and folder is written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +24,7 @@ from typing import Any
 from medmerge.errors import MedmergeError
 from medmerge.federated.checks import base_shapes, check_adapter, check_shapes
 from medmerge.federated.config import FederatedConfig
-from medmerge.federated.site import ADAPTER_FILES, recipe_config, write_adapter
+from medmerge.federated.site import ADAPTER_FILES, recipe_config, state_digest, write_adapter
 from medmerge.federated.verdict import objective, write_verdict
 from medmerge.federated.wire import Payload
 from medmerge.manifest import build_manifest, write_json_atomic
@@ -27,36 +32,63 @@ from medmerge.manifest import build_manifest, write_json_atomic
 
 @dataclass
 class Exchange:
-    """Sends one request to every active site and collects their replies (`send`: Flower, or a test
-    double); a site that fails or stays silent is dropped, and the study goes on without it."""
+    """Sends one request to the active sites (all, or those named) and collects their replies (`send`:
+    Flower, or a test double); a site that fails or stays silent is dropped, and the study goes on
+    without it while at least `min_sites` expert sites remain."""
 
     send: Callable[[Payload, list[str]], dict[str, Payload]]
     sites: list[str]
     min_sites: int
+    evaluators: list[str] = field(default_factory=list)  # evaluate-only nodes
+    reply_timeout_s: float | None = None  # how long a silent site was waited for (for the verdict)
     dropped: dict[str, str] = field(default_factory=dict)  # site -> at which step
+    drops: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> step, time, reason
     sent: dict[str, int] = field(default_factory=dict)  # bytes to each site
     received: dict[str, int] = field(default_factory=dict)  # bytes from each site
-    phase: str = "one_shot"  # what the bytes are counted for: one_shot | fedavg | evaluation
+    phase: str = "one_shot"  # what the bytes are counted for: one_shot | fedavg | evaluation | …
     phases: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # phase -> sent/received
+    started: float = field(default_factory=time.time)
 
-    def ask(self, request: Payload, step: str) -> dict[str, Payload]:
-        active = [s for s in self.sites if s not in self.dropped]
-        replies = self.send(request, active)
+    @property
+    def experts(self) -> list[str]:
+        """The expert sites still active."""
+        return [s for s in self.sites if s not in self.evaluators and s not in self.dropped]
+
+    def ask(self, request: Payload, step: str, to: list[str] | None = None) -> dict[str, Payload]:
+        active = [s for s in (self.sites if to is None else to) if s not in self.dropped]
+        replies = self.send(request, active) if active else {}
         counts = self.phases.setdefault(self.phase, {"sent_to_site": {}, "received_from_site": {}})
         for site in active:
             self.sent[site] = self.sent.get(site, 0) + request.size
             counts["sent_to_site"][site] = counts["sent_to_site"].get(site, 0) + request.size
             reply = replies.get(site)
             if reply is None or reply.kind == "error":
-                self.dropped[site] = step
+                self._drop(site, step, reply)
             else:
                 self.received[site] = self.received.get(site, 0) + reply.size
                 got = counts["received_from_site"]
                 got[site] = got.get(site, 0) + reply.size
-        alive = [s for s in active if s not in self.dropped]
-        if len(alive) < self.min_sites:
-            raise MedmergeError(f"federation: only {len(alive)} site(s) left at {step} ({self.dropped})")
-        return {s: replies[s] for s in alive}
+        if len(self.experts) < self.min_sites:
+            raise MedmergeError(
+                f"federation: only {len(self.experts)} expert site(s) left at {step} ({self.dropped})"
+            )
+        return {s: replies[s] for s in active if s not in self.dropped}
+
+    def _drop(self, site: str, step: str, reply: Payload | None) -> None:
+        """Record when and why `site` was dropped: no reply in time, or its one-line error's type."""
+        now = time.time()
+        if reply is None:
+            wait = f" within {self.reply_timeout_s:.0f} s" if self.reply_timeout_s else ""
+            reason = f"no reply{wait}"
+        else:
+            reason = f"error ({str(reply.meta.get('error', '')).split(':')[0] or 'unknown'})"
+        self.dropped[site] = step
+        self.drops[site] = {
+            "step": step,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "after_s": round(now - self.started, 1),
+            "reason": reason,
+        }
 
 
 def _identity(base_model: str) -> tuple[Path, str, dict]:
@@ -73,9 +105,10 @@ def _identity(base_model: str) -> tuple[Path, str, dict]:
 def run_study(config: FederatedConfig, out: Path, exchange: Exchange) -> Path:
     """The whole federated study; returns out/verdict.json."""
     out.mkdir(parents=True, exist_ok=True)
+    exchange.ask(Payload("hello"), "join")
     with ThreadPoolExecutor(1) as pool:  # torch loads and the base is hashed while the sites train
         identity = pool.submit(_identity, config.base_model)
-        trained = exchange.ask(Payload("train"), "train")
+        trained = exchange.ask(Payload("train"), "train", exchange.experts)
         base, base_sum, shapes = identity.result()
     blobs, manifests = {}, {}
     for site, reply in trained.items():
@@ -84,19 +117,17 @@ def run_study(config: FederatedConfig, out: Path, exchange: Exchange) -> Path:
         blobs |= {f"{site}/{f}": reply.blobs[f] for f in ADAPTER_FILES}
     order = [s for s in config.sites if s.name in trained]
     names = [s.name for s in order]
-    experts = [str(write_adapter(out / "experts" / n, blobs, n, config.base_model)) for n in names]
+    experts = {n: str(write_adapter(out / "experts" / n, blobs, n, config.base_model)) for n in names}
     write_json_atomic(out / "sites.json", {"order": names, "manifests": manifests})
     exchange.ask(Payload("adapters", {"order": names}, blobs), "exchange")
 
-    searches = {m: _search(config, m, names, exchange, out) for m in _methods(config)}
-    merges = {}
+    searches = {m: _search(config, m, names, exchange, out / "search") for m in _methods(config)}
     for method, best in searches.items():
         from medmerge.merge import merge_models
 
-        merges[method] = out / "merges" / method
         merge_models(
-            recipe_config(best["recipe"], config.base_model, experts),
-            merges[method],
+            recipe_config(best["recipe"], config.base_model, list(experts.values())),
+            out / "merges" / method,
             overwrite=True,
             progress=False,
         )
@@ -108,12 +139,64 @@ def run_study(config: FederatedConfig, out: Path, exchange: Exchange) -> Path:
     models |= {"fedavg": "fedavg"} if fedavg else {}
     exchange.phase = "evaluation"
     results = exchange.ask(Payload("evaluate", {"models": models}), "evaluate")
-    return write_verdict(config, out, names, searches, results, exchange, manifests, fedavg)
+    digests = {m: _digest(config, best["recipe"], experts) for m, best in searches.items()}
+    loso = (
+        leave_one_out(config, out, names, experts, exchange, results)
+        if config.federation.leave_one_out
+        else None
+    )
+    return write_verdict(config, out, names, searches, results, exchange, manifests, fedavg, loso, digests)
+
+
+def _digest(config: FederatedConfig, recipe: dict[str, Any], experts: dict[str, str]) -> str:
+    """SHA-256 of the recipe's merged weights (site.state_digest), as the sites compute it."""
+    from medmerge.merge import merged_state
+
+    folders = [experts[n] for n in recipe["experts"]]
+    return state_digest(merged_state(recipe_config(recipe, config.base_model, folders)))
+
+
+def leave_one_out(
+    config: FederatedConfig,
+    out: Path,
+    names: list[str],
+    experts: dict[str, str],
+    exchange: Exchange,
+    results: dict,
+) -> list[dict[str, Any]]:
+    """Leave-one-site-out: for each expert site, search each method over the other sites' adapters,
+    scored on the other sites' validation splits only; the held-out site alone then scores each
+    method's best merge on its test split. Rows built by verdict.leave_one_out_row."""
+    from medmerge.federated.verdict import leave_one_out_row
+
+    exchange.phase, rows = "leave_one_out", []
+    for held in names:
+        others = [n for n in names if n != held]
+        scorers = [n for n in others if n not in exchange.dropped]
+        if held in exchange.dropped or held not in results or not scorers:
+            why = f"dropped at {exchange.dropped[held]}" if held in exchange.dropped else "no other site left"
+            rows.append({"held_out": held, "skipped": why})
+            continue
+        folder, label = out / "loso" / held / "search", f"leave-one-out {held}: "
+        searches = {m: _search(config, m, others, exchange, folder, scorers, label) for m in _methods(config)}
+        request = {"models": {m: b["recipe"] for m, b in searches.items()}, "validation": False}
+        replies = exchange.ask(
+            Payload("evaluate", request | {"domains": ["in-domain"]}), f"{label}evaluate", [held]
+        )
+        if held not in replies:
+            rows.append({"held_out": held, "skipped": f"dropped at {exchange.dropped[held]}"})
+            continue
+        digests = {m: _digest(config, b["recipe"], experts) for m, b in searches.items()}
+        record = {"held_out": held, "experts": others, "searches": searches, "reply": replies[held]}
+        rows.append(leave_one_out_row(config, record | {"digests": digests}, results))
+    exchange.phase = "one_shot"
+    return rows
 
 
 def run_fedavg(config: FederatedConfig, out: Path, exchange: Exchange, base: Path, shapes: dict) -> dict:
-    """FedAvg of LoRA over the active sites (federated/fedavg.py): each round the sites train on the
-    global model; the coordinator averages their updates exactly and everyone adds the average."""
+    """FedAvg of LoRA over the active sites (federated/fedavg.py): each round the expert sites train on
+    the global model; the coordinator averages their updates exactly and everyone (evaluate-only nodes
+    too, which evaluate it) adds the average."""
     import shutil
 
     from medmerge.federated.fedavg import AGGREGATE, aggregate, apply_aggregate
@@ -124,6 +207,7 @@ def run_fedavg(config: FederatedConfig, out: Path, exchange: Exchange, base: Pat
         last = number == settings.rounds  # the last request only adds the last average at the sites
         meta = {"round": number, "local_steps": 0 if last else settings.local_steps}
         replies = exchange.ask(Payload("fedavg", meta, blobs), f"fedavg round {number}")
+        replies = {s: r for s, r in replies.items() if r.blobs}  # evaluate-only nodes train nothing
         if last:
             break
         for site, reply in replies.items():
@@ -151,8 +235,17 @@ def _methods(config: FederatedConfig) -> list[str]:
     return [m for m in config.methods if not get_method(m).needs_scorer and get_method(m).space is not None]
 
 
-def _search(config: FederatedConfig, method: str, names: list[str], exchange: Exchange, out: Path) -> dict:
-    """Optuna over the method's knobs; each trial's merge is built and scored at every site."""
+def _search(
+    config: FederatedConfig,
+    method: str,
+    names: list[str],
+    exchange: Exchange,
+    folder: Path,
+    scorers: list[str] | None = None,
+    label: str = "",
+) -> dict:
+    """Optuna over the method's knobs for a merge of the experts `names`; each trial's merge is built
+    and scored at the `scorers` (default: every active expert site); written to folder/<method>.json."""
     import optuna
 
     from medmerge.merge.registry import get_method
@@ -175,15 +268,20 @@ def _search(config: FederatedConfig, method: str, names: list[str], exchange: Ex
             "parameters": setting.parameters,
             "weights": weights,
             "seed": settings.seed,
+            "experts": names,
         }
-        replies = exchange.ask(Payload("score", {"recipe": recipe}), f"search {method} trial {number}")
+        step = f"{label}search {method} trial {number}"
+        replies = exchange.ask(Payload("score", {"recipe": recipe}), step, scorers or exchange.experts)
         numbers = {s: {k: r.meta[k] for k in ("nll_sum", "tokens")} for s, r in replies.items()}
+        if not numbers:
+            raise MedmergeError(f"federation: no site left to score {step}")
         loss = objective(numbers, config.federation.objective)
         study.tell(trial, loss)
         trials.append({"trial": number, "recipe": recipe, "loss": loss, "sites": numbers})
     best = min(trials, key=lambda t: t["loss"])
     record = {"method": method, "objective": config.federation.objective, "best": best, "trials": trials}
-    write_json_atomic(out / "search" / f"{method}.json", record)
+    record |= {"experts": names, "scored_by": list(dict.fromkeys(s for t in trials for s in t["sites"]))}
+    write_json_atomic(folder / f"{method}.json", record)
     return best
 
 

@@ -1,14 +1,23 @@
 """What a site does. Its SPECs, questions, answers, token ids and expert training stay in `out`; it
 answers each request with a Payload of adapters (safetensors bytes), checksums and numbers only.
 
+    hello     name and role (the coordinator learns which node is which site)
     train     train (or reuse) the site's LoRA expert; reply adapter + manifest (pairs, data checksum,
               training settings, base identity, DP ε when trained with DP)
     adapters  store every site's adapter under out/peers/<site>/, re-pointed at the local base
-    score     build the recipe's merge into a resident base model; reply validation Σ nll and tokens
-    fedavg    FedAvg round: add the coordinator's aggregate to out/fedavg/global, then (local_steps > 0)
-              train a fresh LoRA on it; reply that adapter and #pairs (federated/fedavg.py)
-    evaluate  base, experts and merges on the site's validation and test splits; reply Σ nll, tokens
-              (and per-question losses where the study allows)
+    score     build the recipe's merge (over the recipe's `experts`, default every peer) into a resident
+              base model; reply validation Σ nll and tokens
+    fedavg    FedAvg round: add the coordinator's aggregate to out/fedavg/global, then (local_steps > 0,
+              expert sites) train a fresh LoRA on it; reply that adapter and #pairs (federated/fedavg.py)
+    evaluate  every model on the site's validation split (Σ nll, tokens) and on each of its sets, in
+              domain (its test split) and out of domain (`ood`), with the metrics of `medmerge evaluate`
+              (medmerge.evaluate.runner: loss, PubMedQA accuracy, ROUGE/BLEU/chrF/BERTScore when
+              generating); reply per set and model Σ w·v and Σ w of every metric, the site's bootstrap
+              intervals, per-question values only where the study allows, and the SHA-256 of each merge's
+              weights as scored. Never the answers, question ids or set SPECs.
+
+An evaluate-only node (role `evaluate`) has no training data: it stores the adapters, applies FedAvg's
+aggregates without training, and evaluates on its `ood` sets.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 from medmerge.errors import MedmergeError
 from medmerge.federated.config import FederatedConfig
 from medmerge.federated.wire import Payload
+from medmerge.manifest import write_json_atomic
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -37,12 +47,19 @@ class Site:
     def specs(self) -> list[str]:
         return self.config.site(self.name).data
 
+    @property
+    def role(self) -> str:
+        return self.config.site(self.name).role
+
+    def hello(self, request: Payload) -> Payload:
+        return Payload("hello", {"site": self.name, "role": self.role})
+
     def handle(self, request: Payload) -> Payload:
         from medmerge.threads import use_threads
 
         use_threads(self.config.threads)
         handlers = {"train": self.train, "adapters": self.adapters, "score": self.score}
-        handlers |= {"evaluate": self.evaluate, "fedavg": self.fedavg}
+        handlers |= {"evaluate": self.evaluate, "fedavg": self.fedavg, "hello": self.hello}
         if request.kind not in handlers:
             raise MedmergeError(f"site {self.name}: unknown request {request.kind!r}")
         return handlers[request.kind](request)
@@ -54,8 +71,8 @@ class Site:
         from medmerge.models import resolve_model
         from medmerge.train import train_expert
 
-        if not self.specs:
-            raise MedmergeError(f"site {self.name}: no data SPECs in its config")
+        if not self.specs or self.role != "expert":
+            raise MedmergeError(f"site {self.name}: no data SPECs in its config (or an evaluate-only node)")
         train = self.config.train_config(self.specs)
         folder, key_file = self.out / "expert", self.out / "expert.key"
         key = hashlib.sha256(train.model_dump_json().encode()).hexdigest()
@@ -105,8 +122,8 @@ class Site:
             if current.is_dir():
                 shutil.rmtree(current)
             (folder / "next").rename(current)
-            state_file.write_text(json.dumps({"round": round_}))
-        steps = int(request.meta.get("local_steps", 0))
+            write_json_atomic(state_file, {"round": round_})
+        steps = int(request.meta.get("local_steps", 0)) if self.role == "expert" else 0
         if not steps:
             return Payload("fedavg", {"site": self.name, "round": round_})
         model = current if current.is_dir() else resolve_model(self.config.base_model)
@@ -129,76 +146,144 @@ class Site:
         order = request.meta["order"]
         for name in order:
             write_adapter(self.out / "peers" / name, request.blobs, name, self.config.base_model)
-        (self.out / "peers" / "order.json").write_text(json.dumps(order))
+        write_json_atomic(self.out / "peers" / "order.json", order)
         return Payload("adapters", {"site": self.name, "stored": order})
 
-    def _peers(self) -> list[str]:
+    def _peers(self, names: list[str] | None = None) -> list[str]:
+        """Folders of the stored peers' adapters: `names` (a recipe's experts) or every peer, in order."""
         order = json.loads((self.out / "peers" / "order.json").read_text())
-        return [str(self.out / "peers" / name) for name in order]
+        unknown = sorted(set(names or []) - set(order))
+        if unknown:
+            raise MedmergeError(f"site {self.name}: no adapter stored for {unknown}")
+        return [str(self.out / "peers" / name) for name in (order if names is None else names)]
+
+    def _load(self, model: str | dict[str, Any], resident: Any, dtype: str = "float32") -> tuple[Any, Any]:
+        """(the model, SHA-256 of its merged weights or None): "base", a peer, "fedavg", or a recipe
+        (dict) merged in memory into `resident` (the resident base model)."""
+        from medmerge.evaluate.scorer import load_weights
+        from medmerge.merge import merged_state
+        from medmerge.models import load_model, resolve_model
+
+        if isinstance(model, dict):
+            experts = self._peers(model.get("experts"))
+            state = merged_state(recipe_config(model, self.config.base_model, experts))
+            load_weights(resident, state)
+            return resident, state_digest(state)
+        if model == "base":
+            return load_model(resolve_model(self.config.base_model), dtype=dtype), None
+        folder = self.out / "fedavg" / "global" if model == "fedavg" else self.out / "peers" / model
+        return load_model(folder, dtype=dtype), None
 
     # ----------------------------------------------------------------------------------------- score
     def score(self, request: Payload) -> Payload:
-        losses = self._losses({"trial": request.meta["recipe"]}, "validation", self.config.search)
-        return Payload("score", {"site": self.name, **losses["trial"]})
+        return Payload(
+            "score", {"site": self.name, **self._validation({"trial": request.meta["recipe"]})["trial"]}
+        )
 
-    def evaluate(self, request: Payload) -> Payload:
-        models = request.meta["models"]
-        out = {
-            split: self._losses(models, split, self.config.search if split == "validation" else None)
-            for split in ("validation", "test")
-        }
-        if not self.config.federation.per_question:
-            for split in out.values():
-                for numbers in split.values():
-                    numbers.pop("per_question", None)
-        return Payload("evaluate", {"site": self.name, "results": out})
-
-    def _losses(self, models: dict[str, Any], split: str, search: Any) -> dict[str, dict[str, Any]]:
-        """{model: {nll_sum, tokens, per_question: [[nll, tokens], ...]}} on `split` of the site's SPECs;
-        a model is "base", a peer's name, or a recipe (dict) merged into the resident base model."""
+    def _validation(self, models: dict[str, Any]) -> dict[str, dict[str, float]]:
+        """{model: {nll_sum, tokens}} on the site's validation split (the search's settings)."""
         from medmerge.data import load_split
-        from medmerge.evaluate.scorer import encode_loss_batches, load_weights, per_question_loss
-        from medmerge.merge import merged_state
+        from medmerge.evaluate.scorer import encode_loss_batches, per_question_loss
         from medmerge.models import load_model, load_tokenizer, model_kind, resolve_model
 
-        settings = search or self.config.evaluate
-        limit = self.config.search.validation_examples if search is not None else settings.max_examples
-        split_settings = self.config.split_settings()
+        search, split = self.config.search, self.config.split_settings()
         pairs = [
             p
             for s in self.specs
-            for p in load_split(s, split, split_settings.split_seed, split_settings.fractions, limit)
+            for p in load_split(
+                s, "validation", split.split_seed, split.fractions, search.validation_examples
+            )
         ]
         base = resolve_model(self.config.base_model)
         batches, order = encode_loss_batches(
             pairs,
             load_tokenizer(base),
             model_kind(base),
-            batch_size=settings.batch_size,
-            max_prompt_tokens=settings.max_prompt_tokens,
-            max_answer_tokens=settings.max_answer_tokens,
+            batch_size=search.batch_size,
+            max_prompt_tokens=search.max_prompt_tokens,
+            max_answer_tokens=search.max_answer_tokens,
         )
-        peers = {Path(p).name: p for p in self._peers()} if (self.out / "peers").is_dir() else {}
         resident, results = load_model(base), {}
         for name, model in models.items():
-            if isinstance(model, dict):
-                load_weights(
-                    resident, merged_state(recipe_config(model, self.config.base_model, self._peers()))
-                )
-                scored = resident
-            elif model == "base":
-                scored = load_model(base)
-            elif model == "fedavg":
-                scored = load_model(self.out / "fedavg" / "global")
-            else:
-                scored = load_model(peers[model])
-            nll, tokens = per_question_loss(scored, batches, order)
-            results[name] = {
-                "nll_sum": sum(nll),
-                "tokens": sum(tokens),
-                "per_question": [[a, b] for a, b in zip(nll, tokens, strict=True)],
-            }
+            nll, tokens = per_question_loss(self._load(model, resident)[0], batches, order)
+            results[name] = {"nll_sum": sum(nll), "tokens": sum(tokens)}
         return results
+
+    # -------------------------------------------------------------------------------------- evaluate
+    def evaluate(self, request: Payload) -> Payload:
+        """Request meta: models {name: "base" | peer | "fedavg" | recipe}, and optionally validation
+        (default true) and domains (default both) to limit what is scored."""
+        from medmerge.evaluate.cache import EvalCache
+        from medmerge.evaluate.records import ModelRef
+        from medmerge.evaluate.runner import _evaluate_cell, _ModelRun, load_pairs
+        from medmerge.models import load_model, load_tokenizer, model_kind, resolve_model
+
+        models = request.meta["models"]
+        validation = self._validation(models) if request.meta.get("validation", True) and self.specs else {}
+        config, sets = self._sets(request.meta.get("domains", ["in-domain", "out-of-domain"]))
+        pairs = {label: load_pairs(s, config) for label, s in sets}
+        cells: dict[str, dict[str, Any]] = {label: {} for label, _ in sets}
+        digests: dict[str, str] = {}
+        base = resolve_model(self.config.base_model)
+        tokenizer, kind = load_tokenizer(base), model_kind(base)
+        resident = load_model(base, dtype=config.dtype) if sets else None
+        for name, model in models.items() if sets else ():
+            scored, digest = self._load(model, resident, config.dtype)
+            digests |= {name: digest} if digest else {}
+            run = _ModelRun(ModelRef(name, "", "", kind), tokenizer, config, EvalCache(None), False, scored)
+            for label, s in sets:
+                cells[label][name] = _wire(
+                    _evaluate_cell(run, s, pairs[label]), self.config.federation.per_question
+                )
+        meta = {
+            "site": self.name,
+            "validation": validation,
+            "sets": [{"name": label, "domain": s.domain, "n": len(pairs[label])} for label, s in sets],
+            "cells": cells,
+            "merges": digests,
+        }
+        return Payload("evaluate", meta)
+
+    def _sets(self, domains: list[str]) -> tuple[Any, list[tuple[str, Any]]]:
+        """The site's EvaluateConfig and its sets in `domains`, each labelled by its dataset kind alone
+        (`medquad`, `pubmedqa`, `jsonl`, with -2, -3 … where repeated): no path or SPEC leaves the site."""
+        from medmerge.data import parse_spec
+        from medmerge.evaluate.runner import eval_sets
+
+        config = self.config.evaluate_config(self.name)
+        if not config.data and not config.ood:
+            return config, []
+        labelled: list[tuple[str, Any]] = []
+        for s in eval_sets(config):
+            kind = parse_spec(s.spec).kind
+            taken = {label for label, _ in labelled}
+            label = next(n for n in [kind] + [f"{kind}-{k}" for k in range(2, 100)] if n not in taken)
+            labelled.append((label, s))
+        return config, [(label, s) for label, s in labelled if s.domain in domains]
+
+
+def _wire(cell: Any, per_question: bool) -> dict[str, Any]:
+    """What of an EvalCell crosses the wire: per metric Σ w·v and Σ w (w: answer tokens for the loss,
+    1 otherwise), the site's bootstrap intervals and corpus scores; per-question values and weights only
+    with `per_question`. Never the answers or question ids."""
+    sums = {}
+    for metric, values in cell.per_item.items():
+        weights = cell.weights.get(metric) or [1.0] * len(values)
+        sums[metric] = [sum(v * w for v, w in zip(values, weights, strict=True)), float(sum(weights))]
+    out = {"metrics": {k: v.as_dict() for k, v in cell.metrics.items()}, "sums": sums, "corpus": cell.corpus}
+    return out | ({"per_item": cell.per_item, "weights": cell.weights} if per_question else {})
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of a state dict's tensors (sorted by name; name, shape and float32 bytes of each)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def write_adapter(folder: Path, blobs: dict[str, bytes], name: str, base_model: str) -> Path:

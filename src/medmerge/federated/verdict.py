@@ -1,7 +1,18 @@
-"""The federated verdict, from site-reported numbers only: the merge chosen on federated validation
-loss against the best single expert (also chosen on validation), on the sites' pooled test answers
-(token-weighted, nats/token); a paired bootstrap (medmerge.evaluate.stats) where sites sent
-per-question losses; dropped sites and bytes sent per site."""
+"""The federated verdict, from site-reported numbers only, with the statistics of `medmerge run`
+(medmerge.pipeline.verdict, on the sites' reports pooled into one Evaluation): the merge chosen on
+federated validation loss against the best single expert (also chosen on validation), per domain — in
+domain: the expert sites' test splits; out of domain: the `ood` sets at sites and evaluate-only nodes —
+pooled question by question (loss token-weighted, nats/token; PubMedQA accuracy; ROUGE-L and BERTScore
+when the sites generate). Where the study lets sites send per-question values
+(`federation.per_question`): paired bootstrap tests and the expert best in hindsight, as in `medmerge
+run`; otherwise differences of pooled means only. No multi-task model can exist in a federation (it
+would pool the data), so there is no gap closed; FedAvg is the joint-training baseline.
+
+Leave-one-site-out rows (`federation.leave_one_out`): for each expert site, the merge searched over the
+other sites' adapters and validation splits, scored by the held-out site on its own test split, against
+the best other expert (chosen on the others' validation) and the base. Also: dropped sites (which step,
+when, why), bytes sent per site and approach, FedAvg, the SHA-256 of every merge as the sites scored it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,8 @@ from typing import Any
 
 from medmerge.federated.config import FederatedConfig
 from medmerge.manifest import build_manifest, write_json_atomic
+
+IN, OUT = "in-domain", "out-of-domain"
 
 
 def objective(numbers: dict[str, dict[str, Any]], kind: str) -> float:
@@ -22,19 +35,158 @@ def objective(numbers: dict[str, dict[str, Any]], kind: str) -> float:
     return sum(means.values()) / len(means) if kind == "sites" else max(means.values())
 
 
-def _pooled(results: dict[str, Any], split: str, model: str) -> float:
-    numbers = [r.meta["results"][split][model] for r in results.values()]
-    return sum(n["nll_sum"] for n in numbers) / max(sum(n["tokens"] for n in numbers), 1)
+def _site_cells(reply: Any, model: str, domain: str) -> list[dict[str, Any]]:
+    meta = reply.meta
+    return [meta["cells"][s["name"]][model] for s in meta["sets"] if s["domain"] == domain]
 
 
-def _per_question(results: dict[str, Any], model: str) -> tuple[list[float], list[float]] | None:
-    rows = []
-    for reply in results.values():
-        numbers = reply.meta["results"]["test"][model]
-        if "per_question" not in numbers:
+def site_loss(reply: Any, model: str, domain: str = IN) -> float | None:
+    """A site's pooled loss of `model` over its sets of `domain` (Σ nll / Σ tokens); None: no such set."""
+    sums = [cell["sums"]["loss"] for cell in _site_cells(reply, model, domain)]
+    return sum(s for s, _ in sums) / max(sum(w for _, w in sums), 1) if sums else None
+
+
+def _loss_vectors(reply: Any, model: str) -> tuple[list[float], list[float]]:
+    """Per-question losses and token weights of `model` on a site's in-domain sets."""
+    cells = _site_cells(reply, model, IN)
+    return [v for c in cells for v in c["per_item"]["loss"]], [w for c in cells for w in c["weights"]["loss"]]
+
+
+def evaluation_of(results: dict[str, Any], models: list[str], per_question: bool) -> Any:
+    """The sites' reports as one medmerge Evaluation: a set per (site, set), named `site:set`. Without
+    per-question values each cell holds one pooled value per metric, weighted by its Σ w."""
+    from medmerge.evaluate.records import CacheStats, EvalCell, Evaluation, ModelRef, ScoredSet, Timing
+    from medmerge.evaluate.stats import Interval
+
+    datasets, cells = [], {}
+    for site, reply in results.items():
+        for s in reply.meta["sets"]:
+            name, split = f"{site}:{s['name']}", "test" if s["domain"] == IN else None
+            datasets.append(ScoredSet(name, "", split, s["domain"], int(s["n"]), "", None))
+            for model in models:
+                wire = reply.meta["cells"][s["name"]][model]
+                if per_question:
+                    per_item, weights = wire["per_item"], wire["weights"]
+                else:
+                    per_item = {m: [total / max(w, 1e-300)] for m, (total, w) in wire["sums"].items()}
+                    weights = {m: [w] for m, (_, w) in wire["sums"].items()}
+                cells[(model, name)] = EvalCell(
+                    metrics={k: Interval(**v) for k, v in wire["metrics"].items()},
+                    corpus=wire["corpus"],
+                    timing=Timing(0.0, 0.0),
+                    cached={},
+                    reference_length=0.0,
+                    per_item=per_item,
+                    weights=weights,
+                    ids=[],
+                    answers=None,
+                )
+    note = "per-question values" if per_question else "one pooled value per set and metric, weight Σ w"
+    return Evaluation(
+        models=tuple(ModelRef(m, "", "", "") for m in models),
+        datasets=tuple(datasets),
+        cells=cells,
+        comparisons=(),
+        examples={},
+        settings={"per_question": per_question, "per_item": note, "source": "site-reported numbers"},
+        manifest={},
+        cache=CacheStats(None, 0, 0),
+    )
+
+
+def statistics_of(
+    evaluation: Any,
+    validation_loss: dict[str, float],
+    methods: list[str],
+    experts: list[str],
+    seed: int,
+    paired: bool,
+) -> Any:
+    """medmerge run's verdict numbers (a pipeline.verdict.Verdict) from the pooled site reports: the merge
+    method and the expert with the lowest validation loss; per domain and metric the question-pooled
+    means; with per-question values (`paired`) the paired bootstrap tests of merge − expert and against
+    the expert best in hindsight. No multi-task model exists in a federation: no gap closed."""
+    from medmerge.pipeline import verdict as single
+
+    sets_of = {d: [s.name for s in evaluation.datasets if s.domain == d] for d in single.DOMAINS}
+    present = [d for d, sets in sets_of.items() if sets]
+    metrics = [metric for metric, _ in single._columns(evaluation)]
+    merge = min(methods, key=lambda m: validation_loss[m])
+    expert = min(experts, key=lambda e: validation_loss[e])
+
+    def mean(model: str, domain: str, metric: str) -> float | None:
+        if not sets_of[domain]:
             return None
-        rows += [(nll / max(tokens, 1), tokens) for nll, tokens in numbers["per_question"]]
-    return [r[0] for r in rows], [r[1] for r in rows]
+        return single._mean(*single._pooled(evaluation, model, sets_of[domain], metric))
+
+    def test(a: str, b: str, domain: str, metric: str) -> Any:
+        return single._compare(evaluation, a, b, sets_of[domain], metric, seed) if paired else None
+
+    table = tuple(
+        single.VerdictRow(
+            m, validation_loss.get(m), {(d, k): mean(m, d, k) for d in sets_of for k in metrics}
+        )
+        for m in evaluation.model_names
+    )
+    comparisons = {d: {k: test(merge, expert, d, k) for k in metrics} for d in present} if paired else {}
+    hindsight = {}
+    for domain in present:
+        oracle = min(experts, key=lambda e: mean(e, domain, "loss"))
+        if oracle != expert:
+            hindsight[domain] = single.Hindsight(oracle, test(merge, oracle, domain, "loss"))
+    return single.Verdict(merge, expert, table, comparisons, hindsight)
+
+
+def leave_one_out_row(config: FederatedConfig, record: dict[str, Any], results: dict[str, Any]) -> dict:
+    """One held-out site's row: the merge of the others (method with the lowest validation loss on the
+    others' sites) against the best other expert (chosen likewise) and the base, on the held-out site's
+    test split; every number is that site's."""
+    from medmerge.evaluate.stats import paired_bootstrap
+
+    held, others, searches = record["held_out"], record["experts"], record["searches"]
+    main, reply = results[held], record["reply"]
+    alive = [s for s in others if s in results and results[s].meta["validation"]]
+    kind = config.federation.objective
+    choice = {e: objective({s: results[s].meta["validation"][e] for s in alive}, kind) for e in others}
+    method = min(searches, key=lambda m: searches[m]["loss"])
+    expert = min(others, key=lambda e: choice[e])
+    merge_loss, expert_loss = site_loss(reply, method), site_loss(main, expert)
+    test: dict[str, Any] = {"diff": merge_loss - expert_loss}
+    if config.federation.per_question:
+        (a, wa), (b, wb) = _loss_vectors(reply, method), _loss_vectors(main, expert)
+        test = paired_bootstrap(a, b, weights_a=wa, weights_b=wb, seed=config.search.seed).as_dict()
+    return {
+        "held_out": held,
+        "experts": others,
+        "method": method,
+        "recipe": searches[method]["recipe"],
+        "validation_loss": searches[method]["loss"],
+        "merge_test_loss": merge_loss,
+        "best_other_expert": expert,
+        "best_other_expert_test_loss": expert_loss,
+        "base_test_loss": site_loss(main, "base"),
+        "own_expert_test_loss": site_loss(main, held),
+        "merge_minus_best_other_expert": test,
+        "methods": {
+            m: {"validation_loss": best["loss"], "test_loss": site_loss(reply, m)}
+            for m, best in searches.items()
+        },
+        "weights_sha256": reply.meta["merges"].get(method),
+        "weights_match_coordinator": reply.meta["merges"].get(method) == record["digests"][method],
+    }
+
+
+def _federated_rows(statistics: Any, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The statistics table's rows, with the pooled in-domain test loss and each expert site's own."""
+    sites = [s for s in results if any(x["domain"] == IN for x in results[s].meta["sets"])]
+    return [
+        {
+            **row.to_json(),
+            "test_loss": row.value(IN, "loss"),
+            "test_loss_per_site": {s: site_loss(results[s], row.model) for s in sites},
+        }
+        for row in statistics.table
+    ]
 
 
 def write_verdict(
@@ -46,35 +198,27 @@ def write_verdict(
     exchange: Any,
     manifests: dict,
     fedavg: dict | None = None,
+    leave_one_out: list[dict] | None = None,
+    digests: dict[str, str] | None = None,
 ) -> Path:
-    from medmerge.evaluate.stats import paired_bootstrap
+    from medmerge.pipeline.verdict import summary_lines, table_markdown
+
+    per_question = config.federation.per_question
+    models = ["base", *names, *searches, *(["fedavg"] if fedavg else [])]
+    evaluation = evaluation_of(results, models, per_question)
+    write_json_atomic(out / "evaluation.json", evaluation.to_json())
 
     def validation(model: str) -> float:
-        numbers = {s: r.meta["results"]["validation"][model] for s, r in results.items()}
+        numbers = {s: r.meta["validation"][model] for s, r in results.items() if r.meta["validation"]}
         return objective(numbers, config.federation.objective)
 
-    models = ["base", *names, *searches, *(["fedavg"] if fedavg else [])]
-    table = [
-        {
-            "model": m,
-            "validation_loss": searches[m]["loss"] if m in searches else validation(m),
-            "test_loss": _pooled(results, "test", m),
-            "test_loss_per_site": {
-                s: r.meta["results"]["test"][m]["nll_sum"] / max(r.meta["results"]["test"][m]["tokens"], 1)
-                for s, r in results.items()
-            },
-        }
-        for m in models
-    ]
-    rows = {row["model"]: row for row in table}
-    merge = min(searches, key=lambda m: searches[m]["loss"])
-    expert = min(names, key=lambda n: rows[n]["validation_loss"])
+    losses = {m: searches[m]["loss"] if m in searches else validation(m) for m in models}
+    statistics = statistics_of(evaluation, losses, list(searches), names, config.search.seed, per_question)
+    merge, expert = statistics.chosen_merge, statistics.best_expert
+    rows = {row["model"]: row for row in _federated_rows(statistics, results)}
     comparison: dict[str, Any] = {"diff": rows[merge]["test_loss"] - rows[expert]["test_loss"]}
-    a, b = _per_question(results, merge), _per_question(results, expert)
-    if a and b:
-        comparison = paired_bootstrap(
-            a[0], b[0], weights_a=a[1], weights_b=b[1], seed=config.search.seed
-        ).as_dict()
+    if per_question:
+        comparison = statistics.comparisons[IN]["loss"].as_dict()
     if fedavg:
         fedavg = {
             **fedavg,
@@ -85,29 +229,41 @@ def write_verdict(
         "chosen_merge": merge,
         "best_expert": expert,
         "objective": config.federation.objective,
-        "table": table,
+        "table": list(rows.values()),
         "merge_minus_best_expert_test_loss": comparison,
+        "statistics": statistics.to_json(),
+        "out_of_domain_sets": [d.name for d in evaluation.datasets if d.domain == OUT],
+        "leave_one_site_out": leave_one_out,
+        "merges_sha256": {
+            m: {
+                "coordinator": d,
+                "sites_agree": [s for s, r in results.items() if r.meta["merges"].get(m) == d],
+            }
+            for m, d in (digests or {}).items()
+        },
         "sites": names,
+        "evaluators": list(exchange.evaluators),
         "dropped_sites": dict(exchange.dropped),
+        "dropped": dict(exchange.drops),
         "bytes": {"sent_to_site": dict(exchange.sent), "received_from_site": dict(exchange.received)},
-        # per approach: one_shot = train + adapter exchange + search; fedavg = its rounds; evaluation
+        # per approach: one_shot = train + adapter exchange + search; fedavg = its rounds; evaluation;
+        # leave_one_out = its searches and evaluations
         "bytes_by_approach": exchange.phases,
         "dp_epsilon": {s: m.get("dp_epsilon") for s, m in manifests.items()},
     }
     write_json_atomic(
         out / "verdict.json", build_manifest("federated-verdict", inputs={}, config=config, verdict=verdict)
     )
-    lines = [
-        "# medmerge federate — verdict",
-        "",
-        f"Chosen merge (lowest federated validation loss, objective "
-        f"`{config.federation.objective}`): {merge}; "
-        f"best single expert: {expert}. Test loss, merge − expert: {comparison['diff']:+.4f} nats/token.",
-    ]
-    if exchange.dropped:
-        lines.append(f"Sites dropped (finished with the rest): {exchange.dropped}.")
-    lines += ["", "| model | val loss ↓ | test loss ↓ |", "|---|---|---|"]
-    lines += [f"| {r['model']} | {r['validation_loss']:.4f} | {r['test_loss']:.4f} |" for r in table]
+    lines = ["# medmerge federate — verdict", "", *summary_lines(statistics)]
+    lines.append(
+        f"Validation losses are federated (objective `{config.federation.objective}` over the expert "
+        f"sites' reports). In-domain test loss, merge − best expert: {comparison['diff']:+.4f} nats/token"
+        + ("." if per_question else " (sites sent no per-question values: no interval or test).")
+    )
+    lines += _dropped_lines(exchange, names)
+    lines += ["", table_markdown(statistics)]
+    if leave_one_out:
+        lines += ["", *_leave_one_out_lines(leave_one_out)]
     if fedavg:
         lines += [
             "",
@@ -127,3 +283,40 @@ def write_verdict(
     tmp.write_text("\n".join(lines))
     tmp.replace(out / "report.md")
     return out / "verdict.json"
+
+
+def _dropped_lines(exchange: Any, names: list[str]) -> list[str]:
+    if not exchange.drops:
+        return []
+    rest = [s for s in exchange.sites if s not in exchange.dropped]
+    lines = [f"Sites dropped (the study finished with the rest: {', '.join(rest)}):"]
+    for site, drop in exchange.drops.items():
+        kept = " Its adapter, received before, stays in the merges." if site in names else ""
+        lines.append(
+            f"- {site}: at `{drop['step']}` ({drop['at']}, {drop['after_s']:.0f} s into the study), "
+            f"{drop['reason']}; none of its numbers from that step on are used.{kept}"
+        )
+    return lines
+
+
+def _leave_one_out_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "Leave-one-site-out: each held-out site scores, on its own test split, the merge searched over "
+        "the other sites (their adapters, their validation), the best other expert and the base.",
+        "",
+        "| held-out site | merge of the others | merge ↓ | best other expert | expert ↓ | base ↓ "
+        "| own expert ↓ | merge − expert |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['held_out']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        test = r["merge_minus_best_other_expert"]
+        ci = f" [{test['low']:+.4f}, {test['high']:+.4f}]" if "low" in test else ""
+        lines.append(
+            f"| {r['held_out']} | {r['method']} | {r['merge_test_loss']:.4f} | {r['best_other_expert']} "
+            f"| {r['best_other_expert_test_loss']:.4f} | {r['base_test_loss']:.4f} "
+            f"| {r['own_expert_test_loss']:.4f} | {test['diff']:+.4f}{ci} |"
+        )
+    return lines

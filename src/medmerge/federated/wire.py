@@ -12,7 +12,7 @@ META, BLOBS = "medmerge-meta", "medmerge-blobs"
 
 @dataclass(frozen=True)
 class Payload:
-    kind: str  # train | adapters | score | fedavg | evaluate | error
+    kind: str  # hello | train | adapters | score | fedavg | evaluate | error
     meta: dict[str, Any] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
 

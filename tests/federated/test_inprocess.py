@@ -1,0 +1,176 @@
+"""The coordinator and its sites in one process (an in-process `Exchange.send`: every request and reply
+still goes through the wire format's bytes, and each site answers from its own config copy, as the
+resident worker does): three expert sites and an evaluate-only node holding an out-of-domain PubMedQA
+set, leave-one-site-out, per-question values. Checks that each held-out site's merge is the merge of the
+others' adapters only (bit for bit `merge_models`), that its numbers come from that site alone, that
+the OOD set is reported with PubMedQA accuracy and paired tests, and that no text crosses the wire."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from medmerge.errors import MedmergeError
+from medmerge.federated.config import FederatedConfig
+from medmerge.federated.coordinator import Exchange, run_study
+from medmerge.federated.wire import Payload
+from medmerge.manifest import write_json_atomic
+from tests.federated.common import study, with_evaluator, write_pubmedqa
+
+SITES = ("north", "south", "north-2")
+
+
+class LocalSend:
+    """Exchange.send in one process: each site answers through `worker.answer` from its own config
+    copy; everything that crosses is kept (`wire`) and every request's recipients logged."""
+
+    def __init__(self, config: FederatedConfig, root: Path) -> None:
+        self.root, self.wire, self.log = root, bytearray(), []
+        for site in config.sites:
+            write_json_atomic(
+                root / site.name / "config.yaml", config.for_party(site.name).model_dump(mode="json")
+            )
+
+    def __call__(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
+        from medmerge.federated.worker import answer
+
+        data = request.to_bytes()
+        self.log.append((request.kind, request.meta, list(sites)))
+        replies = {}
+        for site in sites:
+            self.wire += data
+            folder = self.root / site
+            reply = answer(
+                site, str(folder / "config.yaml"), str(folder), Payload.from_bytes(data)
+            ).to_bytes()
+            self.wire += reply
+            replies[site] = Payload.from_bytes(reply)
+        return replies
+
+
+def test_leave_one_site_out_ood_and_paired_tests(tmp_path, tiny_llama):
+    from safetensors.torch import load_file
+
+    from medmerge.federated.site import recipe_config, state_digest
+    from medmerge.merge import merge_models, merged_state
+
+    config = study(tmp_path, tiny_llama, SITES, trials=1, leave_one_out=True)
+    ood = write_pubmedqa(tmp_path / "pqal.json")
+    config = with_evaluator(config, ood)
+    send, out = LocalSend(config, tmp_path / "sites"), tmp_path / "coordinator"
+    exchange = Exchange(send, [s.name for s in config.sites], 2, evaluators=config.evaluators)
+    started = time.time()
+    verdict_path = run_study(config.for_party(None), out, exchange)
+    print(f"in-process federation with leave-one-site-out: {time.time() - started:.1f}s")
+    verdict = json.loads(verdict_path.read_text())["verdict"]
+    assert not verdict["dropped_sites"] and verdict["evaluators"] == ["clinic"]
+    table = {row["model"]: row for row in verdict["table"]}
+
+    # leave-one-site-out: a row per expert site, the merge of the others only, numbers from that site
+    rows = {row["held_out"]: row for row in verdict["leave_one_site_out"]}
+    assert set(rows) == set(SITES)
+    main_merge = verdict["merges_sha256"]["task_arithmetic"]
+    assert main_merge["sites_agree"] == [*SITES, "clinic"]  # every site scored the coordinator's merge
+    for held, row in rows.items():
+        others = [s for s in SITES if s != held]
+        assert row["experts"] == others and row["method"] == "task_arithmetic"
+        folders = [str(out / "experts" / s) for s in others]
+        merge_models(
+            recipe_config(row["recipe"], str(tiny_llama), folders), tmp_path / f"loso-{held}", progress=False
+        )
+        theirs = load_file(next((tmp_path / f"loso-{held}").glob("*.safetensors")))
+        ours = merged_state(recipe_config(row["recipe"], str(tiny_llama), folders))
+        assert theirs.keys() == ours.keys()
+        assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) == 0.0
+        # the held-out site scored exactly that merge, which is not the merge with its own adapter
+        assert row["weights_sha256"] == state_digest(theirs) and row["weights_match_coordinator"]
+        assert row["weights_sha256"] != main_merge["coordinator"]
+        # the numbers are the held-out site's: base and experts as it reported them in the evaluation
+        assert row["base_test_loss"] == table["base"]["test_loss_per_site"][held]
+        assert row["best_other_expert"] in others
+        assert (
+            row["best_other_expert_test_loss"] == table[row["best_other_expert"]]["test_loss_per_site"][held]
+        )
+        assert row["own_expert_test_loss"] == table[held]["test_loss_per_site"][held]
+        assert {"diff", "low", "high", "p_value"} <= set(row["merge_minus_best_other_expert"])
+        search = json.loads((out / "loso" / held / "search" / "task_arithmetic.json").read_text())
+        assert search["experts"] == others and search["scored_by"] == others
+    for kind, meta, recipients in send.log:
+        if kind == "score" and len(meta["recipe"]["experts"]) < len(SITES):  # a leave-one-out search
+            assert set(recipients) == set(meta["recipe"]["experts"])  # the held-out site never scores it
+        if kind == "evaluate" and meta.get("validation") is False:  # a leave-one-out evaluation
+            (held,) = recipients
+            assert held not in next(iter(meta["models"].values()))["experts"]
+        if kind in ("train", "score"):
+            assert "clinic" not in recipients  # the evaluate-only node trains and scores nothing
+
+    # out of domain at the evaluate-only node, with PubMedQA accuracy; paired tests from per-question values
+    assert verdict["out_of_domain_sets"] == ["clinic:pubmedqa"]
+    for row in verdict["table"]:
+        assert row["out-of-domain:loss"] > 0 and 0 <= row["out-of-domain:accuracy"] <= 1
+        assert set(row["test_loss_per_site"]) == set(SITES)
+    tests = verdict["statistics"]["comparisons"]
+    assert {"low", "high", "p_value"} <= set(tests["out-of-domain"]["loss"]) and tests["out-of-domain"][
+        "accuracy"
+    ]
+    assert {"low", "high", "p_value"} <= set(verdict["merge_minus_best_expert_test_loss"])
+    report = (out / "report.md").read_text()
+    assert "Leave-one-site-out" in report and "out-of-domain PubMedQA accuracy" in report
+
+    # no text, question id or data path crossed the wire or reached the coordinator
+    assert b"CANARY" not in send.wire and str(tmp_path / "north.jsonl").encode() not in send.wire
+    assert b"pqal.json" not in send.wire
+    leaked = [p for p in out.rglob("*") if p.is_file() and b"CANARY" in p.read_bytes()]
+    assert not leaked
+    assert b"CANARY" in ood.read_bytes()  # the canaries are real
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_min_sites_counts_expert_sites_only():
+    """An evaluate-only node does not count toward min_sites, and a subset request drops only its own."""
+
+    def send(request: Payload, sites: list[str]) -> dict[str, Payload]:
+        return {s: Payload("score", {"site": s}) for s in sites if s != "south"}
+
+    exchange = Exchange(
+        send, ["north", "south", "west", "clinic"], 2, evaluators=["clinic"], reply_timeout_s=9
+    )
+    assert set(exchange.ask(Payload("score"), "search x trial 0", ["north", "clinic"])) == {"north", "clinic"}
+    exchange.ask(Payload("score"), "search x trial 1")
+    assert exchange.dropped == {"south": "search x trial 1"}
+    assert exchange.drops["south"]["reason"] == "no reply within 9 s" and exchange.drops["south"]["at"]
+    exchange.send = lambda request, sites: {}  # west falls silent too: one expert site is left
+    with pytest.raises(MedmergeError, match="only 1 expert site"):
+        exchange.ask(Payload("score"), "search x trial 2", ["west"])
+
+
+def test_pooled_sums_only_with_generation(tmp_path, tiny_llama):
+    """Without per-question values the sites send Σ w·v and Σ w per metric: exact pooled means (loss,
+    ROUGE-L, BERTScore of answers generated at the sites), no test; no answer crosses the wire."""
+    config = study(tmp_path, tiny_llama, trials=1, per_question=False)
+    data = config.model_dump(mode="json")
+    data["evaluate"] |= {"generate": True, "generate_examples": 2, "max_new_tokens": 4}
+    config = FederatedConfig.model_validate(data)
+    send = LocalSend(config, tmp_path / "sites")
+    exchange = Exchange(send, [s.name for s in config.sites], 2)
+    verdict = json.loads(run_study(config.for_party(None), tmp_path / "coordinator", exchange).read_text())[
+        "verdict"
+    ]
+    assert set(verdict["merge_minus_best_expert_test_loss"]) == {"diff"}
+    assert verdict["statistics"]["comparisons"] == {} and verdict["leave_one_site_out"] is None
+    for row in verdict["table"]:
+        assert row["in-domain:rougeL"] is not None and row["in-domain:bertscore_f1"] is not None
+        assert row["out-of-domain:loss"] is None
+    evaluations = [meta for kind, meta, _ in send.log if kind == "evaluate"]
+    assert len(evaluations) == 1
+    assert b"per_item" not in send.wire and b"CANARY" not in send.wire
+    # the pooled test loss is Σ nll / Σ tokens over the sites, exactly
+    pooled = json.loads((tmp_path / "coordinator" / "evaluation.json").read_text())
+    cells = [pooled["results"]["base"][s["name"]] for s in pooled["datasets"]]
+    nll = sum(c["per_item"]["loss"][0] * c["weights"]["loss"][0] for c in cells)
+    tokens = sum(c["weights"]["loss"][0] for c in cells)
+    base = next(r for r in verdict["table"] if r["model"] == "base")
+    assert base["test_loss"] == pytest.approx(nll / tokens, rel=1e-12)
