@@ -27,7 +27,7 @@ from medmerge.evaluate.privacy import POST_PROCESSING
 from medmerge.evaluate.records import Evaluation
 from medmerge.evaluate.stats import PairedTest, paired_bootstrap
 from medmerge.manifest import build_manifest, write_json_atomic
-from medmerge.pipeline.by_method import FamilyTest, MethodGap, family_lines
+from medmerge.pipeline.by_method import FamilyTest, MethodGap, family_lines, family_tests, method_gaps
 from medmerge.pipeline.by_method import markdown as by_method_markdown
 from medmerge.pipeline.progress import Progress
 from medmerge.pipeline.records import ValidationRecord
@@ -197,7 +197,17 @@ def verdict(
         loss = {name: row.value("in-domain", "loss") for name, row in rows.items()}
         gap = loss[expert] - loss["multitask"]  # > 0: the multi-task model beats the best expert
         gap_closed = (loss[expert] - loss[merge]) / gap if gap > 0 else None
-    return Verdict(merge, expert, table, comparisons, hindsight, gap, gap_closed)
+    present = [d for d, sets in domains.items() if sets]
+    losses = {name: {d: row.value(d, "loss") for d in present} for name, row in rows.items()}
+    by_method = method_gaps(losses, {m: scored[m] for m in methods}, expert, present)
+    families = family_tests(
+        {m: scored[m] for m in methods},
+        lambda a, b, domain: _compare(evaluation, a, b, domains[domain], "loss", seed),
+        present,
+    )
+    return Verdict(
+        merge, expert, table, comparisons, hindsight, gap, gap_closed, tuple(by_method), tuple(families)
+    )
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
