@@ -52,3 +52,40 @@ def test_payload_round_trip():
     p = Payload("score", {"recipe": {"method": "linear"}}, {"x": b"\x00\x01"})
     assert Payload.from_record(p.to_record()) == p
     assert p.size == len(p.meta_text().encode()) + 2
+
+
+def test_statistics_checks(tiny_llama):
+    """Shared statistics are refused (one line naming the site) unless the record describes the tensor
+    file and every tensor fits the base: a Gram (in, in), a Fisher the weight's shape, float32."""
+    import hashlib
+
+    from medmerge.federated.checks import check_statistics
+    from medmerge.federated.site import STATISTICS_FILES
+    from medmerge.site_stats import INFO_FILE, TENSORS_FILE
+
+    assert (TENSORS_FILE, INFO_FILE) == STATISTICS_FILES
+    shapes = base_shapes(tiny_llama)
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    out_f, in_f = shapes[q]
+
+    def files(tensors, aliases=None, kinds=("gram",), **record) -> dict[str, bytes]:
+        data = save(tensors)
+        info = {"format": "medmerge-statistics/1", "kinds": list(kinds), "aliases": aliases or {}}
+        info |= {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} | record
+        return {TENSORS_FILE: data, INFO_FILE: json.dumps(info).encode()}
+
+    good = files({f"gram::{q}": torch.eye(in_f), f"fisher::{q}": torch.ones(out_f, in_f)}, {k: q})
+    check_statistics("north", good, shapes, ["gram"])
+    refusals = {
+        "expected": {TENSORS_FILE: good[TENSORS_FILE]},
+        "no fisher": good,
+        "SHA-256": files({f"gram::{q}": torch.eye(in_f)}, sha256="0" * 64),
+        "expected F32": files({f"gram::{q}": torch.eye(in_f + 1)}),
+        "no statistic": files({f"gram::{q}.nope": torch.eye(in_f)}),
+        "alias": files({f"gram::{q}": torch.eye(in_f)}, {k: "model.layers.9.mlp.up_proj.weight"}),
+    }
+    for why, blobs in refusals.items():
+        kinds = ["gram", "fisher"] if why == "no fisher" else ["gram"]
+        with pytest.raises(MedmergeError, match=rf"^site north: shared statistics refused \(.*{why}") as exc:
+            check_statistics("north", blobs, shapes, kinds)
+        assert "\n" not in str(exc.value)

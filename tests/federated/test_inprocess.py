@@ -174,3 +174,101 @@ def test_pooled_sums_only_with_generation(tmp_path, tiny_llama):
     tokens = sum(c["weights"]["loss"][0] for c in cells)
     base = next(r for r in verdict["table"] if r["model"] == "base")
     assert base["test_loss"] == pytest.approx(nll / tokens, rel=1e-12)
+
+
+def test_shared_statistics_regmean(tmp_path, tiny_llama, capsys):
+    """federation.share_statistics: each expert site computes its Gram matrices after training and sends
+    them with its adapter; the coordinator checks them and forwards them to every other party, one
+    message per site. The coordinator's RegMean merge is bit for bit `merge_models` over the sites' own
+    experts and statistics (as `medmerge merge` would build it at a site), every party scored exactly
+    those weights, the statistics' bytes are counted in one_shot, and no text or data path crossed the
+    wire. RegMean++ (which reads the training data) is left out, in one printed line."""
+    from safetensors.torch import load_file
+
+    from medmerge.federated.site import STATISTICS_FILES, recipe_config
+    from medmerge.merge import merge_models
+    from medmerge.site_stats import SiteStatistics
+
+    sites = ("north", "south")
+    statistics = {"examples": 6, "fisher_examples": 2, "batch_size": 4}
+    config = study(tmp_path, tiny_llama, sites, trials=2, share_statistics=True, statistics=statistics)
+    config = with_evaluator(config, write_pubmedqa(tmp_path / "pqal.json"))
+    config = config.model_copy(update={"methods": ["regmean", "regmean_plus_plus"]})
+    send, out = LocalSend(config, tmp_path / "sites"), tmp_path / "coordinator"
+    exchange = Exchange(send, [s.name for s in config.sites], 2, evaluators=config.evaluators)
+    verdict = json.loads(run_study(config.for_party(None), out, exchange).read_text())["verdict"]
+    printed = capsys.readouterr().out
+    assert "regmean_plus_plus left out: it reads the experts' training data" in printed
+    assert len([line for line in printed.splitlines() if "left out" in line]) == 1
+    methods = json.loads((out / "methods.json").read_text())
+    assert methods["searched"] == ["regmean"] and methods["statistics"] == ["gram"]
+    assert list(methods["left_out"]) == ["regmean_plus_plus"]
+
+    # the coordinator's merge = merge_models over each site's own expert folder (adapter + statistics)
+    best = json.loads((out / "search" / "regmean.json").read_text())["best"]["recipe"]
+    own = [str(tmp_path / "sites" / s / "expert") for s in sites]
+    merge_models(recipe_config(best, str(tiny_llama), own), tmp_path / "at-site", progress=False)
+    theirs = load_file(next((tmp_path / "at-site").glob("*.safetensors")))
+    ours = load_file(next((out / "merges" / "regmean").glob("*.safetensors")))
+    assert theirs.keys() == ours.keys()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) == 0.0
+    assert verdict["merges_sha256"]["regmean"]["sites_agree"] == [*sites, "clinic"]
+
+    # what was shared: the Grams asked for, the record without its data sources; counted in one_shot
+    counts = verdict["bytes_by_approach"]["one_shot"]
+    shared = {}
+    for site in sites:
+        with SiteStatistics.open(out / "experts" / site) as stats:
+            assert stats.has("gram") and not stats.has("fisher") and stats.names("gram")
+            assert set(stats.info) <= {"format", "kinds", "dtype", "bytes", "sha256", "aliases"} | {
+                "examples",
+                "tokens",
+                "per_kind",
+            }
+            assert stats.info["examples"] == 6
+        shared[site] = sum((out / "experts" / site / f).stat().st_size for f in STATISTICS_FILES)
+        peer = tmp_path / "sites" / sites[1 - sites.index(site)] / "peers" / site
+        for f in STATISTICS_FILES:  # the other site and the evaluate-only node hold the same bytes
+            for holder in (peer, tmp_path / "sites" / "clinic" / "peers" / site):
+                assert (holder / f).read_bytes() == (out / "experts" / site / f).read_bytes()
+    assert verdict["shared_statistics_bytes"] == shared
+    for site, other in (sites, sites[::-1]):  # each sent its own, received the other's
+        assert counts["received_from_site"][site] > shared[site]
+        assert counts["sent_to_site"][site] > shared[other]
+    assert counts["sent_to_site"]["clinic"] > sum(shared.values())
+    for kind, meta, recipients in send.log:
+        if kind == "statistics":  # one message per site, to every party but its owner
+            assert set(recipients) == {"clinic", *sites} - {meta["peer"]}
+    assert [meta["peer"] for kind, meta, _ in send.log if kind == "statistics"] == list(sites)
+    assert b"CANARY" not in send.wire and str(tmp_path / "north.jsonl").encode() not in send.wire
+    assert str(tmp_path / "sites").encode() not in send.wire
+    assert not [p for p in out.rglob("*") if p.is_file() and b"CANARY" in p.read_bytes()]
+
+
+def test_statistics_left_out_unless_shared(tmp_path, tiny_llama):
+    """Without federation.share_statistics the methods that need statistics are left out, saying how to
+    turn sharing on; RegMean++ always; and a site whose own config does not share refuses to."""
+    from medmerge.federated.coordinator import _methods
+    from medmerge.federated.site import Site
+
+    config = study(tmp_path, tiny_llama, trials=1)
+    config = config.model_copy(
+        update={"methods": ["task_arithmetic", "regmean", "fisher", "regmean_plus_plus"]}
+    )
+    methods, left_out = _methods(config)
+    assert methods == ["task_arithmetic"] and list(left_out) == ["regmean", "fisher", "regmean_plus_plus"]
+    assert "gram statistics" in left_out["regmean"] and "fisher statistics" in left_out["fisher"]
+    assert all("federation.share_statistics: true" in left_out[m] for m in ("regmean", "fisher"))
+    assert "training data" in left_out["regmean_plus_plus"]
+    shared = config.model_copy(
+        update={"federation": config.federation.model_copy(update={"share_statistics": True})}
+    )
+    assert _methods(shared) == (
+        ["task_arithmetic", "regmean", "fisher"],
+        {"regmean_plus_plus": left_out["regmean_plus_plus"]},
+    )
+    site = Site("north", config.for_party("north"), tmp_path / "north")
+    with pytest.raises(
+        MedmergeError, match="site north: asked for site statistics .*share_statistics: false"
+    ):
+        site.train(Payload("train", {"statistics": ["gram"]}))

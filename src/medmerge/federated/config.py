@@ -24,7 +24,7 @@ from medmerge.config import (
     TrainSettings,
     normalised_specs,
 )
-from medmerge.config.experiment import _every_method
+from medmerge.config.experiment import StatisticsSettings, _every_method
 
 
 class SiteSpec(StrictModel):
@@ -86,6 +86,19 @@ class FederationSettings(StrictModel):
         "the others' validation splits, and score that merge on the held-out site's test split",
     )
     fedavg: FedAvgSettings = FedAvgSettings()
+    share_statistics: bool = Field(
+        False,
+        description="expert sites compute site statistics (RegMean's Gram matrices, Fisher merging's "
+        "diagonal Fisher) on their own training questions and share them with every party beside their "
+        "adapter. Numbers only (no text, token ids or data paths), but they describe the site's data: "
+        "assume the first layer's Gram reveals which tokens its questions and answers hold and how often, "
+        "and DP does not cover them (docs/privacy.md#what-site-statistics-reveal, "
+        "docs/site-statistics.md). Off: methods that need statistics are left out of the search",
+    )
+    statistics: StatisticsSettings = Field(
+        default_factory=StatisticsSettings,
+        description="how the shared statistics are computed (with share_statistics: true)",
+    )
 
 
 class FederatedConfig(SplitSettings, ThreadsSetting):

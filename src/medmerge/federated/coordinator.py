@@ -1,7 +1,9 @@
 """What the coordinator does. It holds the base model and no dataset SPEC; everything it learns about
 the sites' data arrives as numbers from `Exchange.ask`.
 
-    out/experts/<site>/         each site's adapter (checked against the base, re-pointed at it)
+    out/experts/<site>/         each site's adapter (checked against the base, re-pointed at it), and
+                                its shared statistics with federation.share_statistics (checked too)
+    out/methods.json            the methods searched, and those left out with the reason
     out/search/<method>.json    every federated trial: recipe, per-site Σ nll and tokens, objective
     out/merges/<method>/        the best recipe of each method, merged (medmerge.merge.merge_models)
     out/fedavg/                 the FedAvg baseline: model/ (base + every round's exact average), rounds
@@ -22,9 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from medmerge.errors import MedmergeError
-from medmerge.federated.checks import base_shapes, check_adapter, check_shapes
+from medmerge.federated.checks import base_shapes, check_adapter, check_shapes, check_statistics
 from medmerge.federated.config import FederatedConfig
-from medmerge.federated.site import ADAPTER_FILES, recipe_config, state_digest, write_adapter
+from medmerge.federated.site import (
+    ADAPTER_FILES,
+    STATISTICS_FILES,
+    recipe_config,
+    state_digest,
+    store_statistics,
+    write_adapter,
+)
 from medmerge.federated.verdict import objective, write_verdict
 from medmerge.federated.wire import Payload
 from medmerge.manifest import build_manifest, write_json_atomic
@@ -47,6 +56,7 @@ class Exchange:
     received: dict[str, int] = field(default_factory=dict)  # bytes from each site
     phase: str = "one_shot"  # what the bytes are counted for: one_shot | fedavg | evaluation | …
     phases: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # phase -> sent/received
+    shared_statistics: dict[str, int] = field(default_factory=dict)  # site -> bytes of its statistics
     started: float = field(default_factory=time.time)
 
     @property
@@ -105,23 +115,38 @@ def _identity(base_model: str) -> tuple[Path, str, dict]:
 def run_study(config: FederatedConfig, out: Path, exchange: Exchange) -> Path:
     """The whole federated study; returns out/verdict.json."""
     out.mkdir(parents=True, exist_ok=True)
+    methods, left_out = _methods(config)
+    for line in left_out_lines(config):
+        print(line, flush=True)
+    kinds = _statistics_kinds(methods)
+    write_json_atomic(out / "methods.json", {"searched": methods, "left_out": left_out, "statistics": kinds})
     exchange.ask(Payload("hello"), "join")
     with ThreadPoolExecutor(1) as pool:  # torch loads and the base is hashed while the sites train
         identity = pool.submit(_identity, config.base_model)
-        trained = exchange.ask(Payload("train"), "train", exchange.experts)
+        request = Payload("train", {"statistics": kinds} if kinds else {})
+        trained = exchange.ask(request, "train", exchange.experts)
         base, base_sum, shapes = identity.result()
     blobs, manifests = {}, {}
     for site, reply in trained.items():
         check_adapter(site, reply.meta, reply.blobs, base_sum, shapes)
+        if kinds:
+            check_statistics(site, reply.blobs, shapes, kinds)
         manifests[site] = reply.meta
         blobs |= {f"{site}/{f}": reply.blobs[f] for f in ADAPTER_FILES}
     order = [s for s in config.sites if s.name in trained]
     names = [s.name for s in order]
     experts = {n: str(write_adapter(out / "experts" / n, blobs, n, config.base_model)) for n in names}
+    shared = {n: {f"{n}/{f}": trained[n].blobs[f] for f in STATISTICS_FILES} for n in names if kinds}
+    for name, files in shared.items():
+        store_statistics(out / "experts" / name, files, name)
+        exchange.shared_statistics[name] = sum(len(b) for b in files.values())
     write_json_atomic(out / "sites.json", {"order": names, "manifests": manifests})
-    exchange.ask(Payload("adapters", {"order": names}, blobs), "exchange")
+    exchange.ask(Payload("adapters", {"order": names, "statistics": list(shared)}, blobs), "exchange")
+    for name, files in shared.items():  # one message per site's statistics (gRPC: < 2 GiB a message)
+        others = [s for s in exchange.sites if s != name]  # the site stores its own as it shared them
+        exchange.ask(Payload("statistics", {"peer": name}, files), f"exchange statistics of {name}", others)
 
-    searches = {m: _search(config, m, names, exchange, out / "search") for m in _methods(config)}
+    searches = {m: _search(config, m, names, exchange, out / "search") for m in methods}
     for method, best in searches.items():
         from medmerge.merge import merge_models
 
@@ -178,7 +203,8 @@ def leave_one_out(
             rows.append({"held_out": held, "skipped": why})
             continue
         folder, label = out / "loso" / held / "search", f"leave-one-out {held}: "
-        searches = {m: _search(config, m, others, exchange, folder, scorers, label) for m in _methods(config)}
+        methods = _methods(config)[0]
+        searches = {m: _search(config, m, others, exchange, folder, scorers, label) for m in methods}
         request = {"models": {m: b["recipe"] for m, b in searches.items()}, "validation": False}
         replies = exchange.ask(
             Payload("evaluate", request | {"domains": ["in-domain"]}), f"{label}evaluate", [held]
@@ -229,10 +255,42 @@ def run_fedavg(config: FederatedConfig, out: Path, exchange: Exchange, base: Pat
     return record
 
 
-def _methods(config: FederatedConfig) -> list[str]:
+def _methods(config: FederatedConfig) -> tuple[list[str], dict[str, str]]:
+    """The methods the federation searches, and {method: why it is left out} for those that read the
+    experts' training data at merge time (never in a federation) or site statistics that the study does
+    not share. Methods without a search space or that need a scorer are not federated (silently)."""
     from medmerge.merge.registry import get_method
 
-    return [m for m in config.methods if not get_method(m).needs_scorer and get_method(m).space is not None]
+    methods, left_out = [], {}
+    for spec in map(get_method, config.methods):
+        if spec.needs_scorer or spec.space is None:
+            continue
+        if spec.needs_data:
+            left_out[spec.name] = (
+                "it reads the experts' training data at merge time, and a site's data never leaves it "
+                "(a federation cannot build this merge)"
+            )
+        elif spec.needs_statistics and not config.federation.share_statistics:
+            left_out[spec.name] = (
+                f"it needs the sites' {' and '.join(sorted(spec.needs_statistics))} statistics, which "
+                "a federation shares only with `federation.share_statistics: true` (read what they "
+                "reveal first: docs/site-statistics.md, docs/privacy.md)"
+            )
+        else:
+            methods.append(spec.name)
+    return methods, left_out
+
+
+def left_out_lines(config: FederatedConfig) -> list[str]:
+    """One printed line per configured method that the federation leaves out, saying why."""
+    return [f"medmerge federate: {m} left out: {why}" for m, why in _methods(config)[1].items()]
+
+
+def _statistics_kinds(methods: list[str]) -> list[str]:
+    """The kinds of site statistics the searched `methods` need (gram, fisher), sorted."""
+    from medmerge.merge.registry import get_method
+
+    return sorted(set().union(*(get_method(m).needs_statistics for m in methods)))
 
 
 def _search(

@@ -328,6 +328,11 @@ def federate(
     host: str = "127.0.0.1",
 ) -> Path:
     """Run the whole study as a local federation; returns the coordinator's verdict.json. Plaintext
-    (`insecure`) is refused unless `host` is a loopback address."""
+    (`insecure`) is refused unless `host` is a loopback address. Methods the federation leaves out
+    are named first, one line each (the coordinator's log says so too)."""
+    from medmerge.federated.coordinator import left_out_lines
+
+    for line in left_out_lines(config):
+        print(line, flush=True)
     with LocalFederation(config, Path(out), insecure=insecure, host=host) as federation:
         return federation.run(timeout)

@@ -3,8 +3,13 @@ answers each request with a Payload of adapters (safetensors bytes), checksums a
 
     hello     name and role (the coordinator learns which node is which site)
     train     train (or reuse) the site's LoRA expert; reply adapter + manifest (pairs, data checksum,
-              training settings, base identity, DP ε when trained with DP)
-    adapters  store every site's adapter under out/peers/<site>/, re-pointed at the local base
+              training settings, base identity, DP ε when trained with DP); when the request names
+              statistics kinds (and the site's own config has federation.share_statistics), also its site
+              statistics of those kinds (medmerge.train.statistics), computed on its training questions:
+              statistics.safetensors and statistics.json without its data record (shared_record)
+    adapters  store every site's adapter under out/peers/<site>/, re-pointed at the local base (and the
+              site's own shared statistics beside its own adapter)
+    statistics  store one peer's shared statistics beside its adapter (out/peers/<peer>/)
     score     build the recipe's merge (over the recipe's `experts`, default every peer) into a resident
               base model; reply validation Σ nll and tokens
     fedavg    FedAvg round: add the coordinator's aggregate to out/fedavg/global, then (local_steps > 0,
@@ -35,6 +40,11 @@ from medmerge.federated.wire import Payload
 from medmerge.manifest import write_json_atomic
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# medmerge.site_stats's TENSORS_FILE and INFO_FILE, in the order they are written (the record last)
+STATISTICS_FILES = ("statistics.safetensors", "statistics.json")
+# what of statistics.json is shared: the counts and the record of the tensor file, never `data` (the
+# site's SPECs: local paths) or `model` (its folder)
+SHARED_RECORD = ("format", "kinds", "dtype", "bytes", "sha256", "aliases", "examples", "tokens", "per_kind")
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class Site:
 
         use_threads(self.config.threads)
         handlers = {"train": self.train, "adapters": self.adapters, "score": self.score}
+        handlers |= {"statistics": self.statistics}
         handlers |= {"evaluate": self.evaluate, "fedavg": self.fedavg, "hello": self.hello}
         if request.kind not in handlers:
             raise MedmergeError(f"site {self.name}: unknown request {request.kind!r}")
@@ -73,10 +84,17 @@ class Site:
 
         if not self.specs or self.role != "expert":
             raise MedmergeError(f"site {self.name}: no data SPECs in its config (or an evaluate-only node)")
+        kinds = sorted(request.meta.get("statistics") or [])
+        if kinds and not self.config.federation.share_statistics:  # its own choice, before training
+            raise MedmergeError(
+                f"site {self.name}: asked for site statistics ({', '.join(kinds)}), but its config has "
+                "federation.share_statistics: false"
+            )
         train = self.config.train_config(self.specs)
         folder, key_file = self.out / "expert", self.out / "expert.key"
         key = hashlib.sha256(train.model_dump_json().encode()).hexdigest()
         if not (folder.is_dir() and key_file.is_file() and key_file.read_text() == key):
+            (self.out / "statistics.key").unlink(missing_ok=True)
             train_expert(train, folder, overwrite=True, progress=False)
             key_file.write_text(key)
         pairs = self._pairs()
@@ -96,7 +114,40 @@ class Site:
             "train": self.config.train.model_dump(mode="json"),
             "dp_epsilon": privacy.get("epsilon") if isinstance(privacy, dict) else None,
         }
-        return Payload("train", meta, {f: (folder / f).read_bytes() for f in ADAPTER_FILES})
+        blobs = {f: (folder / f).read_bytes() for f in ADAPTER_FILES}
+        return Payload("train", meta, blobs | (self._statistics(kinds, key) if kinds else {}))
+
+    def _statistics(self, kinds: list[str], expert_key: str) -> dict[str, bytes]:
+        """The expert's site statistics of `kinds`, computed once per expert and settings, as shared."""
+        from medmerge.site_stats import has_statistics
+        from medmerge.train.statistics import compute_statistics
+
+        settings, folder = self.config.federation.statistics, self.out / "expert"
+        key_file = self.out / "statistics.key"
+        key = hashlib.sha256(
+            json.dumps({"expert": expert_key, "kinds": kinds, "settings": settings.model_dump()}).encode()
+        ).hexdigest()
+        if not (has_statistics(folder) and key_file.is_file() and key_file.read_text() == key):
+            key_file.unlink(missing_ok=True)
+            compute_statistics(
+                folder,
+                self.specs,
+                kinds=kinds,
+                max_examples=settings.examples,
+                fisher_examples=settings.fisher_examples,
+                batch_size=settings.batch_size,
+                overwrite=True,
+                progress=False,
+            )
+            key_file.write_text(key)
+        return self._shared_statistics()
+
+    def _shared_statistics(self) -> dict[str, bytes]:
+        """What of the expert's statistics crosses the wire: the tensor file, and its record without the
+        data sources and model paths (SHARED_RECORD)."""
+        tensors, info = (self.out / "expert" / f for f in STATISTICS_FILES)
+        record = {k: v for k, v in json.loads(info.read_text()).items() if k in SHARED_RECORD}
+        return {tensors.name: tensors.read_bytes(), info.name: json.dumps(record, indent=2).encode()}
 
     def _pairs(self) -> int:
         from medmerge.data import load_split
@@ -146,8 +197,18 @@ class Site:
         order = request.meta["order"]
         for name in order:
             write_adapter(self.out / "peers" / name, request.blobs, name, self.config.base_model)
+        if self.name in request.meta.get("statistics", []):  # its own, as it shared them
+            files = {f"{self.name}/{f}": data for f, data in self._shared_statistics().items()}
+            store_statistics(self.out / "peers" / self.name, files, self.name)
         write_json_atomic(self.out / "peers" / "order.json", order)
         return Payload("adapters", {"site": self.name, "stored": order})
+
+    def statistics(self, request: Payload) -> Payload:
+        """Store a peer's shared statistics beside its stored adapter."""
+        peer = str(request.meta["peer"])
+        (folder,) = self._peers([peer])
+        store_statistics(Path(folder), request.blobs, peer)
+        return Payload("statistics", {"site": self.name, "stored": peer})
 
     def _peers(self, names: list[str] | None = None) -> list[str]:
         """Folders of the stored peers' adapters: `names` (a recipe's experts) or every peer, in order."""
@@ -296,6 +357,18 @@ def write_adapter(folder: Path, blobs: dict[str, bytes], name: str, base_model: 
         config["base_model_name_or_path"] = str(base.resolve()) if base.is_dir() else base_model
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (tmp / "adapter_model.safetensors").write_bytes(blobs[f"{name}/adapter_model.safetensors"])
+    return folder
+
+
+def store_statistics(folder: Path, blobs: dict[str, bytes], name: str) -> Path:
+    """Write `name`'s shared statistics from `blobs` ("<name>/<file>") into `folder`, beside its adapter:
+    an old record removed, the tensor file, then its record (statistics.json, the commit record, last:
+    as medmerge.site_stats writes them, so a half-written pair is never read)."""
+    (folder / STATISTICS_FILES[1]).unlink(missing_ok=True)
+    for file in STATISTICS_FILES:
+        tmp = folder / f".{file}.tmp"
+        tmp.write_bytes(blobs[f"{name}/{file}"])
+        tmp.replace(folder / file)
     return folder
 
 

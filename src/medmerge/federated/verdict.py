@@ -249,6 +249,9 @@ def write_verdict(
         # per approach: one_shot = train + adapter exchange + search; fedavg = its rounds; evaluation;
         # leave_one_out = its searches and evaluations
         "bytes_by_approach": exchange.phases,
+        # bytes of each site's shared statistics (federation.share_statistics), counted in one_shot: once
+        # from the site, then to every other party
+        "shared_statistics_bytes": dict(exchange.shared_statistics),
         "dp_epsilon": {s: m.get("dp_epsilon") for s, m in manifests.items()},
     }
     write_json_atomic(
@@ -278,6 +281,9 @@ def write_verdict(
             for s in exchange.sites
         )
         lines.append(f"- {phase}: " + ", ".join(pairs))
+    if exchange.shared_statistics:
+        sizes = ", ".join(f"{s}: {n}" for s, n in exchange.shared_statistics.items())
+        lines.append(f"- of which site statistics (one_shot; each also sent to every other party): {sizes}")
     lines.append("")
     tmp = out / ".report.md.tmp"
     tmp.write_text("\n".join(lines))

@@ -1,5 +1,6 @@
 """Payload: what crosses the wire. JSON metadata (identities, checksums, recipes, numbers) and named
-bytes (LoRA adapters as safetensors); never question or answer text, token ids or hidden states."""
+bytes (LoRA adapters as safetensors; with federation.share_statistics, site statistics: sums over a
+site's tokens, as safetensors); never question or answer text, token ids or per-token hidden states."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ META, BLOBS = "medmerge-meta", "medmerge-blobs"
 
 @dataclass(frozen=True)
 class Payload:
-    kind: str  # hello | train | adapters | score | fedavg | evaluate | error
+    kind: str  # hello | train | adapters | statistics | score | fedavg | evaluate | error
     meta: dict[str, Any] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
 
