@@ -61,9 +61,19 @@ def test_leave_one_site_out_ood_and_paired_tests(tmp_path, tiny_llama):
     ood = write_pubmedqa(tmp_path / "pqal.json")
     config = with_evaluator(config, ood)
     send, out = LocalSend(config, tmp_path / "sites"), tmp_path / "coordinator"
-    exchange = Exchange(send, [s.name for s in config.sites], 2, evaluators=config.evaluators)
+    steps: list[tuple[str, list[str]]] = []  # what `medmerge federate` shows as progress
+    exchange = Exchange(
+        send,
+        [s.name for s in config.sites],
+        2,
+        evaluators=config.evaluators,
+        on_step=lambda step, sites: steps.append((step, sites)),
+    )
     started = time.time()
     verdict_path = run_study(config.for_party(None), out, exchange)
+    names = [step for step, _ in steps]
+    assert names[:2] == ["join", "train"] and "evaluate" in names
+    assert ("search task_arithmetic trial 0", list(SITES)) in steps
     print(f"in-process federation with leave-one-site-out: {time.time() - started:.1f}s")
     verdict = json.loads(verdict_path.read_text())["verdict"]
     assert not verdict["dropped_sites"] and verdict["evaluators"] == ["clinic"]

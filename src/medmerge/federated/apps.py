@@ -79,7 +79,8 @@ def _coordinator(grid: Grid, context: Context) -> None:
 
     out = Path(str(context.run_config["out"]))
     out.mkdir(parents=True, exist_ok=True)
-    _status(out, state="running", started=time.time())
+    started = time.time()
+    _status(out, state="running", started=started)
     try:
         config = load_config(str(context.run_config["config"]), FederatedConfig)
         use_threads(config.threads)
@@ -93,6 +94,9 @@ def _coordinator(grid: Grid, context: Context) -> None:
             config.federation.min_sites,
             evaluators=config.evaluators,
             reply_timeout_s=config.federation.reply_timeout_s,
+            on_step=lambda step, sites: _status(
+                out, state="running", started=started, step=step, sites=sites
+            ),
         )
         verdict = run_study(config, out, exchange)
         _status(out, state="finished", verdict=str(verdict), dropped=exchange.drops)

@@ -58,6 +58,7 @@ class Exchange:
     phases: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # phase -> sent/received
     shared_statistics: dict[str, int] = field(default_factory=dict)  # site -> bytes of its statistics
     started: float = field(default_factory=time.time)
+    on_step: Callable[[str, list[str]], None] | None = None  # told each step and its sites, before sending
 
     @property
     def experts(self) -> list[str]:
@@ -66,6 +67,8 @@ class Exchange:
 
     def ask(self, request: Payload, step: str, to: list[str] | None = None) -> dict[str, Payload]:
         active = [s for s in (self.sites if to is None else to) if s not in self.dropped]
+        if self.on_step is not None:
+            self.on_step(step, active)
         replies = self.send(request, active) if active else {}
         counts = self.phases.setdefault(self.phase, {"sent_to_site": {}, "received_from_site": {}})
         for site in active:

@@ -255,8 +255,9 @@ class LocalFederation:
         proc.wait()
 
     # ------------------------------------------------------------------------------------------- run
-    def run(self, timeout: float, on_poll: Any = None) -> Path:
-        """Submit the study with `flwr run`; wait for the coordinator's status; returns verdict.json."""
+    def run(self, timeout: float, on_poll: Any = None, progress: bool = False) -> Path:
+        """Submit the study with `flwr run`; wait for the coordinator's status; returns verdict.json.
+        With `progress`, each step the coordinator starts is printed (stderr) with the sites it waits on."""
         coordinator = self.out / "coordinator"
         coordinator.mkdir(parents=True, exist_ok=True)
         config = coordinator / "config.yaml"
@@ -268,9 +269,17 @@ class LocalFederation:
         (app / "pyproject.toml").write_text(APP_TOML)
         run_config = f'config="{config}" out="{coordinator}"'
         self._flwr("run", str(app), "local", "--run-config", run_config, "--format", "json")
-        deadline, status = time.time() + timeout, coordinator / "status.json"
+        deadline, status, shown, start = time.time() + timeout, coordinator / "status.json", None, time.time()
         while time.time() < deadline:
             state = json.loads(status.read_text()) if status.is_file() else {}
+            if progress and state.get("step") not in (None, shown):
+                shown, elapsed = state["step"], int(time.time() - start)
+                sites = ", ".join(state.get("sites", []))
+                print(
+                    f"[federate {elapsed // 60}m{elapsed % 60:02d}s] {shown} at {sites}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if state.get("state") == "finished":
                 return coordinator / "verdict.json"
             if state.get("state") == "failed":
@@ -326,6 +335,7 @@ def federate(
     insecure: bool = False,
     timeout: float = 6 * 3600,
     host: str = "127.0.0.1",
+    progress: bool = True,
 ) -> Path:
     """Run the whole study as a local federation; returns the coordinator's verdict.json. Plaintext
     (`insecure`) is refused unless `host` is a loopback address. Methods the federation leaves out
@@ -335,4 +345,4 @@ def federate(
     for line in left_out_lines(config):
         print(line, flush=True)
     with LocalFederation(config, Path(out), insecure=insecure, host=host) as federation:
-        return federation.run(timeout)
+        return federation.run(timeout, progress=progress)
