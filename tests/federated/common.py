@@ -27,7 +27,10 @@ def write_site(path: Path, site: str, n: int = 30) -> Path:
     return path
 
 
-def study(root: Path, base: Path, sites=tuple(TOPICS), trials: int = 2, **federation) -> FederatedConfig:
+def study(
+    root: Path, base: Path, sites=tuple(TOPICS), trials: int = 2, isolate: bool = False, **federation
+) -> FederatedConfig:
+    """A tiny federated study; sites train in their worker unless `isolate` (the default of real configs)."""
     return FederatedConfig.model_validate(
         {
             "base_model": str(base),
@@ -37,6 +40,7 @@ def study(root: Path, base: Path, sites=tuple(TOPICS), trials: int = 2, **federa
             ],
             "fractions": [0.6, 0.2, 0.2],
             "threads": 1,
+            "isolate_steps": isolate,
             "train": {
                 "method": "lora",
                 "max_steps": 3,

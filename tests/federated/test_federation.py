@@ -21,8 +21,9 @@ from tests.federated.common import TOPICS, study, with_evaluator, write_pubmedqa
 
 
 def test_federation_quick(tmp_path, tiny_llama):
-    """The default suite's real-process federation: TLS, auth, workers; 1 search trial, no FedAvg."""
-    config = study(tmp_path, tiny_llama, trials=1)
+    """The default suite's real-process federation: TLS, auth, workers that train in child processes
+    (the default); 1 search trial, no FedAvg."""
+    config = study(tmp_path, tiny_llama, trials=1, isolate=True)
     started = time.time()
     with LocalFederation(config, tmp_path / "fed") as federation:
         verdict_path = federation.run(timeout=240)

@@ -110,6 +110,11 @@ class FederatedConfig(SplitSettings, ThreadsSetting):
     search: SearchSettings = SearchSettings()
     evaluate: FederatedEvaluateSettings = Field(default_factory=FederatedEvaluateSettings)
     federation: FederationSettings = FederationSettings()
+    isolate_steps: bool = Field(
+        default=True,
+        description="each site trains (experts, FedAvg rounds) and computes statistics in a child process,"
+        " so its resident worker gives that memory back (off: in the worker)",
+    )
 
     @field_validator("sites")
     @classmethod

@@ -61,6 +61,15 @@ class Site:
     def role(self) -> str:
         return self.config.site(self.name).role
 
+    def _step(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """A heavy step (a training, the statistics) in a child process when the config isolates steps,
+        so the resident worker gives its memory back after each (medmerge.isolation)."""
+        if self.config.isolate_steps:
+            from medmerge.isolation import run_in_child
+
+            return run_in_child(f"site {self.name}: {what}", fn, *args, threads=self.config.threads, **kwargs)
+        return fn(*args, **kwargs)
+
     def hello(self, request: Payload) -> Payload:
         return Payload("hello", {"site": self.name, "role": self.role})
 
@@ -95,7 +104,7 @@ class Site:
         key = hashlib.sha256(train.model_dump_json().encode()).hexdigest()
         if not (folder.is_dir() and key_file.is_file() and key_file.read_text() == key):
             (self.out / "statistics.key").unlink(missing_ok=True)
-            train_expert(train, folder, overwrite=True, progress=False)
+            self._step("training", train_expert, train, folder, overwrite=True, progress=False)
             key_file.write_text(key)
         pairs = self._pairs()
         data = hashlib.sha256("".join(str(spec_checksum(s)) for s in self.specs).encode()).hexdigest()
@@ -129,7 +138,9 @@ class Site:
         ).hexdigest()
         if not (has_statistics(folder) and key_file.is_file() and key_file.read_text() == key):
             key_file.unlink(missing_ok=True)
-            compute_statistics(
+            self._step(
+                "statistics",
+                compute_statistics,
                 folder,
                 self.specs,
                 kinds=kinds,
@@ -188,7 +199,9 @@ class Site:
                 "warmup_steps": min(self.config.train.warmup_steps, steps - 1),
             }
         )
-        train_expert(train, folder / "update", overwrite=True, progress=False)
+        self._step(
+            f"FedAvg round {round_}", train_expert, train, folder / "update", overwrite=True, progress=False
+        )
         blobs = {f: (folder / "update" / f).read_bytes() for f in ADAPTER_FILES}
         return Payload("fedavg", {"site": self.name, "round": round_, "pairs": self._pairs()}, blobs)
 
