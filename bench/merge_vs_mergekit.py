@@ -1,6 +1,7 @@
 """medmerge vs mergekit on two noisy copies of a 135M and a 360M Llama: wall time, peak RSS, agreement.
 
-Every merge runs in its own subprocess (peak RSS from os.wait4's rusage of that child), medmerge and
+Every merge runs in its own subprocess (peak RSS from os.wait4's rusage of that child, started by a bare
+interpreter so that this script's own memory does not count: see `measure`), medmerge and
 mergekit alternating, in one run of this script. mergekit lives in its own venv (bench/setup_mergekit.sh);
 it is never a dependency of medmerge.
 
@@ -40,7 +41,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -314,18 +314,40 @@ def mergekit_config(method: str, base: Path, a: Path, b: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ measuring
+# A child's ru_maxrss starts from its parent's RSS at exec (Linux copies the old mm's high-water mark),
+# so a command started straight from this script, which holds the experts' statistics, would read at
+# least this script's RSS. A bare interpreter (about 10 MiB) starts each command and reports its rusage.
+TRAMPOLINE = """
+import json, os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvpe(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+report = [time.perf_counter() - start, usage.ru_maxrss, usage.ru_utime + usage.ru_stime]
+os.write(int(sys.argv[1]), json.dumps(report).encode())
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS MiB, CPU seconds user+system) of one subprocess, from os.wait4."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
+    """(wall seconds, peak RSS MiB, CPU seconds user+system) of one subprocess, from os.wait4 in a bare
+    interpreter that starts it (TRAMPOLINE); its report comes back through a pipe."""
+    read, write = os.pipe()
+    os.set_inheritable(write, True)
+    argv = [sys.executable, "-S", "-c", TRAMPOLINE, str(write), *cmd]
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(write,)
+    )
+    os.close(write)
     err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    proc.wait()
+    report = os.read(read, 4096)
+    os.close(read)
+    if proc.returncode != 0 or not report:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    wall, maxrss_kib, cpu = json.loads(report)
+    return wall, maxrss_kib / 1024, cpu
 
 
 def best(runs: list[tuple[float, float, float]]) -> list[float]:

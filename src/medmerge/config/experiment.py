@@ -49,6 +49,14 @@ class StatisticsSettings(StrictModel):
     fisher_examples: int = Field(default=16, ge=1, description="training questions per expert for the Fisher")
     batch_size: int = Field(default=8, ge=1)
 
+    def arguments(self) -> dict[str, int]:
+        """These settings as `medmerge.train.statistics.compute_statistics` keyword arguments."""
+        return {
+            "max_examples": self.examples,
+            "fisher_examples": self.fisher_examples,
+            "batch_size": self.batch_size,
+        }
+
 
 def _every_method() -> list[str]:
     from medmerge.merge.registry import METHODS

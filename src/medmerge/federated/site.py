@@ -144,11 +144,9 @@ class Site:
                 folder,
                 self.specs,
                 kinds=kinds,
-                max_examples=settings.examples,
-                fisher_examples=settings.fisher_examples,
-                batch_size=settings.batch_size,
                 overwrite=True,
                 progress=False,
+                **settings.arguments(),
             )
             key_file.write_text(key)
         return self._shared_statistics()

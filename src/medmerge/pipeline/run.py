@@ -178,11 +178,9 @@ def _statistics_step(ctx: StepContext, expert: TrainedExpert, kinds: list[str]) 
         compute_statistics,
         expert.path,
         kinds=kinds,
-        max_examples=settings.examples,
-        fisher_examples=settings.fisher_examples,
-        batch_size=settings.batch_size,
         overwrite=True,
         progress=ctx.show.enabled,
+        **settings.arguments(),
     )
     record.write_text(key)
     ctx.show.done(f"statistics of {expert.name}")
