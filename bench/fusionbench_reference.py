@@ -192,27 +192,6 @@ ROWS = [
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def llama_shapes() -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of transformers' LlamaForCausalLM with LLAMA, in its state-dict order."""
-    h, i, v = LLAMA["hidden_size"], LLAMA["intermediate_size"], LLAMA["vocab_size"]
-    kv = h // LLAMA["num_attention_heads"] * LLAMA["num_key_value_heads"]
-    shapes: dict[str, tuple[int, ...]] = {EMBED: (v, h)}
-    for layer in range(LLAMA["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        }
-    return shapes | {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
-
-
 def linear_names(shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """The nn.Linear weights (they have Gram matrices): every 2-D tensor but the embedding."""
     return [n for n, s in shapes.items() if len(s) == 2 and not EMBEDDING.search(n)]
@@ -224,8 +203,9 @@ def build_inputs(work: Path) -> dict[str, Path]:
 
     from medmerge.merge.sparsify import tensor_generator
     from medmerge.site_stats import write_statistics
+    from merge_vs_mergekit import llama_shapes  # a sibling bench script (this folder is on sys.path)
 
-    shapes = llama_shapes()
+    shapes = llama_shapes(LLAMA)
     folders = {"base": work / "models" / "base"}
     folders |= {f"{f}-{i}": work / "models" / f"{f}-{i}" for f in FAMILIES for i in range(N)}
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **LLAMA, "torch_dtype": "float32"}
