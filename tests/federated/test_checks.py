@@ -89,3 +89,28 @@ def test_statistics_checks(tiny_llama):
         with pytest.raises(MedmergeError, match=rf"^site north: shared statistics refused \(.*{why}") as exc:
             check_statistics("north", blobs, shapes, kinds)
         assert "\n" not in str(exc.value)
+
+
+def test_a_failed_request_is_logged_at_the_site_and_shown_by_the_launcher(tmp_path, capsys):
+    """The coordinator only learns that a site failed; the site's own log says why, and `medmerge federate`
+    (local mode: the sites' logs are on this machine) prints it."""
+    from medmerge.federated.launcher import LocalFederation
+    from medmerge.federated.wire import Payload
+    from medmerge.federated.worker import answer
+
+    reply = answer("north", str(tmp_path / "missing.yaml"), str(tmp_path), Payload("train"))
+    assert reply.kind == "error" and "missing.yaml" in reply.meta["error"]
+    logged = capsys.readouterr().err.strip()
+    assert logged.startswith("medmerge site failed: north train: ") and "missing.yaml" in logged
+
+    federation = LocalFederation.__new__(LocalFederation)  # only its log folder is read
+    federation.logs = tmp_path / "logs"
+    federation.logs.mkdir()
+    (federation.logs / "worker-north.log").write_text("progress…\n" + logged + "\n")
+    (federation.logs / "worker-south.log").write_text("progress…\n")
+    (error,) = federation.site_errors()
+    assert (
+        error.startswith("north train: ")
+        and "missing.yaml" in error
+        and error.endswith("(logs/worker-north.log)")
+    )

@@ -283,13 +283,27 @@ class LocalFederation:
             if state.get("state") == "finished":
                 return coordinator / "verdict.json"
             if state.get("state") == "failed":
-                raise MedmergeError(f"federation: {state.get('error')}")
+                raise MedmergeError(
+                    f"federation: {state.get('error')}" + "".join(f"; {e}" for e in self.site_errors())
+                )
             if self.procs["superlink"].poll() is not None:
                 raise MedmergeError("federation: flower-superlink exited (see logs/superlink.log)")
             if on_poll is not None:
                 on_poll(self)
             time.sleep(0.5)
         raise MedmergeError(f"federation: no verdict after {timeout:.0f}s (see {self.logs})")
+
+    def site_errors(self) -> list[str]:
+        """The last failure each local site's worker logged (its own log, on this machine), e.g. a dataset
+        it cannot find: the coordinator only learns that the site failed."""
+        from medmerge.federated.worker import FAILED
+
+        errors = []
+        for log in sorted(self.logs.glob("worker-*.log")):
+            lines = [x for x in log.read_text(errors="replace").splitlines() if x.startswith(FAILED)]
+            if lines:
+                errors.append(lines[-1].removeprefix(FAILED).strip() + f" (logs/{log.name})")
+        return errors
 
     def stop(self) -> None:
         """SIGTERM every process this federation started (and their children), then SIGKILL stragglers."""

@@ -18,9 +18,12 @@ import argparse
 import contextlib
 import os
 import socket
+import sys
 from pathlib import Path
 
 from medmerge.federated.wire import Payload
+
+FAILED = "medmerge site failed:"  # starts the line a failed request leaves in the site's log
 
 
 def answer(name: str, config_path: str, out: str, request: Payload) -> Payload:
@@ -33,9 +36,9 @@ def answer(name: str, config_path: str, out: str, request: Payload) -> Payload:
         site = Site(name, load_config(config_path, FederatedConfig), Path(out))
         return site.handle(request)
     except Exception as exc:  # noqa: BLE001
-        return Payload(
-            "error", {"site": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-        )
+        line = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        print(f"{FAILED} {name} {request.kind}: {line}", file=sys.stderr, flush=True)  # the site's own log
+        return Payload("error", {"site": name, "error": line[:200]})
 
 
 def _read(conn: socket.socket) -> bytes:
