@@ -254,8 +254,7 @@ def build_inputs(work: Path) -> dict[str, Path]:
     masks.mkdir(exist_ok=True)
     for i in range(N):  # exactly medmerge's bernoulli draws: keep where u < density
         keep = {
-            n: (torch.rand(s, generator=tensor_generator(0, n, i)) < DENSITY).to(torch.uint8)
-            for n, s in shapes.items()
+            n: (tensor_generator(0, n, i).uniform(s) < DENSITY).to(torch.uint8) for n, s in shapes.items()
         }
         save_file(keep, masks / f"{i}.safetensors")
     return folders

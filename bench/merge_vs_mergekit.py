@@ -332,7 +332,10 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
     """(wall seconds, peak RSS MiB, CPU seconds user+system) of one subprocess, from os.wait4 in a bare
-    interpreter that starts it (TRAMPOLINE); its report comes back through a pipe."""
+    interpreter that starts it (TRAMPOLINE); its report comes back through a pipe. Dirty pages of the
+    runs before (gigabytes of merged weights) are flushed first, outside the timing, so that neither
+    tool pays for the other's write-back."""
+    os.sync()  # start clean: no other run's output still waiting to be written back while this one runs
     read, write = os.pipe()
     os.set_inheritable(write, True)
     argv = [sys.executable, "-S", "-c", TRAMPOLINE, str(write), *cmd]

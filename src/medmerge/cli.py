@@ -16,6 +16,7 @@ medmerge serve MODEL                a local answer page on 127.0.0.1
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -174,6 +175,9 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from medmerge.allocator import tune_for_streaming
+
+    tune_for_streaming()  # before torch is imported (medmerge.allocator)
     from medmerge.merge import merge_models
     from medmerge.merge.mergekit import load_merge_config
 
@@ -565,5 +569,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `medmerge` command: `main`, then exit without the interpreter's final garbage collections.
+
+    Once the command is done, every object still alive (torch and the libraries loaded with it hold
+    hundreds of thousands) is moved out of the collector's reach with `gc.freeze()`; the collections
+    Python runs while shutting down then skip them. Files are closed by then. This saves about 0.25 s
+    per command (`python -c "import torch"`: 1.12 s, 0.88 s with `gc.freeze()` at the end).
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -145,6 +145,53 @@ def test_dare_masks_depend_on_seed_name_and_model_only():
         assert not torch.equal(one, sparsify.bernoulli(tau, 0.5, sparsify.tensor_generator(*other))[1])
 
 
+def test_random_draws_are_uniform_and_reproducible():
+    generator = sparsify.tensor_generator(3, "model.embed_tokens.weight", 1)
+    shape = (3, 100_003)
+    one, again = (
+        generator.uniform(shape),
+        sparsify.tensor_generator(3, "model.embed_tokens.weight", 1).uniform(shape),
+    )
+    assert one.shape == shape and one.dtype == torch.float32 and torch.equal(one, again)
+    assert 0.0 <= float(one.min()) and float(one.max()) < 1.0
+    assert abs(float(one.mean()) - 0.5) < 0.005
+    assert not torch.equal(one, sparsify.tensor_generator(3, "model.embed_tokens.weight", 0).uniform(shape))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_chunked_task_arithmetic_is_the_whole_tensor_formula_to_the_bit(density):
+    """Task arithmetic and DARE without consensus run over chunks (methods.ELEMENTWISE_CHUNK); a tensor
+    that spans several chunks gives exactly θ_base + λ·Σ w_i τ̂_i / Σ w_i computed on whole tensors."""
+    shape = (3, methods.ELEMENTWISE_CHUNK // 2 + 7)  # 1.5 chunks and a bit: boundaries inside rows
+    base = torch.randn(shape)
+    thetas = [base + torch.randn(shape), base + torch.randn(shape)]
+    weights = [0.6, 0.9]
+    merged = methods.generalized_task_arithmetic(
+        base,
+        thetas,
+        weights,
+        sparsifier="bernoulli",
+        density=density,
+        normalize=True,
+        lam=1.3,
+        seed=4,
+        name="w",
+    )
+    expected = torch.zeros(shape)
+    kept = []
+    for i, (theta, w) in enumerate(zip(thetas, weights, strict=True)):
+        tau = theta - base
+        if density < 1.0:
+            tau, keep = sparsify.bernoulli(tau, density, sparsify.tensor_generator(4, "w", i))
+            kept.append(int(keep.sum()) / keep.numel())
+        expected.add_(tau, alpha=w)
+    expected = expected.div_(sum(weights)).mul_(1.3).add_(base)
+    assert torch.equal(merged.tensor, expected)
+    assert merged.stats["kept"] == (kept or [1.0, 1.0])
+    norms = [float((theta - base).norm()) for theta in thetas]
+    assert merged.stats["tau_norm"] == pytest.approx(norms, rel=1e-5)
+
+
 def test_della_probabilities_ranked_by_magnitude():
     tau = torch.tensor([[0.1, -3.0, 2.0], [5.0, 0.0, -1.0]])
     p = sparsify.della_probabilities(tau, density=0.5, epsilon=0.2)
@@ -238,3 +285,18 @@ def test_identical_models_give_that_model(name):
 
 def test_every_method_is_tested_here():
     assert set(SETTINGS) | {"soup_greedy"} == set(METHODS)
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "soup_greedy"])
+def test_only_methods_that_say_so_write_into_their_inputs(name):
+    """The engine reads inputs as memory maps for a method without overwrites_inputs (a write there would
+    copy each page on its own fault), so such a method must leave its θ_i as they are; none writes θ_base."""
+    spec = METHODS[name]
+    params = spec.params.model_validate(SETTINGS[name])
+    base = torch.randn(6, 5)
+    thetas = [base + torch.randn(6, 5), base + torch.randn(6, 5)]
+    thetas_before, base_before = [t.clone() for t in thetas], base.clone()
+    spec.merge("w", base, thetas, [0.3, 0.7], params)
+    assert torch.equal(base, base_before)
+    if not spec.overwrites_inputs:
+        assert all(torch.equal(t, b) for t, b in zip(thetas, thetas_before, strict=True))

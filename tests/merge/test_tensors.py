@@ -1,7 +1,9 @@
-"""Streaming safetensors I/O: pread reads and precomputed-header shard writes match the safetensors lib."""
+"""Streaming safetensors I/O: mapped and pread reads, and precomputed-header shard writes, match the
+safetensors lib."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -30,8 +32,32 @@ def test_read_matches_safetensors(tmp_path):
     infos, metadata = read_header(tmp_path / "model.safetensors")
     assert set(infos) == set(tensors)
     for name, tensor in tensors.items():
-        got = read_tensor(infos[name])
-        assert got.dtype == tensor.dtype and torch.equal(got, tensor)
+        for copy in (False, True):
+            got = read_tensor(infos[name], copy)
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor)
+
+
+def test_a_write_to_a_mapped_tensor_stays_in_this_process(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(_tensors(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    infos, _ = read_header(path)
+    mapped = read_tensor(infos["a.weight"])
+    mapped.add_(1.0)
+    assert torch.equal(read_tensor(infos["a.weight"]) + 1.0, mapped)
+    del mapped
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_a_truncated_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(_tensors(), path)
+    infos, _ = read_header(path)
+    with open(path, "r+b") as f:
+        f.truncate(infos["a.weight"].offset + 4)
+    for copy in (False, True):
+        with pytest.raises(MedmergeError, match="truncated data for tensor a.weight"):
+            read_tensor(infos["a.weight"], copy)
 
 
 @pytest.mark.parametrize("max_bytes", [1 << 30, 100])

@@ -163,7 +163,8 @@ def _stream(spec, params, base, sources, weights, names, progress, statistics) -
                 {"untouched": True},
             )
             continue
-        first = sources[0].read(name)
+        copy = spec.overwrites_inputs  # private copies for a method that writes into its inputs
+        first = sources[0].read(name, copy)
         if not first.is_floating_point():  # integer buffers: must agree, copied as they are
             for other in sources[1:]:
                 if not torch.equal(other.read(name), first):
@@ -173,7 +174,7 @@ def _stream(spec, params, base, sources, weights, names, progress, statistics) -
             yield name, first, {}
             continue
         thetas = [first.to(torch.float32)]
-        thetas += [s.read(name).to(torch.float32) for s in sources[1:]]
+        thetas += [s.read(name, copy).to(torch.float32) for s in sources[1:]]
         base_tensor = base.read(name).to(torch.float32) if use_base else None
         if not spec.task_vectors:
             _check_inputs(name, thetas, base_tensor, sources, base)

@@ -13,11 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from medmerge.merge import sparsify
 
 Sparsifier = Literal["none", "magnitude", "bernoulli", "breadcrumbs", "della"]
+CONSENSUS_CHUNK = 1 << 17  # entries per step of the TIES sign consensus (its scratch fits in cache)
+ELEMENTWISE_CHUNK = 1 << 16  # entries per step of task arithmetic and DARE without consensus
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def _sparsify(
     gamma: float,
     epsilon: float,
     rescale: bool,
-    generator: Callable[[], torch.Generator],
+    generator: Callable[[], sparsify.TensorRandom],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sparsify τ in place (the caller owns it)."""
     if how == "none" or density >= 1.0 and how != "breadcrumbs":
@@ -159,10 +162,15 @@ def generalized_task_arithmetic(
     entries where some kept τ̂_i opposes the elected sign ("sign_conflicts"; with non-negative weights,
     the entries where kept τ̂ of different models have opposite signs).
     """
-    stats: dict[str, object] = {"tau_norm": [], "kept": []}
     densities = _per_model(density, len(thetas))
+    if not sign_consensus and sparsifier in ("none", "bernoulli"):
+        draws = [sparsify.tensor_generator(seed, name, i) for i in range(len(thetas))]
+        if sparsifier == "none":
+            densities = [1.0] * len(thetas)
+        return _elementwise_task_arithmetic(base, thetas, weights, densities, rescale, normalize, lam, draws)
+    stats: dict[str, object] = {"tau_norm": [], "kept": []}
     base = base.to(torch.float32)
-    weighted_sum = torch.zeros_like(base)
+    weighted_sum = torch.zeros(base.shape, dtype=torch.float32)  # contiguous: viewed flat below
     sparse: list[torch.Tensor] = []
     for i, theta in enumerate(thetas):
         tau = theta.sub_(base) if consume else theta - base
@@ -188,25 +196,81 @@ def generalized_task_arithmetic(
         delta = weighted_sum
     else:
         elected = weighted_sum.ge_(0).mul_(2).sub_(1)  # γ ∈ {−1, +1}, in place of the sum
-        delta = torch.zeros_like(base)  # Σ_{agree} w_i τ̂_i
-        denominator = torch.zeros_like(base)  # Σ_{agree} w_i
-        conflict = torch.zeros(base.shape, dtype=torch.bool)
-        agreement = torch.empty_like(base)  # scratch buffers, reused for every model
-        agree = torch.empty(base.shape, dtype=torch.bool)
-        opposed = torch.empty(base.shape, dtype=torch.bool)
-        for w, tau_hat in zip(weights, sparse, strict=True):
-            torch.mul(tau_hat, elected, out=agreement)  # > 0 where τ̂_i agrees with γ, < 0 where opposed
-            conflict.logical_or_(torch.lt(agreement, 0, out=opposed))
-            denominator.add_(torch.gt(agreement, 0, out=agree), alpha=w)
-            delta.add_(agreement.relu_(), alpha=w)  # Σ w_i·relu(τ̂_i γ) = γ · Σ_{agree} w_i τ̂_i
+        conflicts = 0
+        n = base.numel()
+        flat_elected, flat_sparse = elected.view(-1), [tau_hat.reshape(-1) for tau_hat in sparse]
+        for start in range(0, n, CONSENSUS_CHUNK):  # chunks stay in cache; scratch is chunk-sized
+            gamma = flat_elected[start : start + CONSENSUS_CHUNK]
+            numerator = torch.zeros_like(gamma)  # Σ_{agree} w_i |τ̂_i|
+            denominator = torch.zeros_like(gamma)  # Σ_{agree} w_i
+            conflict = torch.zeros(gamma.shape, dtype=torch.bool)
+            for w, tau_hat in zip(weights, flat_sparse, strict=True):
+                # τ̂_i γ in τ̂_i's storage (this function's own copy): > 0 agrees with γ, < 0 opposes it
+                agreement = tau_hat[start : start + CONSENSUS_CHUNK].mul_(gamma)
+                conflict.logical_or_(agreement < 0)
+                denominator.add_(agreement > 0, alpha=w)
+                numerator.add_(agreement.relu_(), alpha=w)  # Σ w_i·relu(τ̂_i γ) = γ · Σ_{agree} w_i τ̂_i
+            conflicts += int(torch.count_nonzero(conflict))
+            numerator.mul_(gamma).div_(denominator.masked_fill_(denominator == 0, 1.0))  # 0: none agrees
+            gamma.copy_(numerator)  # δ over this chunk, in place of γ (not read again)
         sparse.clear()
-        delta.mul_(elected)
-        stats["sign_conflicts"] = int(torch.count_nonzero(conflict)) / max(base.numel(), 1)
-        del conflict, elected, agreement, agree, opposed
-        delta.div_(denominator.masked_fill_(denominator == 0, 1.0))  # 0 where no model agrees
+        stats["sign_conflicts"] = conflicts / max(n, 1)
+        delta = elected
     if lam != 1.0:
         delta.mul_(lam)
     return Merged(delta.add_(base), stats)
+
+
+def _elementwise_task_arithmetic(
+    base: torch.Tensor,
+    thetas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    rescale: bool,
+    normalize: bool,
+    lam: float,
+    draws: Sequence[sparsify.TensorRandom],
+) -> Merged:
+    """`generalized_task_arithmetic` without sign consensus, where each τ̂_i entry depends on its own
+    entry only (no drop where d_i ≥ 1, else a DARE drop): θ = θ_base + λ Σ_i w_i τ̂_i (÷ Σ_i w_i with
+    `normalize`), computed over chunks of ELEMENTWISE_CHUNK entries whose scratch stays in cache
+    (one read of each input and one write of the output, against a dozen passes over whole tensors).
+    Each entry goes through the same float32 operations, in the same order, as the whole-tensor path, and
+    the masks are the same draws (TensorRandom.stream), so the result is the same to the bit; ‖τ_i‖ is
+    √Σ over chunks of their squared norms (float64)."""
+    n = base.numel()
+    flat_base = base.to(torch.float32).reshape(-1)
+    flats = [theta.to(torch.float32).reshape(-1) for theta in thetas]
+    drops = [d < 1.0 for d in densities]
+    streams = [draw.stream() if drop else None for draw, drop in zip(draws, drops, strict=True)]
+    total = float(sum(weights))
+    divide = normalize and total != 0
+    out = torch.empty(n, dtype=torch.float32)
+    tau_buffer = torch.empty(min(n, ELEMENTWISE_CHUNK), dtype=torch.float32)
+    squares, kept = [0.0] * len(thetas), [0] * len(thetas)
+    for start in range(0, n, ELEMENTWISE_CHUNK):
+        stop = min(start + ELEMENTWISE_CHUNK, n)
+        acc, b, tau = out[start:stop].zero_(), flat_base[start:stop], tau_buffer[: stop - start]
+        for i, theta in enumerate(flats):
+            torch.sub(theta[start:stop], b, out=tau)
+            squares[i] += float(torch.linalg.vector_norm(tau)) ** 2
+            if drops[i]:
+                keep = torch.from_numpy(streams[i].random(stop - start, dtype=np.float32)) < densities[i]
+                kept[i] += int(torch.count_nonzero(keep))
+                tau.mul_(keep)
+                if rescale and densities[i] > 0:
+                    tau.div_(densities[i])
+            acc.add_(tau, alpha=weights[i])
+        if divide:
+            acc.div_(total)
+        if lam != 1.0:
+            acc.mul_(lam)
+        acc.add_(b)
+    stats = {
+        "tau_norm": [math.sqrt(x) for x in squares],
+        "kept": [k / max(n, 1) if drop else 1.0 for k, drop in zip(kept, drops, strict=True)],
+    }
+    return Merged(out.view(base.shape), stats)
 
 
 def model_stock(base: torch.Tensor, thetas: Sequence[torch.Tensor], filter_wise: bool = False) -> Merged:
@@ -230,17 +294,18 @@ def model_stock(base: torch.Tensor, thetas: Sequence[torch.Tensor], filter_wise:
     cos = torch.zeros_like(norms[0])
     for i in range(n):
         for j in range(i + 1, n):
-            c = (taus[i] * taus[j]).sum(-1) / (norms[i] * norms[j]).clamp_min(1e-6)
+            c = torch.linalg.vecdot(taus[i], taus[j]) / (norms[i] * norms[j]).clamp_min(1e-6)
             cos += c.clamp(-1.0, 1.0)
+    del taus
     cos /= n * (n - 1) / 2
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6  # opposing updates: keep the base there (as mergekit)
     t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))  # (R,)
-    mean = linear(thetas, [1.0] * n)
     t_shaped = t.reshape(-1, 1) if filter_wise and base.dim() >= 2 else t.reshape(1, 1)
-    out = (rows(mean) * t_shaped + rows(base) * (1 - t_shaped)).reshape(base.shape)
+    out = rows(linear(thetas, [1.0] * n)).mul_(t_shaped).addcmul_(rows(base), 1 - t_shaped)
     return Merged(
-        out, {"cos": float(cos.mean()), "t": float(t.mean()), "tau_norm": [float(x.norm()) for x in norms]}
+        out.reshape(base.shape),
+        {"cos": float(cos.mean()), "t": float(t.mean()), "tau_norm": [float(x.norm()) for x in norms]},
     )
 
 
@@ -265,21 +330,25 @@ def karcher(
     if not live:
         return Merged(torch.zeros_like(thetas[0], dtype=torch.float32), {"iterations": 0})
     live_total = sum(w for w, _ in live)
-    x = sum(w * u for w, u in live)
+    x = torch.zeros_like(live[0][1])
+    for w, u in live:
+        x.add_(u, alpha=w)
     if float(x.norm()) < 1e-12:  # antipodal inputs: start from the first
         x = live[0][1].clone()
-    x = x / x.norm()
+    x.div_(x.norm())
+    g = torch.empty_like(x)  # the tangent step, one buffer for every iteration
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 (the count is reported)
-        g = torch.zeros_like(x)
+        g.zero_()
         for w, u in live:
             cos = float(x @ u)
             alpha = math.acos(max(-1.0, min(1.0, cos)))
-            if alpha > 1e-7:
-                g.add_(u - cos * x, alpha=w * alpha / math.sin(alpha) / live_total)
+            if alpha > 1e-7:  # g += c·(u − cos·x), c = w α / (sin α Σw)
+                c = w * alpha / math.sin(alpha) / live_total
+                g.add_(u, alpha=c).add_(x, alpha=-c * cos)
         g_norm = float(g.norm())
         if g_norm < tol:
             break
-        x = math.cos(g_norm) * x + math.sin(g_norm) * g / g_norm
-        x /= x.norm()
-    return Merged((x * mean_norm).reshape(thetas[0].shape), {"iterations": iterations})
+        x.mul_(math.cos(g_norm)).add_(g, alpha=math.sin(g_norm) / g_norm)
+        x.div_(x.norm())
+    return Merged(x.mul_(mean_norm).reshape(thetas[0].shape), {"iterations": iterations})

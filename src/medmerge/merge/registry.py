@@ -63,7 +63,7 @@ class MethodSpec:
     summary: str
     params: type[StrictModel]
     driver: Driver = "per_tensor"
-    merge: TensorFn | None = None  # per_tensor only; may overwrite its `thetas`
+    merge: TensorFn | None = None  # per_tensor only; overwrites its `thetas` only with overwrites_inputs
     base: BaseUse = "unused"  # required: θ_base enters the math; optional: when `base_switch` is true
     base_switch: str | None = None  # the bool parameter that makes an optional base required
     min_models: int = 1
@@ -71,6 +71,10 @@ class MethodSpec:
     # the stats carry ‖τ_i‖ for each model: finite exactly when θ_i and θ_base are (the engine then skips
     # its separate NaN/Inf pass over the inputs)
     task_vectors: bool = False
+    # the tensor function computes in its `thetas`' storage (τ_i = θ_i − θ_base in place), so the engine
+    # reads them as private copies; others get memory-mapped inputs (medmerge.merge.tensors), where a
+    # write would copy each page on its own fault
+    overwrites_inputs: bool = False
     consensus: bool = False  # TIES sign election and disjoint mean
     random_masks: bool = False  # draws random masks from its `seed` parameter (a search fixes it)
     nonzero_weight_sum: bool = False  # the weights must not sum to 0 (they divide the result)
@@ -150,7 +154,6 @@ def _gta(sparsifier: methods.Sparsifier, consensus: bool) -> TensorFn:
             lam=p.lam,
             seed=getattr(p, "seed", 0),
             name=name,
-            consume=True,
         )
 
     return gta_merge
@@ -210,6 +213,7 @@ def _spectral_method(
         params,
         merge=merge,
         base="required",
+        overwrites_inputs=True,
         nonzero_weight_sum=True,
         space=spaces.with_knobs(spaces.task_vector_space(), **{k: v[:2] for k, v in knobs.items()}),
         default={"lambda": 1.0, **{k: v[2] for k, v in knobs.items()}},
@@ -323,6 +327,7 @@ METHODS: dict[str, MethodSpec] = {
             InnerMergeParams,
             merge=spectral.knots,
             base="required",
+            overwrites_inputs=True,
             random_masks=True,
             space=spaces.task_vector_space("density"),
             default=_INNER,
@@ -343,6 +348,7 @@ METHODS: dict[str, MethodSpec] = {
             CoreSpaceParams,
             merge=spectral.core_space,
             base="required",
+            overwrites_inputs=True,
             needs_factors=True,
             random_masks=True,
             space=spaces.task_vector_space("density"),

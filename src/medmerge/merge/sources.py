@@ -32,8 +32,9 @@ class Source:
     def is_adapter(self) -> bool:
         return False
 
-    def read(self, name: str) -> torch.Tensor:
-        return read_tensor(self.infos[name])
+    def read(self, name: str, copy: bool = False) -> torch.Tensor:
+        """Tensor `name`; `copy`: in new memory the caller may write to cheaply (else memory-mapped)."""
+        return read_tensor(self.infos[name], copy)
 
     def touches(self, name: str) -> bool:
         """Whether this input's `name` may differ from its base (a full model: always)."""
@@ -76,11 +77,11 @@ class AdapterSource(Source):
             return torch.zeros(out, 0), torch.zeros(0, cols)
         return lora_factors(module)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, copy: bool = False) -> torch.Tensor:
         if name in self.replaced:
-            return read_tensor(self.replaced[name])
-        theta = self.base.read(name)
+            return read_tensor(self.replaced[name], copy)
         module = self.modules.get(name)
+        theta = self.base.read(name, copy=copy or module is not None)  # ΔW is added in place
         if module is None:
             return theta
         delta = delta_weight(module)

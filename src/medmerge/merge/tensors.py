@@ -1,14 +1,17 @@
-"""Safetensors streaming: read one tensor at a time with pread, write shards whose header is known first.
+"""Safetensors streaming: read one tensor at a time, write shards whose header is known first.
 
-Reading uses `os.pread` into a fresh tensor instead of a memory map, so pages of the input files never
-count towards the process's resident memory: at any moment only the tensors being merged are held.
-Writing precomputes every shard's header from the planned (name, dtype, shape) list, then appends each
-tensor's bytes as soon as it is merged — nothing waits in memory for a shard to fill.
+Reading maps just one tensor's bytes, privately (copy-on-write): the tensor is the page cache itself, so
+nothing is copied or zero-filled, a write to it stays in this process, and the mapping goes away with
+the tensor. Only the tensors alive at that moment count towards the resident memory, as with a copy; a
+whole-file memory map would keep every page read so far. Writing precomputes every shard's header from
+the planned (name, dtype, shape) list, then appends each tensor's bytes as soon as it is merged —
+nothing waits in memory for a shard to fill.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Sequence
@@ -67,8 +70,33 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, metadata
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor's bytes straight into a new CPU tensor (no memory map)."""
+def read_tensor(info: TensorInfo, copy: bool = False) -> torch.Tensor:
+    """One tensor, backed by a private copy-on-write map of its bytes in `info.file` (no copy on read).
+
+    Writing to the tensor changes only this process's pages, never the file, but each page then faults
+    and is copied on its own: a caller that computes in the tensor's storage asks for `copy` (one pread
+    into new memory). The file must not be truncated while a mapped tensor lives (the usual rule of
+    memory-mapped weights: safetensors, PyTorch). Data not aligned to its element size (no standard
+    writer produces it) is read with pread too.
+    """
+    itemsize = torch.empty((), dtype=info.dtype).element_size()
+    if copy or info.nbytes == 0 or info.offset % itemsize:
+        return _pread_tensor(info)
+    start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+    with open(info.file, "rb") as f:
+        if os.fstat(f.fileno()).st_size < info.offset + info.nbytes:
+            raise MedmergeError(f"{info.file}: truncated data for tensor {info.name}")
+        window = mmap.mmap(
+            f.fileno(), info.offset + info.nbytes - start, access=mmap.ACCESS_COPY, offset=start
+        )
+    flat = torch.frombuffer(
+        window, dtype=info.dtype, count=info.nbytes // itemsize, offset=info.offset - start
+    )
+    return flat.view(info.shape)
+
+
+def _pread_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes into a new CPU tensor with pread."""
     out = torch.empty(info.shape, dtype=info.dtype)
     if info.nbytes == 0:
         return out
