@@ -235,14 +235,27 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     assert "unknown merge method 'nope'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["expert", "base"])
-def test_nan_is_refused_by_task_vector_methods(tmp_path, tiny_llama, llama_experts, where):
+@pytest.mark.parametrize(
+    ("method", "where"),
+    [
+        ("ties", "expert"),
+        ("ties", "base"),
+        ("model_stock", "expert"),
+        ("model_stock", "base"),
+        ("linear", "expert"),
+    ],
+)
+def test_nan_is_refused_without_a_separate_input_pass(tmp_path, tiny_llama, llama_experts, where, method):
+    """Task-vector methods check ‖τ_i‖, linear its output; both then name the input that holds the Inf."""
+
     def poison(t):
         t["model.layers.0.mlp.up_proj.weight"][1, 2] = float("inf")
 
     bad = _copy_with(tmp_path, llama_experts[0] if where == "expert" else tiny_llama, "bad", poison)
     base, expert = (str(tiny_llama), str(bad)) if where == "expert" else (str(bad), str(llama_experts[0]))
-    config = MergeConfig(method="ties", base_model=base, models=[expert], parameters={"density": 0.5})
+    models = [expert, str(llama_experts[1])] if method != "ties" else [expert]
+    parameters = {"density": 0.5} if method == "ties" else {}
+    config = MergeConfig(method=method, base_model=base, models=models, parameters=parameters)
     with pytest.raises(
         MedmergeError, match=r"bad: tensor model\.layers\.0\.mlp\.up_proj\.weight has 1 NaN/Inf"
     ):

@@ -176,7 +176,7 @@ def _stream(spec, params, base, sources, weights, names, progress, statistics) -
         thetas = [first.to(torch.float32)]
         thetas += [s.read(name, copy).to(torch.float32) for s in sources[1:]]
         base_tensor = base.read(name).to(torch.float32) if use_base else None
-        if not spec.task_vectors:
+        if not spec.task_vectors and not spec.output_shows_inputs:
             _check_inputs(name, thetas, base_tensor, sources, base)
         if spec.needs_extras:
             extras = _extras(spec, name, thetas[0].shape, sources, statistics)
@@ -190,6 +190,9 @@ def _stream(spec, params, base, sources, weights, names, progress, statistics) -
             # overflow on finite inputs, in which case this finds nothing and the output check decides)
             again = [s.read(name).to(torch.float32) for s in sources]
             _check_inputs(name, again, base.read(name).to(torch.float32), sources, base)
+        if spec.output_shows_inputs and not bool(torch.isfinite(merged.tensor.sum())):
+            again = [s.read(name).to(torch.float32) for s in sources]  # name the input, if it is one
+            _check_inputs(name, again, base.read(name).to(torch.float32) if use_base else None, sources, base)
         _finite(name, merged.tensor, f"merge output ({spec.name})")
         yield name, merged.tensor, merged.stats
         del merged

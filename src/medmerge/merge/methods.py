@@ -21,6 +21,7 @@ from medmerge.merge import sparsify
 Sparsifier = Literal["none", "magnitude", "bernoulli", "breadcrumbs", "della"]
 CONSENSUS_CHUNK = 1 << 17  # entries per step of the TIES sign consensus (its scratch fits in cache)
 ELEMENTWISE_CHUNK = 1 << 16  # entries per step of task arithmetic and DARE without consensus
+STOCK_BLOCK = 1 << 20  # entries per block of Model Stock (its 5 live blocks of 4 MiB fit in a 32 MiB L3)
 
 
 @dataclass(frozen=True)
@@ -284,29 +285,55 @@ def model_stock(base: torch.Tensor, thetas: Sequence[torch.Tensor], filter_wise:
     n = len(thetas)
     if n < 2:
         raise ValueError("model_stock needs at least 2 models")
-    rows = (
-        (lambda x: x.reshape(-1, x.shape[-1]))
-        if filter_wise and base.dim() >= 2
-        else (lambda x: x.reshape(1, -1))
-    )
-    taus = [rows(theta - base) for theta in thetas]  # (R, m) each
-    norms = [tau.norm(dim=-1) for tau in taus]  # (R,)
+    per_row = filter_wise and base.dim() >= 2
+    rows = (lambda x: x.reshape(-1, x.shape[-1])) if per_row else (lambda x: x.reshape(1, -1))
+    r_base, r_thetas = rows(base), [rows(theta) for theta in thetas]  # (R, m) views
+    blocks = _blocks(*r_base.shape)
+    # ‖τ_i‖² and ⟨τ_i, τ_j⟩ per row, summed (float64) over blocks of ≈ STOCK_BLOCK entries: no τ_i
+    # is held whole
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    squares = torch.zeros(n, r_base.shape[0], dtype=torch.float64)
+    dots = torch.zeros(len(pairs), r_base.shape[0], dtype=torch.float64)
+    # one row: BLAS dot products of flat blocks (vecdot would build each product first)
+    dot = (lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1))) if not per_row else torch.linalg.vecdot
+    out = torch.empty(r_base.shape, dtype=torch.float32)
+    for block in blocks:
+        mean = torch.mul(r_thetas[0][block], 1.0 / n, out=out[block])  # linear(θ_i), t applied below
+        for theta in r_thetas[1:]:
+            mean.add_(theta[block], alpha=1.0 / n)
+        taus = [theta[block] - r_base[block] for theta in r_thetas]
+        for i, tau in enumerate(taus):
+            squares[i, block[0]] += dot(tau, tau)
+        for k, (i, j) in enumerate(pairs):
+            dots[k, block[0]] += dot(taus[i], taus[j])
+    norms = squares.sqrt().to(torch.float32)  # (n, R)
     cos = torch.zeros_like(norms[0])
-    for i in range(n):
-        for j in range(i + 1, n):
-            c = torch.linalg.vecdot(taus[i], taus[j]) / (norms[i] * norms[j]).clamp_min(1e-6)
-            cos += c.clamp(-1.0, 1.0)
-    del taus
-    cos /= n * (n - 1) / 2
+    for k, (i, j) in enumerate(pairs):
+        c = dots[k].to(torch.float32) / (norms[i] * norms[j]).clamp_min(1e-6)
+        cos += c.clamp(-1.0, 1.0)
+    cos /= len(pairs)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6  # opposing updates: keep the base there (as mergekit)
-    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))  # (R,)
-    t_shaped = t.reshape(-1, 1) if filter_wise and base.dim() >= 2 else t.reshape(1, 1)
-    out = rows(linear(thetas, [1.0] * n)).mul_(t_shaped).addcmul_(rows(base), 1 - t_shaped)
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator)).reshape(-1, 1)  # (R, 1)
+    for block in blocks:  # θ = t·linear(θ_i) + (1 − t)·θ_base, block by block
+        rows_t = t[block[0]] if per_row else t
+        out[block].mul_(rows_t).addcmul_(r_base[block], 1 - rows_t)
     return Merged(
         out.reshape(base.shape),
         {"cos": float(cos.mean()), "t": float(t.mean()), "tau_norm": [float(x.norm()) for x in norms]},
     )
+
+
+def _blocks(rows: int, cols: int) -> list[tuple[slice, slice]]:
+    """(rows, columns) slices of ≈ ELEMENTWISE_CHUNK entries covering an (R, m) matrix: blocks of whole
+    rows, or column ranges when there is one row."""
+    if rows == 1:
+        return [
+            (slice(0, 1), slice(s, min(s + ELEMENTWISE_CHUNK, cols)))
+            for s in range(0, cols, ELEMENTWISE_CHUNK)
+        ]
+    step = max(1, ELEMENTWISE_CHUNK // max(cols, 1))
+    return [(slice(s, min(s + step, rows)), slice(None)) for s in range(0, rows, step)]
 
 
 def karcher(

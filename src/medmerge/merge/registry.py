@@ -71,6 +71,9 @@ class MethodSpec:
     # the stats carry ‖τ_i‖ for each model: finite exactly when θ_i and θ_base are (the engine then skips
     # its separate NaN/Inf pass over the inputs)
     task_vectors: bool = False
+    # every NaN/Inf input entry makes its output entry NaN/Inf (linear: Σ w_i θ_i), so the output's check
+    # stands for the inputs' (the engine re-reads them only to name the culprit)
+    output_shows_inputs: bool = False
     # the tensor function computes in its `thetas`' storage (τ_i = θ_i − θ_base in place), so the engine
     # reads them as private copies; others get memory-mapped inputs (medmerge.merge.tensors), where a
     # write would copy each page on its own fault
@@ -235,6 +238,7 @@ METHODS: dict[str, MethodSpec] = {
             "Σ w_i θ_i / Σ w_i (model soup)",
             NoParams,
             merge=_linear,
+            output_shows_inputs=True,
             nonzero_weight_sum=True,
             space=spaces.weights_only,
         ),
@@ -311,6 +315,7 @@ METHODS: dict[str, MethodSpec] = {
             ModelStockParams,
             merge=_model_stock,
             base="required",
+            task_vectors=True,  # its stats carry ‖τ_i‖
             min_models=2,
             space=spaces.unit_weights,
         ),
