@@ -457,3 +457,23 @@ def test_cli_merges_a_new_method_from_yaml_and_refuses_missing_statistics(
     assert main(["merge", str(config), "--out", str(tmp_path / "regmean"), "--quiet"]) == 2
     error = capsys.readouterr().err.strip()
     assert f"{llama_experts[0]}: regmean needs the site's gram statistics" in error and "\n" not in error
+
+
+def test_an_svd_that_fails_in_float32_is_redone_in_float64(monkeypatch):
+    """LAPACK's float32 SVD failed to converge on an Iso-CTS residual of two 135M experts; the fallback
+    decomposes x / max|x| in float64."""
+    from medmerge.merge import spectral
+
+    x = torch.randn(12, 7) @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5, 0.0, 0.0, 0.0])) @ torch.randn(7, 7)
+    real_svd = torch.linalg.svd
+
+    def flaky_svd(a, full_matrices=True):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
+    u, s, vh = spectral._svd(x)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    assert s.numel() == 4  # cut to the numerical rank
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, x, atol=1e-4, rtol=1e-4)

@@ -51,8 +51,18 @@ def _rank(s: torch.Tensor, shape) -> int:
 
 
 def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reduced SVD of x cut to its numerical rank: directions with σ ≈ 0 are arbitrary, so never kept."""
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    """Reduced SVD of x cut to its numerical rank: directions with σ ≈ 0 are arbitrary, so never kept.
+
+    LAPACK's float32 divide-and-conquer SVD can fail to converge on an ill-conditioned x (Iso-CTS's
+    residual after the common subspace is removed, on full-model experts); then x / max|x| is
+    decomposed in float64 and σ scaled back.
+    """
+    try:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        scale = x.abs().max().clamp_min(1e-30)
+        u, s, vh = torch.linalg.svd((x / scale).to(torch.float64), full_matrices=False)
+        u, s, vh = u.to(x.dtype), (s * scale.to(torch.float64)).to(x.dtype), vh.to(x.dtype)
     r = _rank(s, x.shape)
     return u[:, :r], s[:r], vh[:r]
 
