@@ -114,3 +114,16 @@ def test_a_failed_request_is_logged_at_the_site_and_shown_by_the_launcher(tmp_pa
         and "missing.yaml" in error
         and error.endswith("(logs/worker-north.log)")
     )
+
+
+def test_a_failure_without_a_message_is_still_one_line(tmp_path, monkeypatch):
+    import medmerge.config
+    from medmerge.federated.wire import Payload
+    from medmerge.federated.worker import answer
+
+    def fail(*args, **kwargs):
+        raise KeyError()
+
+    monkeypatch.setattr(medmerge.config, "load_config", fail)
+    reply = answer("north", str(tmp_path / "config.yaml"), str(tmp_path), Payload("train"))
+    assert reply.kind == "error" and reply.meta["error"] == "KeyError: "

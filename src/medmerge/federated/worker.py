@@ -36,7 +36,7 @@ def answer(name: str, config_path: str, out: str, request: Payload) -> Payload:
         site = Site(name, load_config(config_path, FederatedConfig), Path(out))
         return site.handle(request)
     except Exception as exc:  # noqa: BLE001
-        line = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        line = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"  # KeyError() has no text
         print(f"{FAILED} {name} {request.kind}: {line}", file=sys.stderr, flush=True)  # the site's own log
         return Payload("error", {"site": name, "error": line[:200]})
 

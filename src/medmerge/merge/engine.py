@@ -68,10 +68,16 @@ def open_merge_inputs(config: MergeConfig) -> tuple[Source | None, list[Source]]
     return base, sources
 
 
-def _finite(name: str, tensor: torch.Tensor, where: str) -> None:
-    """Refuse NaN/Inf. A finite sum proves every entry finite in one read-only pass; only a non-finite
-    sum (NaN/Inf present, or an overflow of the float32 sum) pays for the exact elementwise check."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+def _sum_is_finite(tensor: torch.Tensor) -> bool:
+    """A finite sum proves every entry finite in one read-only pass (a non-finite one: NaN/Inf present, or
+    an overflow of the float32 sum)."""
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum()))
+
+
+def _finite(name: str, tensor: torch.Tensor, where: str, checked: bool = False) -> None:
+    """Refuse NaN/Inf. Only a non-finite sum (`_sum_is_finite`; `checked`: the caller found it so)
+    pays for the exact elementwise check."""
+    if not checked and _sum_is_finite(tensor):
         return
     bad = int(torch.count_nonzero(~torch.isfinite(tensor)))
     if bad:
@@ -185,15 +191,16 @@ def _stream(spec, params, base, sources, weights, names, progress, statistics) -
         else:
             merged = spec.merge(name, base_tensor, thetas, weights, params)
         del first, thetas, base_tensor  # only the output stays alive while the next tensors are read
-        if spec.task_vectors and not all(math.isfinite(x) for x in merged.stats["tau_norm"]):
-            # some τ_i is not finite: re-read the inputs to name the culprit (a float32 norm can also
+        output_finite = _sum_is_finite(merged.tensor)
+        if (spec.task_vectors and not all(math.isfinite(x) for x in merged.stats["tau_norm"])) or (
+            spec.output_shows_inputs and not output_finite
+        ):
+            # an input may hold NaN/Inf: re-read them to name the culprit (a float32 norm or sum can also
             # overflow on finite inputs, in which case this finds nothing and the output check decides)
             again = [s.read(name).to(torch.float32) for s in sources]
-            _check_inputs(name, again, base.read(name).to(torch.float32), sources, base)
-        if spec.output_shows_inputs and not bool(torch.isfinite(merged.tensor.sum())):
-            again = [s.read(name).to(torch.float32) for s in sources]  # name the input, if it is one
             _check_inputs(name, again, base.read(name).to(torch.float32) if use_base else None, sources, base)
-        _finite(name, merged.tensor, f"merge output ({spec.name})")
+        if not output_finite:
+            _finite(name, merged.tensor, f"merge output ({spec.name})", checked=True)
         yield name, merged.tensor, merged.stats
         del merged
 

@@ -79,7 +79,7 @@ def read_tensor(info: TensorInfo, copy: bool = False) -> torch.Tensor:
     memory-mapped weights: safetensors, PyTorch). Data not aligned to its element size (no standard
     writer produces it) is read with pread too.
     """
-    itemsize = torch.empty((), dtype=info.dtype).element_size()
+    itemsize = info.dtype.itemsize
     if copy or info.nbytes == 0 or info.offset % itemsize:
         return _pread_tensor(info)
     start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
