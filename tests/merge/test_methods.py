@@ -63,6 +63,27 @@ def test_slerp_rowwise_uses_one_angle_per_row():
     torch.testing.assert_close(out[1], torch.tensor([1.5, 1.5]))
 
 
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_slerp_over_several_blocks_is_the_float64_formula(rowwise):
+    """SLERP sums its norms and dot product over blocks of ELEMENTWISE_CHUNK entries (whole rows when
+    rowwise); a tensor spanning several blocks gives the formula computed on whole tensors in float64."""
+    gen = torch.Generator().manual_seed(7)
+    shape = (5, methods.ELEMENTWISE_CHUNK // 2 + 3)  # 2.5 chunks and a bit: boundaries inside rows
+    v0 = torch.randn(shape, generator=gen)
+    v1 = 0.6 * v0 + torch.randn(shape, generator=gen)  # cos ≈ 0.5: far from the lerp threshold
+    t = 0.3
+    out = methods.slerp(t, v0, v1, rowwise=rowwise)
+    a, b = v0.double(), v1.double()
+    if not rowwise:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    cos = (a * b).sum(-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True))
+    omega = torch.acos(cos)
+    expected = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    torch.testing.assert_close(out.tensor.double(), expected.reshape(shape), rtol=1e-6, atol=1e-6)
+    assert out.stats["cos"] == pytest.approx(float(cos.mean()), rel=1e-6)
+    assert out.stats["lerp"] == 0.0
+
+
 def test_task_arithmetic():
     out = methods.generalized_task_arithmetic(BASE, [BASE + TAU1, BASE + TAU2], [1.0, 0.5], lam=2.0)
     torch.testing.assert_close(out.tensor, BASE + 2.0 * (TAU1 + 0.5 * TAU2))

@@ -20,8 +20,9 @@ from medmerge.merge import sparsify
 
 Sparsifier = Literal["none", "magnitude", "bernoulli", "breadcrumbs", "della"]
 CONSENSUS_CHUNK = 1 << 17  # entries per step of the TIES sign consensus (its scratch fits in cache)
-ELEMENTWISE_CHUNK = 1 << 16  # entries per step of task arithmetic and DARE without consensus
-STOCK_BLOCK = 1 << 20  # entries per block of Model Stock (its 5 live blocks of 4 MiB fit in a 32 MiB L3)
+# entries per step of task arithmetic, DARE without consensus, SLERP and Model Stock: 1 MiB of float32,
+# so a step's few live blocks stay in cache (2¹⁸ measured fastest of 2¹⁶–2¹⁹ on the 360M bench model)
+ELEMENTWISE_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -70,30 +71,46 @@ def slerp(
 ) -> Merged:
     """Spherical linear interpolation of two tensors (Shoemake 1985), flattened or row by row.
 
-    Ω = arccos(⟨v0/‖v0‖, v1/‖v1‖⟩);  θ = sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1.
+    Ω = arccos(⟨v0, v1⟩ / (‖v0‖‖v1‖));  θ = sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1.
     The angle comes from the normalised vectors but the unnormalised ones are interpolated, so norms
-    are interpolated too. Where |cos Ω| > `dot_threshold` (nearly colinear or antipodal) or a norm is
-    below `eps`, falls back to lerp (1−t)·v0 + t·v1. t=0 gives v0 and t=1 gives v1 exactly.
+    are interpolated too. ‖v0‖², ‖v1‖² and ⟨v0, v1⟩ are summed in float64 over blocks of
+    ELEMENTWISE_CHUNK entries, and θ is written block by block: two reads of each input, no temporaries.
+    Where |cos Ω| > `dot_threshold` (nearly colinear or antipodal) or a norm is below `eps`, falls back
+    to lerp (1−t)·v0 + t·v1. t=0 gives v0 and t=1 gives v1 exactly.
     `rowwise`: one angle per slice of the first axis (per output row of a weight matrix) instead of one per
     tensor (the usual definition, and mergekit's).
     """
     if t == 0.0 or t == 1.0:
         return Merged((v1 if t == 1.0 else v0).to(torch.float32).clone(), {"cos": None, "lerp": 0.0})
     rows = v0.shape[0] if rowwise and v0.dim() >= 1 else 1
-    a, b = v0.reshape(rows, -1), v1.reshape(rows, -1)  # (R, m)
-    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)  # (R, 1)
+    a, b = v0.to(torch.float32).reshape(rows, -1), v1.to(torch.float32).reshape(rows, -1)  # (R, m)
+    blocks = _blocks(*a.shape)
+    # ‖a‖², ‖b‖² and ⟨a, b⟩ per row, summed (float64) over cache-sized blocks: one read of each input
+    dot = (lambda x, y: torch.dot(x.reshape(-1), y.reshape(-1))) if rows == 1 else torch.linalg.vecdot
+    sums = torch.zeros(3, rows, dtype=torch.float64)
+    for block in blocks:
+        x, y = a[block], b[block]
+        sums[0, block[0]] += dot(x, x)
+        sums[1, block[0]] += dot(y, y)
+        sums[2, block[0]] += dot(x, y)
+    na, nb = sums[0].sqrt(), sums[1].sqrt()
     degenerate = (na <= eps) | (nb <= eps)
-    # normalise before the product: no overflow, and the same rounding as mergekit, so that a tensor whose
-    # cosine sits at the lerp threshold falls on the same side in both
-    dot = (a / na.clamp_min(eps) * (b / nb.clamp_min(eps))).sum(dim=1, keepdim=True).clamp_(-1.0, 1.0)
-    use_lerp = degenerate | (dot.abs() > dot_threshold)
-    omega = torch.acos(torch.where(use_lerp, 0.0, dot))
+    cos = (sums[2] / (na.clamp_min(eps) * nb.clamp_min(eps))).clamp_(-1.0, 1.0)
+    use_lerp = degenerate | (cos.abs() > dot_threshold)
+    omega = torch.acos(torch.where(use_lerp, 0.0, cos))
     sin_omega = torch.where(use_lerp, 1.0, torch.sin(omega))
-    c0 = torch.where(use_lerp, 1.0 - t, torch.sin((1 - t) * omega) / sin_omega)  # (R, 1)
-    c1 = torch.where(use_lerp, t, torch.sin(t * omega) / sin_omega)
-    out = torch.mul(a, c0).addcmul_(b, c1).reshape(v0.shape)  # one new tensor
+    c0 = torch.where(use_lerp, 1.0 - t, torch.sin((1 - t) * omega) / sin_omega).to(torch.float32)
+    c1 = torch.where(use_lerp, t, torch.sin(t * omega) / sin_omega).to(torch.float32)
+    out = torch.empty(a.shape, dtype=torch.float32)
+    for block in blocks:  # θ = c0·a + c1·b, block by block (one read of each input, one write)
+        r = block[0]
+        if rows == 1:
+            torch.mul(a[block], float(c0[0]), out=out[block]).add_(b[block], alpha=float(c1[0]))
+        else:
+            torch.mul(a[block], c0[r, None], out=out[block]).addcmul_(b[block], c1[r, None])
     return Merged(
-        out, {"cos": float(dot.mean()), "lerp": int(torch.count_nonzero(use_lerp)) / use_lerp.numel()}
+        out.reshape(v0.shape),
+        {"cos": float(cos.mean()), "lerp": int(torch.count_nonzero(use_lerp)) / use_lerp.numel()},
     )
 
 
@@ -289,7 +306,7 @@ def model_stock(base: torch.Tensor, thetas: Sequence[torch.Tensor], filter_wise:
     rows = (lambda x: x.reshape(-1, x.shape[-1])) if per_row else (lambda x: x.reshape(1, -1))
     r_base, r_thetas = rows(base), [rows(theta) for theta in thetas]  # (R, m) views
     blocks = _blocks(*r_base.shape)
-    # ‖τ_i‖² and ⟨τ_i, τ_j⟩ per row, summed (float64) over blocks of ≈ STOCK_BLOCK entries: no τ_i
+    # ‖τ_i‖² and ⟨τ_i, τ_j⟩ per row, summed (float64) over blocks of ≈ ELEMENTWISE_CHUNK entries: no τ_i
     # is held whole
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     squares = torch.zeros(n, r_base.shape[0], dtype=torch.float64)
