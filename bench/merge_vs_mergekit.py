@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -330,12 +331,18 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+def measure(cmd: list[str], env: dict[str, str], settle: float) -> tuple[float, float, float]:
     """(wall seconds, peak RSS MiB, CPU seconds user+system) of one subprocess, from os.wait4 in a bare
-    interpreter that starts it (TRAMPOLINE); its report comes back through a pipe. Dirty pages of the
-    runs before (gigabytes of merged weights) are flushed first, outside the timing, so that neither
-    tool pays for the other's write-back."""
+    interpreter that starts it (TRAMPOLINE); its report comes back through a pipe.
+
+    Before it, outside the timing: dirty pages of the runs before (gigabytes of merged weights) are
+    flushed, so that neither tool pays for the other's write-back; then `settle` seconds pass, so that
+    every run starts from the same memory state whichever tool freed gigabytes just before (a virtual
+    machine with free page reporting, like the one the README's numbers come from, hands freed memory
+    back to its host about 2 s after it is freed, and a page touched after that costs a host fault; a
+    run started at once would get the previous run's pages back cheaply or not, by chance)."""
     os.sync()  # start clean: no other run's output still waiting to be written back while this one runs
+    time.sleep(settle)
     read, write = os.pipe()
     os.set_inheritable(write, True)
     argv = [sys.executable, "-S", "-c", TRAMPOLINE, str(write), *cmd]
@@ -419,7 +426,7 @@ class Bench:
         for _ in range(self.args.repeats):
             for tool, cmd, out in (("mergekit", cmd_k, out_k), ("medmerge", cmd_m, out_m)):
                 shutil.rmtree(out, ignore_errors=True)
-                runs[tool].append(measure(cmd, self.env))
+                runs[tool].append(measure(cmd, self.env, self.args.settle))
         if method in RANDOM_MASKS:
             kept = kept_fraction(out_m, self.base), kept_fraction(out_k, self.base)
             agree = f"kept {kept[0]:.3f} vs {kept[1]:.3f} (RNG differs)"
@@ -462,7 +469,7 @@ class Bench:
         runs = []
         for _ in range(self.args.new_repeats):
             shutil.rmtree(out, ignore_errors=True)
-            runs.append(measure(cmd, self.env))
+            runs.append(measure(cmd, self.env, self.args.settle))
         shutil.rmtree(out, ignore_errors=True)
         result = best(runs)
         print(f"... {self.size} {method} ({kind}): medmerge {result} (wall s, peak MiB, CPU s)", flush=True)
@@ -576,6 +583,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--sigma", type=float, default=0.02, help="expert noise, in units of each tensor's std"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=5.0, help="seconds between a run's flush and its start (default 5)"
     )
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged folders under --work")
     args = parser.parse_args()

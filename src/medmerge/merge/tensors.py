@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from medmerge.errors import MedmergeError
+from medmerge.merge.direct_io import DirectFile
 from medmerge.site_stats import STATISTICS_FILES  # site statistics beside the weights
 
 DTYPES: dict[str, torch.dtype] = {
@@ -163,7 +164,8 @@ class ShardWriter:
     """Write planned tensors, in plan order, into shards of at most `max_shard_bytes` (one tensor may exceed).
 
     One shard → `model.safetensors`; several → `model-0000i-of-0000N.safetensors` plus
-    `model.safetensors.index.json`. Each tensor is written as soon as `write` is called.
+    `model.safetensors.index.json`. Each tensor is written as soon as `write` is called, past the page
+    cache where the file system allows it (medmerge.merge.direct_io).
     """
 
     def __init__(
@@ -215,7 +217,7 @@ class ShardWriter:
             self._file.close()
         self._shard = shard
         header, _ = _header_bytes(self.shards[shard])
-        self._file = open(self.folder / self.names[shard], "wb")  # closed in _open / close
+        self._file = DirectFile(self.folder / self.names[shard])  # closed in _open / close
         self._file.write(header)
 
     def close(self) -> None:
