@@ -179,10 +179,13 @@ def test_random_draws_are_uniform_and_reproducible():
     assert not torch.equal(one, sparsify.tensor_generator(3, "model.embed_tokens.weight", 0).uniform(shape))
 
 
+@pytest.mark.parametrize("consensus", [False, True])
 @pytest.mark.parametrize("density", [1.0, 0.3])
-def test_chunked_task_arithmetic_is_the_whole_tensor_formula_to_the_bit(density):
-    """Task arithmetic and DARE without consensus run over chunks (methods.ELEMENTWISE_CHUNK); a tensor
-    that spans several chunks gives exactly θ_base + λ·Σ w_i τ̂_i / Σ w_i computed on whole tensors."""
+def test_chunked_task_arithmetic_is_the_whole_tensor_formula_to_the_bit(density, consensus):
+    """Task arithmetic, DARE and their TIES sign consensus run over chunks (methods.ELEMENTWISE_CHUNK);
+    a tensor that spans several chunks gives exactly the formula computed on whole tensors:
+    θ_base + λ·Σ w_i τ̂_i / Σ w_i, or with consensus θ_base + λ·δ, δ_j = Σ_{i agrees} w_i τ̂_ij /
+    Σ_{i agrees} w_i, agreeing with γ = sign(Σ w_i τ̂_i)."""
     shape = (3, methods.ELEMENTWISE_CHUNK // 2 + 7)  # 1.5 chunks and a bit: boundaries inside rows
     base = torch.randn(shape)
     thetas = [base + torch.randn(shape), base + torch.randn(shape)]
@@ -193,20 +196,36 @@ def test_chunked_task_arithmetic_is_the_whole_tensor_formula_to_the_bit(density)
         weights,
         sparsifier="bernoulli",
         density=density,
+        sign_consensus=consensus,
         normalize=True,
         lam=1.3,
         seed=4,
         name="w",
     )
-    expected = torch.zeros(shape)
-    kept = []
+    weighted_sum = torch.zeros(shape)
+    kept, taus = [], []
     for i, (theta, w) in enumerate(zip(thetas, weights, strict=True)):
         tau = theta - base
         if density < 1.0:
             tau, keep = sparsify.bernoulli(tau, density, sparsify.tensor_generator(4, "w", i))
             kept.append(int(keep.sum()) / keep.numel())
-        expected.add_(tau, alpha=w)
-    expected = expected.div_(sum(weights)).mul_(1.3).add_(base)
+        weighted_sum.add_(tau, alpha=w)
+        taus.append(tau)
+    if consensus:
+        gamma = torch.where(weighted_sum >= 0, 1.0, -1.0)
+        numerator, denominator = torch.zeros(shape), torch.zeros(shape)
+        for tau, w in zip(taus, weights, strict=True):
+            numerator.add_((tau * gamma).relu(), alpha=w)
+            denominator.add_(tau * gamma > 0, alpha=w)
+        delta = (numerator * gamma).div_(torch.where(denominator == 0, 1.0, denominator))
+        conflicts = torch.stack([(tau * gamma < 0) for tau in taus]).any(0)
+        assert merged.stats["sign_conflicts"] == int(conflicts.sum()) / conflicts.numel()
+        assert int(conflicts.sum()) > 0  # the case being checked: models disagree somewhere
+        if density < 1.0:  # and, with drops, some entries have no agreeing model (δ = 0 there)
+            assert int((denominator == 0).sum()) > 0
+    else:
+        delta = weighted_sum.div_(sum(weights))
+    expected = delta.mul_(1.3).add_(base)
     assert torch.equal(merged.tensor, expected)
     assert merged.stats["kept"] == (kept or [1.0, 1.0])
     norms = [float((theta - base).norm()) for theta in thetas]
@@ -228,6 +247,24 @@ def test_della_keeps_about_density_and_is_unbiased():
     # larger magnitudes survive more often
     big = tau.abs() > tau.abs().median()
     assert float(keep[big].float().mean()) > float(keep[~big].float().mean()) + 0.1
+
+
+@pytest.mark.parametrize("shape", [(7, sparsify.DROP_BLOCK // 3 + 5), (3 * sparsify.DROP_BLOCK + 11,)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_della_in_blocks_is_the_whole_tensor_formula_to_the_bit(shape, inplace):
+    """DELLA runs over blocks of whole rows (sparsify.DROP_BLOCK entries); on a tensor spanning several
+    blocks its mask and result are exactly those of p = della_probabilities(τ), keep = U(τ's shape) < p,
+    τ·keep/p on the whole tensor (a 1-D tensor is one row, one block)."""
+    tau = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    draws = sparsify.tensor_generator(9, "w", 1)
+    p = sparsify.della_probabilities(tau, 0.4, 0.1)
+    expected_keep = draws.uniform(tau.shape) < p
+    expected = tau * expected_keep / p
+    given = tau.clone()
+    kept, keep = sparsify.della(given, 0.4, 0.1, draws, inplace=inplace)
+    assert torch.equal(keep, expected_keep) and torch.equal(kept, expected)
+    assert (kept.data_ptr() == given.data_ptr()) is inplace
+    assert torch.equal(given, kept if inplace else tau)
 
 
 def test_model_stock_ratio_from_angle():

@@ -84,6 +84,11 @@ class DirectFile:
                 self._buffer.close()
                 self._buffer = None
 
+    def __del__(self) -> None:  # a writer abandoned by an error: release the descriptor, flush nothing
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def __enter__(self) -> DirectFile:
         return self
 

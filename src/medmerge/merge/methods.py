@@ -181,11 +181,13 @@ def generalized_task_arithmetic(
     the entries where kept τ̂ of different models have opposite signs).
     """
     densities = _per_model(density, len(thetas))
-    if not sign_consensus and sparsifier in ("none", "bernoulli"):
+    if sparsifier in ("none", "bernoulli"):  # every step is entry by entry: one chunked pass
         draws = [sparsify.tensor_generator(seed, name, i) for i in range(len(thetas))]
         if sparsifier == "none":
             densities = [1.0] * len(thetas)
-        return _elementwise_task_arithmetic(base, thetas, weights, densities, rescale, normalize, lam, draws)
+        return _elementwise_task_arithmetic(
+            base, thetas, weights, densities, rescale, sign_consensus, normalize, lam, draws
+        )
     stats: dict[str, object] = {"tau_norm": [], "kept": []}
     base = base.to(torch.float32)
     weighted_sum = torch.zeros(base.shape, dtype=torch.float32)  # contiguous: viewed flat below
@@ -213,27 +215,15 @@ def generalized_task_arithmetic(
             weighted_sum.div_(total)
         delta = weighted_sum
     else:
-        elected = weighted_sum.ge_(0).mul_(2).sub_(1)  # γ ∈ {−1, +1}, in place of the sum
         conflicts = 0
         n = base.numel()
-        flat_elected, flat_sparse = elected.view(-1), [tau_hat.reshape(-1) for tau_hat in sparse]
+        flat_sum, flat_sparse = weighted_sum.view(-1), [tau_hat.reshape(-1) for tau_hat in sparse]
         for start in range(0, n, CONSENSUS_CHUNK):  # chunks stay in cache; scratch is chunk-sized
-            gamma = flat_elected[start : start + CONSENSUS_CHUNK]
-            numerator = torch.zeros_like(gamma)  # Σ_{agree} w_i |τ̂_i|
-            denominator = torch.zeros_like(gamma)  # Σ_{agree} w_i
-            conflict = torch.zeros(gamma.shape, dtype=torch.bool)
-            for w, tau_hat in zip(weights, flat_sparse, strict=True):
-                # τ̂_i γ in τ̂_i's storage (this function's own copy): > 0 agrees with γ, < 0 opposes it
-                agreement = tau_hat[start : start + CONSENSUS_CHUNK].mul_(gamma)
-                conflict.logical_or_(agreement < 0)
-                denominator.add_(agreement > 0, alpha=w)
-                numerator.add_(agreement.relu_(), alpha=w)  # Σ w_i·relu(τ̂_i γ) = γ · Σ_{agree} w_i τ̂_i
-            conflicts += int(torch.count_nonzero(conflict))
-            numerator.mul_(gamma).div_(denominator.masked_fill_(denominator == 0, 1.0))  # 0: none agrees
-            gamma.copy_(numerator)  # δ over this chunk, in place of γ (not read again)
+            chunk = slice(start, start + CONSENSUS_CHUNK)  # δ over it, in place of the sum
+            conflicts += _disjoint_mean(flat_sum[chunk], [t[chunk] for t in flat_sparse], weights)
         sparse.clear()
         stats["sign_conflicts"] = conflicts / max(n, 1)
-        delta = elected
+        delta = weighted_sum
     if lam != 1.0:
         delta.mul_(lam)
     return Merged(delta.add_(base), stats)
@@ -245,13 +235,14 @@ def _elementwise_task_arithmetic(
     weights: Sequence[float],
     densities: Sequence[float],
     rescale: bool,
+    sign_consensus: bool,
     normalize: bool,
     lam: float,
     draws: Sequence[sparsify.TensorRandom],
 ) -> Merged:
-    """`generalized_task_arithmetic` without sign consensus, where each τ̂_i entry depends on its own
-    entry only (no drop where d_i ≥ 1, else a DARE drop): θ = θ_base + λ Σ_i w_i τ̂_i (÷ Σ_i w_i with
-    `normalize`), computed over chunks of ELEMENTWISE_CHUNK entries whose scratch stays in cache
+    """`generalized_task_arithmetic` where each τ̂_i entry depends on its own entry only (no drop where
+    d_i ≥ 1, else a DARE drop), so that every step, the TIES sign election and disjoint mean included,
+    is entry by entry: computed over chunks of ELEMENTWISE_CHUNK entries whose scratch stays in cache
     (one read of each input and one write of the output, against a dozen passes over whole tensors).
     Each entry goes through the same float32 operations, in the same order, as the whole-tensor path, and
     the masks are the same draws (TensorRandom.stream), so the result is the same to the bit; ‖τ_i‖ is
@@ -262,14 +253,18 @@ def _elementwise_task_arithmetic(
     drops = [d < 1.0 for d in densities]
     streams = [draw.stream() if drop else None for draw, drop in zip(draws, drops, strict=True)]
     total = float(sum(weights))
-    divide = normalize and total != 0
+    divide = normalize and total != 0 and not sign_consensus
     out = torch.empty(n, dtype=torch.float32)
-    tau_buffer = torch.empty(min(n, ELEMENTWISE_CHUNK), dtype=torch.float32)
-    squares, kept = [0.0] * len(thetas), [0] * len(thetas)
+    size = min(n, ELEMENTWISE_CHUNK)
+    # τ̂_i of the current chunk: one buffer reused, or one per model when the consensus reads them again
+    buffers = [torch.empty(size) for _ in (thetas if sign_consensus else thetas[:1])]
+    squares, kept, conflicts = [0.0] * len(thetas), [0] * len(thetas), 0
     for start in range(0, n, ELEMENTWISE_CHUNK):
         stop = min(start + ELEMENTWISE_CHUNK, n)
-        acc, b, tau = out[start:stop].zero_(), flat_base[start:stop], tau_buffer[: stop - start]
+        acc, b = out[start:stop].zero_(), flat_base[start:stop]
+        taus = [buffer[: stop - start] for buffer in buffers]
         for i, theta in enumerate(flats):
+            tau = taus[i if sign_consensus else 0]
             torch.sub(theta[start:stop], b, out=tau)
             squares[i] += float(torch.linalg.vector_norm(tau)) ** 2
             if drops[i]:
@@ -279,7 +274,9 @@ def _elementwise_task_arithmetic(
                 if rescale and densities[i] > 0:
                     tau.div_(densities[i])
             acc.add_(tau, alpha=weights[i])
-        if divide:
+        if sign_consensus:
+            conflicts += _disjoint_mean(acc, taus, weights)
+        elif divide:
             acc.div_(total)
         if lam != 1.0:
             acc.mul_(lam)
@@ -288,7 +285,28 @@ def _elementwise_task_arithmetic(
         "tau_norm": [math.sqrt(x) for x in squares],
         "kept": [k / max(n, 1) if drop else 1.0 for k, drop in zip(kept, drops, strict=True)],
     }
+    if sign_consensus:
+        stats["sign_conflicts"] = conflicts / max(n, 1)
     return Merged(out.view(base.shape), stats)
+
+
+def _disjoint_mean(weighted_sum: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequence[float]) -> int:
+    """TIES on one chunk, in place: γ = sign(Σ_i w_i τ̂_i) (+1 at 0), then δ_j = Σ_{i agrees} w_i τ̂_ij /
+    Σ_{i agrees} w_i (0 where none agrees) written over `weighted_sum`; the τ̂_i are overwritten with
+    τ̂_i γ. The same float32 operations, in the same order, as generalized_task_arithmetic's consensus.
+    Returns the number of entries where some kept τ̂_i opposes γ."""
+    gamma = weighted_sum.ge_(0).mul_(2).sub_(1)  # γ ∈ {−1, +1}, in place of the sum
+    numerator = torch.zeros_like(gamma)  # Σ_{agree} w_i |τ̂_i|
+    denominator = torch.zeros_like(gamma)  # Σ_{agree} w_i
+    conflict = torch.zeros(gamma.shape, dtype=torch.bool)
+    for w, tau_hat in zip(weights, taus, strict=True):
+        agreement = tau_hat.mul_(gamma)  # > 0 agrees with γ, < 0 opposes it
+        conflict.logical_or_(agreement < 0)
+        denominator.add_(agreement > 0, alpha=w)
+        numerator.add_(agreement.relu_(), alpha=w)  # Σ w_i·relu(τ̂_i γ) = γ · Σ_{agree} w_i τ̂_i
+    numerator.mul_(gamma).div_(denominator.masked_fill_(denominator == 0, 1.0))  # 0 where none agrees
+    gamma.copy_(numerator)
+    return int(torch.count_nonzero(conflict))
 
 
 def model_stock(base: torch.Tensor, thetas: Sequence[torch.Tensor], filter_wise: bool = False) -> Merged:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+DROP_BLOCK = 1 << 18  # entries per block of DELLA's drop (whole rows; scratch of a few MiB)
+
 
 @dataclass(frozen=True)
 class TensorRandom:
@@ -146,8 +148,22 @@ def della(
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DELLA drop: keep entry j with its magnitude-ranked probability p_j (`della_probabilities`),
-    survivors rescaled by 1/p_j if `rescale` (so E[τ̂] = τ)."""
-    p = della_probabilities(tau, density, epsilon)
-    keep = generator.uniform(tau.shape) < p
-    kept = _drop(tau, keep, inplace)
-    return (kept.div_(p.clamp_min_(1e-12)) if rescale else kept), keep
+    survivors rescaled by 1/p_j if `rescale` (so E[τ̂] = τ).
+
+    Runs over blocks of whole rows of about DROP_BLOCK entries, drawing each block's uniforms in turn
+    from one stream (`TensorRandom.stream`): the same draws, ranks and result as on the whole tensor,
+    with the ranking's scratch (|τ|, int64 sort order, ranks) a block in size instead of 4× τ's.
+    """
+    out = tau if inplace and tau.is_contiguous() else tau.clone(memory_format=torch.contiguous_format)
+    rows = out.reshape(1, -1) if out.dim() < 2 else out.reshape(-1, out.shape[-1])  # (R, m), a view
+    keep = torch.empty(rows.shape, dtype=torch.bool)
+    draws = generator.stream()
+    step = max(1, DROP_BLOCK // max(rows.shape[-1], 1))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        p = della_probabilities(block, density, epsilon)
+        uniform = torch.from_numpy(draws.random(block.numel(), dtype=np.float32)).view(block.shape)
+        block.mul_(torch.lt(uniform, p, out=keep[start : start + step]))
+        if rescale:
+            block.div_(p.clamp_min_(1e-12))
+    return out, keep.view(tau.shape)
