@@ -123,13 +123,12 @@ def _sparsify(
     rescale: bool,
     generator: Callable[[], sparsify.TensorRandom],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sparsify τ in place (the caller owns it)."""
-    if how == "none" or density >= 1.0 and how != "breadcrumbs":
+    """Sparsify τ in place (the caller owns it). The sparsifiers that rank entries: "none" and
+    "bernoulli" run entry by entry in `_elementwise_task_arithmetic` instead."""
+    if density >= 1.0 and how != "breadcrumbs":
         return tau, None
     if how == "magnitude":
         return sparsify.magnitude(tau, density, inplace=True)
-    if how == "bernoulli":
-        return sparsify.bernoulli(tau, density, generator(), rescale, inplace=True)
     if how == "breadcrumbs":
         return sparsify.breadcrumbs(tau, density, gamma, inplace=True)
     if how == "della":
