@@ -86,13 +86,13 @@ def slerp(
     a, b = v0.to(torch.float32).reshape(rows, -1), v1.to(torch.float32).reshape(rows, -1)  # (R, m)
     blocks = _blocks(*a.shape)
     # ‖a‖², ‖b‖² and ⟨a, b⟩ per row, summed (float64) over cache-sized blocks: one read of each input
-    dot = (lambda x, y: torch.dot(x.reshape(-1), y.reshape(-1))) if rows == 1 else torch.linalg.vecdot
+    one_row = rows == 1
     sums = torch.zeros(3, rows, dtype=torch.float64)
     for block in blocks:
         x, y = a[block], b[block]
-        sums[0, block[0]] += dot(x, x)
-        sums[1, block[0]] += dot(y, y)
-        sums[2, block[0]] += dot(x, y)
+        sums[0, block[0]] += _row_dots(x, x, one_row)
+        sums[1, block[0]] += _row_dots(y, y, one_row)
+        sums[2, block[0]] += _row_dots(x, y, one_row)
     na, nb = sums[0].sqrt(), sums[1].sqrt()
     degenerate = (na <= eps) | (nb <= eps)
     cos = (sums[2] / (na.clamp_min(eps) * nb.clamp_min(eps))).clamp_(-1.0, 1.0)
@@ -328,8 +328,6 @@ def model_stock(base: torch.Tensor, thetas: Sequence[torch.Tensor], filter_wise:
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     squares = torch.zeros(n, r_base.shape[0], dtype=torch.float64)
     dots = torch.zeros(len(pairs), r_base.shape[0], dtype=torch.float64)
-    # one row: BLAS dot products of flat blocks (vecdot would build each product first)
-    dot = (lambda a, b: torch.dot(a.reshape(-1), b.reshape(-1))) if not per_row else torch.linalg.vecdot
     out = torch.empty(r_base.shape, dtype=torch.float32)
     for block in blocks:
         mean = torch.mul(r_thetas[0][block], 1.0 / n, out=out[block])  # linear(θ_i), t applied below
@@ -337,9 +335,9 @@ def model_stock(base: torch.Tensor, thetas: Sequence[torch.Tensor], filter_wise:
             mean.add_(theta[block], alpha=1.0 / n)
         taus = [theta[block] - r_base[block] for theta in r_thetas]
         for i, tau in enumerate(taus):
-            squares[i, block[0]] += dot(tau, tau)
+            squares[i, block[0]] += _row_dots(tau, tau, not per_row)
         for k, (i, j) in enumerate(pairs):
-            dots[k, block[0]] += dot(taus[i], taus[j])
+            dots[k, block[0]] += _row_dots(taus[i], taus[j], not per_row)
     norms = squares.sqrt().to(torch.float32)  # (n, R)
     cos = torch.zeros_like(norms[0])
     for k, (i, j) in enumerate(pairs):
@@ -356,6 +354,12 @@ def model_stock(base: torch.Tensor, thetas: Sequence[torch.Tensor], filter_wise:
         out.reshape(base.shape),
         {"cos": float(cos.mean()), "t": float(t.mean()), "tau_norm": [float(x.norm()) for x in norms]},
     )
+
+
+def _row_dots(x: torch.Tensor, y: torch.Tensor, one_row: bool) -> torch.Tensor:
+    """⟨x_r, y_r⟩ for each row r of two (R, m) blocks; for a tensor taken as one row, a BLAS dot of the
+    flat blocks (vecdot would build the elementwise product first)."""
+    return torch.dot(x.reshape(-1), y.reshape(-1)) if one_row else torch.linalg.vecdot(x, y)
 
 
 def _blocks(rows: int, cols: int) -> list[tuple[slice, slice]]:
