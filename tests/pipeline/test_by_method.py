@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from medmerge.evaluate.by_method import family_lines, family_tests, gap_closed, markdown, method_gaps
 from medmerge.evaluate.stats import paired_bootstrap
-from medmerge.pipeline.by_method import family_lines, family_tests, gap_closed, markdown, method_gaps
 
 DOMAINS = ["in-domain", "out-of-domain"]
 

@@ -5,12 +5,14 @@
     SearchRecord      a method's whole search (search/<method>.json)
     ValidationRecord  one candidate's validation loss (validation.json)
 
-Losses are mean answer NLL per token (nats); `per_dataset` maps a dataset SPEC to its loss.
+Losses are mean answer NLL per token (nats); `per_dataset` maps a dataset SPEC to its loss. A failed
+search trial (a loss that is not finite) has loss inf, written as null.
 The JSON files keep the shape they had before these records existed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ class SearchTrial:
         if self.members is not None:
             out["members"] = list(self.members)
         out |= {"parameters": self.parameters, "weights": self.weights}
-        return out | {"loss": self.loss, "per_dataset": self.per_dataset}
+        loss = self.loss if math.isfinite(self.loss) else None
+        return out | {"loss": loss, "per_dataset": self.per_dataset}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SearchTrial:
@@ -45,8 +48,8 @@ class SearchTrial:
             number=data.get("trial", -1),
             parameters=dict(data.get("parameters", {})),
             weights=list(data.get("weights", [])),
-            loss=float(data["loss"]),
-            per_dataset=dict(data["per_dataset"]),
+            loss=math.inf if data["loss"] is None else float(data["loss"]),
+            per_dataset=dict(data["per_dataset"] or {}),
             members=data.get("members"),
         )
 
