@@ -69,6 +69,18 @@ def test_lower_layers_never_import_upper_ones() -> None:
     assert upward == []
 
 
+def test_federated_never_imports_pipeline() -> None:
+    """The federation shares the recipe and the search loop through medmerge.merge, and the verdict's
+    statistics through medmerge.evaluate, never through `medmerge run`'s pipeline."""
+    reached = [
+        f"{m} -> {t}"
+        for m, targets in import_graph().items()
+        for t in sorted(targets)
+        if _layer(m) == "federated" and _layer(t) == "pipeline"
+    ]
+    assert reached == []
+
+
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan), each a sorted list."""
     index: dict[str, int] = {}

@@ -4,6 +4,7 @@ the objective aggregates site numbers as configured; a party's config copy holds
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -42,6 +43,9 @@ def test_objective_and_party_copies(tiny_qa_jsonl):
     numbers = {"a": {"nll_sum": 10.0, "tokens": 10}, "b": {"nll_sum": 30.0, "tokens": 10}}
     assert objective(numbers, "tokens") == 2.0 and objective(numbers, "sites") == 2.0
     assert objective(numbers, "worst_site") == 3.0
+    # a site's non-finite loss fails the trial; no site: no score
+    assert objective({**numbers, "c": {"nll_sum": None, "tokens": 10}}, "tokens") == math.inf
+    assert objective({}, "sites") == math.inf
     config = FederatedConfig(sites=[{"name": "a", "data": [f"jsonl:{tiny_qa_jsonl}"]}, {"name": "b"}])
     assert all(not s.data for s in config.for_party(None).sites)
     assert config.for_party("a").site("a").data and not config.for_party("b").site("a").data
@@ -99,7 +103,13 @@ def test_a_failed_request_is_logged_at_the_site_and_shown_by_the_launcher(tmp_pa
     from medmerge.federated.worker import answer
 
     reply = answer("north", str(tmp_path / "missing.yaml"), str(tmp_path), Payload("train"))
-    assert reply.kind == "error" and "missing.yaml" in reply.meta["error"]
+    # on the wire: the exception's type and a fixed code, never its text (here: a path)
+    assert reply.kind == "error" and reply.meta == {
+        "site": "north",
+        "error": "MedmergeError",
+        "code": "failed",
+    }
+    assert b"missing.yaml" not in reply.to_bytes()
     logged = capsys.readouterr().err.strip()
     assert logged.startswith("medmerge site failed: north train: ") and "missing.yaml" in logged
 
@@ -126,4 +136,4 @@ def test_a_failure_without_a_message_is_still_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(medmerge.config, "load_config", fail)
     reply = answer("north", str(tmp_path / "config.yaml"), str(tmp_path), Payload("train"))
-    assert reply.kind == "error" and reply.meta["error"] == "KeyError: "
+    assert reply.kind == "error" and reply.meta["error"] == "KeyError" and reply.meta["code"] == "failed"

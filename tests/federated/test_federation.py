@@ -37,8 +37,8 @@ def test_federation_quick(tmp_path, tiny_llama):
 def test_federation_end_to_end(tmp_path, tiny_llama):
     from safetensors.torch import load_file
 
-    from medmerge.federated.site import recipe_config
     from medmerge.merge import merge_models
+    from medmerge.merge.recipe import Recipe
 
     config = study(tmp_path, tiny_llama, fedavg={"rounds": 2, "local_steps": 2}, leave_one_out=True)
     ood = write_pubmedqa(tmp_path / "pqal.json")
@@ -76,10 +76,9 @@ def test_federation_end_to_end(tmp_path, tiny_llama):
     coordinator = out / "coordinator"
     search = json.loads((coordinator / "search" / "task_arithmetic.json").read_text())
     assert len(search["trials"]) == 2
-    experts = [str(coordinator / "experts" / s) for s in TOPICS]
-    merge_models(
-        recipe_config(search["best"]["recipe"], str(tiny_llama), experts), tmp_path / "again", progress=False
-    )
+    experts = {s: str(coordinator / "experts" / s) for s in TOPICS}
+    recipe = Recipe.model_validate(search["best"]["recipe"])
+    merge_models(recipe.merge_config(str(tiny_llama), experts), tmp_path / "again", progress=False)
     ours = load_file(next((coordinator / "merges" / "task_arithmetic").glob("*.safetensors")))
     theirs = load_file(next((tmp_path / "again").glob("*.safetensors")))
     assert ours.keys() == theirs.keys()

@@ -27,7 +27,8 @@ class Counting:
         self.scored: list[Recipe] = []
         self.loss, self.die_at = loss, die_at
 
-    def __call__(self, recipes: list[Recipe]) -> list[Scored]:
+    def __call__(self, recipes: list[Recipe], first: int) -> list[Scored]:
+        assert first == len(self.scored) or self.die_at is not None
         out = []
         for recipe in recipes:
             if self.die_at is not None and len(self.scored) == self.die_at:

@@ -30,7 +30,7 @@ from medmerge.config.experiment import StatisticsSettings, _every_method
 class SiteSpec(StrictModel):
     """A site: its name, its role and (only in the site's own copy) the dataset SPECs it holds."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)  # no dot: never `..` in a path
     role: Literal["expert", "evaluate"] = Field(
         "expert", description="expert: trains, scores the search, evaluates; evaluate: evaluates only"
     )
@@ -73,11 +73,43 @@ class FedAvgSettings(StrictModel):
     local_steps: int = Field(10, ge=1, description="optimizer steps each site trains per round")
 
 
+class QueryBudget(StrictModel):
+    """How many queries a site answers over its folder's lifetime (across runs and restarts; the counts
+    are kept in the site's budget.json). Each site reads its own copy: a request beyond it is refused
+    (code over_budget), the reason logged at the site. None: derived from the study (`query_budget`)."""
+
+    score: int | None = Field(
+        None,
+        ge=0,
+        description="score requests (one merge scored on its validation split each); default 2 × "
+        "search.trials × methods × (expert sites, with leave_one_out; else 1)",
+    )
+    evaluate: int | None = Field(
+        None,
+        ge=0,
+        description="models evaluated (each model of each evaluate request); default 2 × (base + "
+        "sites + methods + fedavg, + methods again with leave_one_out)",
+    )
+
+
 class FederationSettings(StrictModel):
     objective: Literal["tokens", "sites", "worst_site"] = Field(
         "tokens", description="search objective: token-weighted mean, mean over sites, or worst site"
     )
-    per_question: bool = Field(False, description="sites may send per-question test losses (bootstrap)")
+    per_question: bool = Field(
+        False,
+        description="sites may send per-question test losses (bootstrap); never per-question generation "
+        "metrics or accuracy, which would probe the reference answers",
+    )
+    weight_cap: float = Field(
+        2.0,
+        ge=1.0,
+        allow_inf_nan=False,
+        description="each site's self-reported weight (its validation tokens in the `tokens` objective, "
+        "its training pairs in FedAvg) is clipped to at most weight_cap × the median of the sites' "
+        "values, so no one site's numbers steer the objective or the average",
+    )
+    budget: QueryBudget = Field(default_factory=QueryBudget, description="this site's query budget")
     reply_timeout_s: float = Field(900, gt=0, description="a site silent this long is dropped")
     min_sites: int = Field(2, ge=1, description="fewest expert sites the study may finish with")
     leave_one_out: bool = Field(
@@ -125,6 +157,19 @@ class FederatedConfig(SplitSettings, ThreadsSetting):
         if sum(s.role == "expert" for s in sites) < 2:
             raise ValueError(f"a federated study needs at least 2 expert sites, got {names}")
         return sites
+
+    def query_budget(self) -> dict[str, int]:
+        """{kind: queries a site answers}: `federation.budget`, where unset derived from the study with
+        a factor 2 of slack (a resumed study sends the trial in flight again; see QueryBudget)."""
+        experts = sum(s.role == "expert" for s in self.sites)
+        loo = self.federation.leave_one_out
+        methods, rounds = len(self.methods), 1 if self.federation.fedavg.rounds else 0
+        derived = {
+            "score": 2 * self.search.trials * methods * (experts if loo else 1),
+            "evaluate": 2 * (1 + len(self.sites) + methods + rounds + (methods if loo else 0)),
+        }
+        budget = self.federation.budget
+        return {k: v if getattr(budget, k) is None else getattr(budget, k) for k, v in derived.items()}
 
     def site(self, name: str) -> SiteSpec:
         return next(s for s in self.sites if s.name == name)

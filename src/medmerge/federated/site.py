@@ -1,26 +1,29 @@
-"""What a site does. Its SPECs, questions, answers, token ids and expert training stay in `out`; it
-answers each request with a Payload of adapters (safetensors bytes), checksums and numbers only.
+"""What a site is and does. Its SPECs, questions, answers, token ids and expert training stay in `out`;
+the protocol (medmerge.federated.protocol) calls these methods to answer each request, and only the
+numbers, checksums and adapters they return cross the wire.
 
-    hello     name and role (the coordinator learns which node is which site)
-    train     train (or reuse) the site's LoRA expert; reply adapter + manifest (pairs, data checksum,
-              training settings, base identity, DP ε when trained with DP); when the request names
-              statistics kinds (and the site's own config has federation.share_statistics), also its site
-              statistics of those kinds (medmerge.train.statistics), computed on its training questions:
-              statistics.safetensors and statistics.json without its data record (shared_record)
-    adapters  store every site's adapter under out/peers/<site>/, re-pointed at the local base (and the
-              site's own shared statistics beside its own adapter)
-    statistics  store one peer's shared statistics beside its adapter (out/peers/<peer>/)
-    score     build the recipe's merge (over the recipe's `experts`, default every peer) into a resident
-              base model; reply validation Σ nll and tokens
-    fedavg    FedAvg round: add the coordinator's aggregate to out/fedavg/global, then (local_steps > 0,
-              expert sites) train a fresh LoRA on it; reply that adapter and #pairs (federated/fedavg.py)
-    evaluate  every model on the site's validation split (Σ nll, tokens) and on each of its sets, in
-              domain (its test split) and out of domain (`ood`), with the metrics of `medmerge evaluate`
-              (medmerge.evaluate.runner: loss, PubMedQA accuracy, ROUGE/BLEU/chrF/BERTScore when
-              generating); reply per set and model Σ w·v and Σ w of every metric, the site's bootstrap
-              intervals, per-question values only where the study allows, and the SHA-256 of each merge's
-              weights as scored. Never the answers, question ids or set SPECs.
+    out/expert/               its LoRA expert (and its statistics, when it shares them)
+    out/peers/<peer>/         every expert's adapter as exchanged in the current run (order.json: the
+                              run, the order, the adapters' digests), re-pointed at the local base
+    out/fedavg/               FedAvg: applied.json (run, round), global/ (this run's global model),
+                              update/ (the last round's local LoRA)
+    out/budget.json           the queries it answered so far (score, evaluate), against its budget
 
+A `Site` defends its own disk and data against a dishonest coordinator:
+- every name a request carries (peers, recipe experts, evaluated models) must be a name
+  (wire.NAME_PATTERN: no dot, no slash), and the folders it writes resolve inside `out`; blobs are
+  written under fixed file names only;
+- score and evaluate requests reference only adapters exchanged in the same run (stored peers, `base`,
+  `fedavg` of this run, recipes over stored peers); a second exchange that would replace a stored
+  adapter with another in the same run is refused;
+- a query budget of its own (`federation.budget` in its config copy; counts kept in budget.json across
+  runs and restarts): a request beyond it is refused (code over_budget), the reason logged here;
+- per-question values leave only where its own config allows (`federation.per_question`), and only
+  for the loss; an adapter's config leaves with base_model_name_or_path set to the study's base id and
+  every key outside ADAPTER_CONFIG_KEYS dropped.
+
+A worker keeps one `Site` across requests: the resident base model, the tokenizer and the encoded
+validation batches are loaded once (`_resident`, `_validation_batches`).
 An evaluate-only node (role `evaluate`) has no training data: it stores the adapters, applies FedAvg's
 aggregates without training, and evaluates on its `ood` sets.
 """
@@ -29,14 +32,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medmerge.errors import MedmergeError
 from medmerge.federated.config import FederatedConfig
-from medmerge.federated.wire import Payload
+from medmerge.federated.wire import OverBudget, Refused, check_name, loads, shown
 from medmerge.manifest import write_json_atomic
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -45,13 +48,43 @@ STATISTICS_FILES = ("statistics.safetensors", "statistics.json")
 # what of statistics.json is shared: the counts and the record of the tensor file, never `data` (the
 # site's SPECs: local paths) or `model` (its folder)
 SHARED_RECORD = ("format", "kinds", "dtype", "bytes", "sha256", "aliases", "examples", "tokens", "per_kind")
+# the keys of a PEFT LoRA adapter_config.json that may cross the wire (their values are checked by the
+# coordinator's adapter checks); base_model_name_or_path is rewritten to the study's base id
+ADAPTER_CONFIG_KEYS = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "use_rslora",
+        "use_dora",
+        "fan_in_fan_out",
+        "bias",
+        "init_lora_weights",
+        "inference_mode",
+        "modules_to_save",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "exclude_modules",
+        "lora_bias",
+        "base_model_name_or_path",
+    }
+)
+BUDGET_FILE = "budget.json"
 
 
-@dataclass(frozen=True)
 class Site:
-    name: str
-    config: FederatedConfig  # the site's copy: its own SPECs only
-    out: Path
+    """One site's state: its name, its own config copy, its folder, the resident model (see module doc)."""
+
+    def __init__(self, name: str, config: FederatedConfig, out: Path) -> None:
+        self.name = check_name(name, "site name")
+        self.config = config
+        self.out = Path(out).resolve()
+        self._cache: dict[str, Any] = {}
 
     @property
     def specs(self) -> list[str]:
@@ -70,32 +103,47 @@ class Site:
             return run_in_child(f"site {self.name}: {what}", fn, *args, threads=self.config.threads, **kwargs)
         return fn(*args, **kwargs)
 
-    def hello(self, request: Payload) -> Payload:
-        return Payload("hello", {"site": self.name, "role": self.role})
+    # ------------------------------------------------------------------------------ disk, budget
+    def inside(self, *parts: str) -> Path:
+        """out/<parts…>, refused unless it resolves inside the site's folder."""
+        path = self.out.joinpath(*parts).resolve()
+        if path == self.out or self.out not in path.parents:
+            raise Refused(f"site {self.name}: {shown('/'.join(parts))} is outside its folder")
+        return path
 
-    def handle(self, request: Payload) -> Payload:
-        from medmerge.threads import use_threads
+    def peer_folder(self, peer: str) -> Path:
+        return self.inside("peers", check_name(peer, "peer"))
 
-        use_threads(self.config.threads)
-        handlers = {"train": self.train, "adapters": self.adapters, "score": self.score}
-        handlers |= {"statistics": self.statistics}
-        handlers |= {"evaluate": self.evaluate, "fedavg": self.fedavg, "hello": self.hello}
-        if request.kind not in handlers:
-            raise MedmergeError(f"site {self.name}: unknown request {request.kind!r}")
-        return handlers[request.kind](request)
+    def budget(self) -> dict[str, int]:
+        """{kind: queries allowed over the folder's lifetime} from the site's own config."""
+        return self.config.query_budget()
 
-    # ----------------------------------------------------------------------------------------- train
-    def train(self, request: Payload) -> Payload:
+    def spend(self, kind: str, n: int) -> None:
+        """Count `n` queries of `kind` against the budget (persisted first), or OverBudget."""
+        path = self.out / BUDGET_FILE
+        used = json.loads(path.read_text()) if path.is_file() else {}
+        limit, spent = self.budget()[kind], int(used.get(kind, 0))
+        if spent + n > limit:
+            raise OverBudget(
+                f"site {self.name}: {kind} budget spent ({spent} of {limit} used, {n} more asked; "
+                f"federation.budget.{kind} in its config, counts in {path})"
+            )
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {**used, kind: spent + n})
+
+    # ------------------------------------------------------------------------------------- train
+    def train(self, kinds: list[str]) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """Train (or reuse) the expert: (TrainReply fields, blobs)."""
         from medmerge.data import spec_checksum
         from medmerge.manifest import checksum
         from medmerge.models import resolve_model
         from medmerge.train import train_expert
 
         if not self.specs or self.role != "expert":
-            raise MedmergeError(f"site {self.name}: no data SPECs in its config (or an evaluate-only node)")
-        kinds = sorted(request.meta.get("statistics") or [])
+            raise Refused(f"site {self.name}: no data SPECs in its config (or an evaluate-only node)")
+        kinds = sorted(kinds)
         if kinds and not self.config.federation.share_statistics:  # its own choice, before training
-            raise MedmergeError(
+            raise Refused(
                 f"site {self.name}: asked for site statistics ({', '.join(kinds)}), but its config has "
                 "federation.share_statistics: false"
             )
@@ -106,25 +154,26 @@ class Site:
             (self.out / "statistics.key").unlink(missing_ok=True)
             self._step("training", train_expert, train, folder, overwrite=True, progress=False)
             key_file.write_text(key)
-        pairs = self._pairs()
         data = hashlib.sha256("".join(str(spec_checksum(s)) for s in self.specs).encode()).hexdigest()
-        manifest = (
-            json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
-        )
-        privacy = manifest.get("privacy") or {}
+        manifest, base = folder / "manifest.json", self.config.base_model
+        privacy = (json.loads(manifest.read_text()) if manifest.is_file() else {}).get("privacy") or {}
         meta = {
-            "site": self.name,
-            "base": {
-                "name": self.config.base_model,
-                "checksum": checksum(resolve_model(self.config.base_model)),
-            },
-            "pairs": pairs,
+            "base": {"name": base, "checksum": checksum(resolve_model(base))},
+            "pairs": self._pairs(),
             "data_checksum": data,
             "train": self.config.train.model_dump(mode="json"),
             "dp_epsilon": privacy.get("epsilon") if isinstance(privacy, dict) else None,
         }
-        blobs = {f: (folder / f).read_bytes() for f in ADAPTER_FILES}
-        return Payload("train", meta, blobs | (self._statistics(kinds, key) if kinds else {}))
+        blobs = self._outgoing_adapter(folder)
+        return meta, blobs | (self._statistics(kinds, key) if kinds else {})
+
+    def _outgoing_adapter(self, folder: Path) -> dict[str, bytes]:
+        """The adapter in `folder` as it leaves the site: its config cleaned (clean_adapter_config)."""
+        config = (folder / ADAPTER_FILES[0]).read_bytes()
+        return {
+            ADAPTER_FILES[0]: clean_adapter_config(config, self.config.base_model, strict=False),
+            ADAPTER_FILES[1]: (folder / ADAPTER_FILES[1]).read_bytes(),
+        }
 
     def _statistics(self, kinds: list[str], expert_key: str) -> dict[str, bytes]:
         """The expert's site statistics of `kinds`, computed once per expert and settings, as shared."""
@@ -161,31 +210,156 @@ class Site:
     def _pairs(self) -> int:
         from medmerge.data import load_split
 
-        split = self.config.split_settings()
-        return sum(
-            len(load_split(s, "train", split.split_seed, split.fractions, self.config.train_examples))
-            for s in self.specs
-        )
+        if "pairs" not in self._cache:
+            split = self.config.split_settings()
+            self._cache["pairs"] = sum(
+                len(load_split(s, "train", split.split_seed, split.fractions, self.config.train_examples))
+                for s in self.specs
+            )
+        return self._cache["pairs"]
 
-    # ---------------------------------------------------------------------------------------- fedavg
-    def fedavg(self, request: Payload) -> Payload:
-        from medmerge.federated.fedavg import AGGREGATE, apply_aggregate
+    # ---------------------------------------------------------------------------------- adapters
+    def store_adapters(self, run: str, files: dict[str, dict[str, bytes]], statistics: list[str]) -> None:
+        """Store each peer's adapter (fixed file names) under peers/<peer>/, and this site's own shared
+        statistics beside its own adapter when it is in `statistics`. Refused when a peer's adapter was
+        stored before in the same run and differs."""
+        folders = {peer: self.peer_folder(peer) for peer in files}
+        digests = {peer: adapter_digest(f) for peer, f in files.items()}
+        state = self._peers_state()
+        if state.get("run") == run:
+            changed = sorted(p for p, d in digests.items() if state["digests"].get(p, d) != d)
+            if changed:
+                raise Refused(
+                    f"site {self.name}: a second adapter exchange in run {run} would replace the adapters "
+                    f"of {changed}"
+                )
+        for peer, folder in folders.items():
+            write_adapter(folder, files[peer], self.config.base_model)
+        if self.name in statistics and self.name in folders:  # its own, as it shared them
+            store_statistics(folders[self.name], self._shared_statistics())
+        order = list(files)
+        write_json_atomic(self.out / "peers" / "order.json", {"run": run, "order": order, "digests": digests})
+
+    def _peers_state(self) -> dict[str, Any]:
+        path = self.out / "peers" / "order.json"
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        return state if isinstance(state, dict) and "run" in state else {}
+
+    def store_statistics(self, run: str, peer: str, blobs: dict[str, bytes]) -> None:
+        """Store a peer's shared statistics beside its adapter stored in this run."""
+        (folder,) = self._experts(run, [peer]).values()
+        store_statistics(Path(folder), blobs)
+
+    def _experts(self, run: str, names: list[str]) -> dict[str, str]:
+        """{name: folder} of adapters stored in `run`, or Refused."""
+        state = self._peers_state()
+        if state.get("run") != run:
+            raise Refused(f"site {self.name}: no adapters were exchanged in run {run}")
+        unknown = sorted({check_name(n, "expert") for n in names} - set(state["order"]))
+        if unknown:
+            raise Refused(f"site {self.name}: no adapter stored for {unknown}")
+        return {n: str(self.peer_folder(n)) for n in names}
+
+    # ------------------------------------------------------------------------------------- score
+    def _recipe_state(self, run: str, recipe: Any) -> dict[str, Any]:
+        """The merged float32 weights of `recipe` over stored peers (refused: unknown or data-reading
+        methods, unknown experts)."""
+        from medmerge.merge import merged_state
+        from medmerge.merge.registry import METHODS
+
+        spec = METHODS.get(recipe.method)
+        if spec is None or spec.needs_data:
+            raise Refused(f"site {self.name}: method {shown(recipe.method)} is not merged here")
+        folders = self._experts(run, list(recipe.experts))
+        return merged_state(recipe.merge_config(self.config.base_model, folders))
+
+    def _resident(self) -> Any:
+        """The resident float32 base model whose weights each scored merge replaces."""
+        from medmerge.models import load_model, resolve_model
+
+        if "resident" not in self._cache:
+            self._cache["resident"] = load_model(resolve_model(self.config.base_model))
+        return self._cache["resident"]
+
+    def _tokenizer(self) -> tuple[Any, str]:
+        from medmerge.models import load_tokenizer, model_kind, resolve_model
+
+        if "tokenizer" not in self._cache:
+            base = resolve_model(self.config.base_model)
+            self._cache["tokenizer"] = (load_tokenizer(base), model_kind(base))
+        return self._cache["tokenizer"]
+
+    def _validation_batches(self) -> tuple[list[Any], list[int]]:
+        """The site's validation questions (the search's settings), encoded once."""
+        from medmerge.data import load_split
+        from medmerge.evaluate.scorer import encode_loss_batches
+
+        if "validation" not in self._cache:
+            search, split = self.config.search, self.config.split_settings()
+            pairs = [
+                p
+                for s in self.specs
+                for p in load_split(
+                    s, "validation", split.split_seed, split.fractions, search.validation_examples
+                )
+            ]
+            tokenizer, kind = self._tokenizer()
+            self._cache["validation"] = encode_loss_batches(
+                pairs,
+                tokenizer,
+                kind,
+                batch_size=search.batch_size,
+                max_prompt_tokens=search.max_prompt_tokens,
+                max_answer_tokens=search.max_answer_tokens,
+            )
+        return self._cache["validation"]
+
+    def score(self, run: str, recipe: Any) -> tuple[float | None, int]:
+        """(Σ nll in nats, or None where it is not finite; answer tokens) of the recipe's merge."""
+        from medmerge.evaluate.scorer import load_weights
+
+        if not self.specs:
+            raise Refused(f"site {self.name}: no validation split (an evaluate-only node)")
+        state = self._recipe_state(run, recipe)
+        resident = self._resident()
+        load_weights(resident, state)
+        return self._loss(resident)
+
+    def _loss(self, model: Any) -> tuple[float | None, int]:
+        from medmerge.evaluate.scorer import per_question_loss
+
+        nll, tokens = per_question_loss(model, *self._validation_batches())
+        total = float(sum(nll))
+        return (total if math.isfinite(total) else None), int(sum(tokens))
+
+    # ------------------------------------------------------------------------------------ fedavg
+    def fedavg(
+        self, run: str, round_: int, local_steps: int, aggregate: bytes | None
+    ) -> tuple[int | None, dict[str, bytes]]:
+        """Add `aggregate` (the last round's average) to this run's global model once; then, at an
+        expert site with local_steps > 0, train a fresh LoRA on it: (pairs, adapter) or (None, {})."""
+        from medmerge.federated.fedavg import apply_aggregate
         from medmerge.models import resolve_model
         from medmerge.train import train_expert
 
-        folder, round_ = self.out / "fedavg", int(request.meta["round"])
+        folder = self.out / "fedavg"
         state_file, current = folder / "applied.json", folder / "global"
-        applied = json.loads(state_file.read_text())["round"] if state_file.is_file() else 0
-        if AGGREGATE in request.blobs and applied < round_:  # idempotent when a request is repeated
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        if state.get("run") != run:  # another run's global model is never trained on
+            shutil.rmtree(current, ignore_errors=True)
+            state = {"run": run, "round": 0}
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(state_file, state)
+        if aggregate is not None and state["round"] < round_:  # idempotent when a request is repeated
             source = current if current.is_dir() else resolve_model(self.config.base_model)
-            apply_aggregate(source, request.blobs[AGGREGATE], folder / "next")
+            apply_aggregate(source, aggregate, folder / "next")
             if current.is_dir():
                 shutil.rmtree(current)
             (folder / "next").rename(current)
-            write_json_atomic(state_file, {"round": round_})
-        steps = int(request.meta.get("local_steps", 0)) if self.role == "expert" else 0
+            write_json_atomic(state_file, {"run": run, "round": round_})
+        steps = local_steps if self.role == "expert" else 0
         if not steps:
-            return Payload("fedavg", {"site": self.name, "round": round_})
+            return None, {}
         model = current if current.is_dir() else resolve_model(self.config.base_model)
         train = self.config.train_config(self.specs).model_copy(
             update={
@@ -200,121 +374,72 @@ class Site:
         self._step(
             f"FedAvg round {round_}", train_expert, train, folder / "update", overwrite=True, progress=False
         )
-        blobs = {f: (folder / "update" / f).read_bytes() for f in ADAPTER_FILES}
-        return Payload("fedavg", {"site": self.name, "round": round_, "pairs": self._pairs()}, blobs)
+        return self._pairs(), self._outgoing_adapter(folder / "update")
 
-    # -------------------------------------------------------------------------------------- adapters
-    def adapters(self, request: Payload) -> Payload:
-        order = request.meta["order"]
-        for name in order:
-            write_adapter(self.out / "peers" / name, request.blobs, name, self.config.base_model)
-        if self.name in request.meta.get("statistics", []):  # its own, as it shared them
-            files = {f"{self.name}/{f}": data for f, data in self._shared_statistics().items()}
-            store_statistics(self.out / "peers" / self.name, files, self.name)
-        write_json_atomic(self.out / "peers" / "order.json", order)
-        return Payload("adapters", {"site": self.name, "stored": order})
-
-    def statistics(self, request: Payload) -> Payload:
-        """Store a peer's shared statistics beside its stored adapter."""
-        peer = str(request.meta["peer"])
-        (folder,) = self._peers([peer])
-        store_statistics(Path(folder), request.blobs, peer)
-        return Payload("statistics", {"site": self.name, "stored": peer})
-
-    def _peers(self, names: list[str] | None = None) -> list[str]:
-        """Folders of the stored peers' adapters: `names` (a recipe's experts) or every peer, in order."""
-        order = json.loads((self.out / "peers" / "order.json").read_text())
-        unknown = sorted(set(names or []) - set(order))
-        if unknown:
-            raise MedmergeError(f"site {self.name}: no adapter stored for {unknown}")
-        return [str(self.out / "peers" / name) for name in (order if names is None else names)]
-
-    def _load(self, model: str | dict[str, Any], resident: Any, dtype: str = "float32") -> tuple[Any, Any]:
-        """(the model, SHA-256 of its merged weights or None): "base", a peer, "fedavg", or a recipe
-        (dict) merged in memory into `resident` (the resident base model)."""
+    # ---------------------------------------------------------------------------------- evaluate
+    def _model(self, run: str, model: Any, resident: Any, dtype: str = "float32") -> tuple[Any, str | None]:
+        """(the model, SHA-256 of its merged weights or None): "base", a stored peer, "fedavg" of this
+        run, or a recipe over stored peers merged in memory into `resident`."""
         from medmerge.evaluate.scorer import load_weights
-        from medmerge.merge import merged_state
         from medmerge.models import load_model, resolve_model
 
-        if isinstance(model, dict):
-            experts = self._peers(model.get("experts"))
-            state = merged_state(recipe_config(model, self.config.base_model, experts))
+        if not isinstance(model, str):
+            state = self._recipe_state(run, model)
             load_weights(resident, state)
             return resident, state_digest(state)
         if model == "base":
             return load_model(resolve_model(self.config.base_model), dtype=dtype), None
-        folder = self.out / "fedavg" / "global" if model == "fedavg" else self.out / "peers" / model
+        if model == "fedavg":
+            state_file = self.out / "fedavg" / "applied.json"
+            state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+            if state.get("run") != run or not (self.out / "fedavg" / "global").is_dir():
+                raise Refused(f"site {self.name}: no FedAvg model of run {run}")
+            return load_model(self.out / "fedavg" / "global", dtype=dtype), None
+        (folder,) = self._experts(run, [model]).values()
         return load_model(folder, dtype=dtype), None
 
-    # ----------------------------------------------------------------------------------------- score
-    def score(self, request: Payload) -> Payload:
-        return Payload(
-            "score", {"site": self.name, **self._validation({"trial": request.meta["recipe"]})["trial"]}
-        )
-
-    def _validation(self, models: dict[str, Any]) -> dict[str, dict[str, float]]:
+    def _validation(self, run: str, models: dict[str, Any]) -> dict[str, dict[str, float]]:
         """{model: {nll_sum, tokens}} on the site's validation split (the search's settings)."""
-        from medmerge.data import load_split
-        from medmerge.evaluate.scorer import encode_loss_batches, per_question_loss
-        from medmerge.models import load_model, load_tokenizer, model_kind, resolve_model
-
-        search, split = self.config.search, self.config.split_settings()
-        pairs = [
-            p
-            for s in self.specs
-            for p in load_split(
-                s, "validation", split.split_seed, split.fractions, search.validation_examples
-            )
-        ]
-        base = resolve_model(self.config.base_model)
-        batches, order = encode_loss_batches(
-            pairs,
-            load_tokenizer(base),
-            model_kind(base),
-            batch_size=search.batch_size,
-            max_prompt_tokens=search.max_prompt_tokens,
-            max_answer_tokens=search.max_answer_tokens,
-        )
-        resident, results = load_model(base), {}
+        results = {}
         for name, model in models.items():
-            nll, tokens = per_question_loss(self._load(model, resident)[0], batches, order)
-            results[name] = {"nll_sum": sum(nll), "tokens": sum(tokens)}
+            nll, tokens = self._loss(self._model(run, model, self._resident())[0])
+            if nll is None:
+                raise MedmergeError(f"site {self.name}: validation loss of {name} is not finite")
+            results[name] = {"nll_sum": nll, "tokens": tokens}
         return results
 
-    # -------------------------------------------------------------------------------------- evaluate
-    def evaluate(self, request: Payload) -> Payload:
-        """Request meta: models {name: "base" | peer | "fedavg" | recipe}, and optionally validation
-        (default true) and domains (default both) to limit what is scored."""
+    def evaluate(
+        self, run: str, models: dict[str, Any], validation: bool, domains: list[str]
+    ) -> dict[str, Any]:
+        """EvaluateReply fields: every model on the validation split (with `validation`) and on each of
+        the site's sets in `domains`, with the metrics of `medmerge evaluate`."""
         from medmerge.evaluate.cache import EvalCache
         from medmerge.evaluate.records import ModelRef
         from medmerge.evaluate.runner import _evaluate_cell, _ModelRun, load_pairs
-        from medmerge.models import load_model, load_tokenizer, model_kind, resolve_model
+        from medmerge.models import load_model, resolve_model
 
-        models = request.meta["models"]
-        validation = self._validation(models) if request.meta.get("validation", True) and self.specs else {}
-        config, sets = self._sets(request.meta.get("domains", ["in-domain", "out-of-domain"]))
+        for name in models:
+            check_name(name, "model name")
+        checked = self._validation(run, models) if validation and self.specs else {}
+        config, sets = self._sets(domains)
         pairs = {label: load_pairs(s, config) for label, s in sets}
         cells: dict[str, dict[str, Any]] = {label: {} for label, _ in sets}
         digests: dict[str, str] = {}
-        base = resolve_model(self.config.base_model)
-        tokenizer, kind = load_tokenizer(base), model_kind(base)
-        resident = load_model(base, dtype=config.dtype) if sets else None
+        tokenizer, kind = self._tokenizer()
+        per_question = self.config.federation.per_question
+        resident = load_model(resolve_model(self.config.base_model), dtype=config.dtype) if sets else None
         for name, model in models.items() if sets else ():
-            scored, digest = self._load(model, resident, config.dtype)
+            scored, digest = self._model(run, model, resident, config.dtype)
             digests |= {name: digest} if digest else {}
-            run = _ModelRun(ModelRef(name, "", "", kind), tokenizer, config, EvalCache(None), False, scored)
+            run_ = _ModelRun(ModelRef(name, "", "", kind), tokenizer, config, EvalCache(None), False, scored)
             for label, s in sets:
-                cells[label][name] = _wire(
-                    _evaluate_cell(run, s, pairs[label]), self.config.federation.per_question
-                )
-        meta = {
-            "site": self.name,
-            "validation": validation,
+                cells[label][name] = _wire(_evaluate_cell(run_, s, pairs[label]), per_question)
+        return {
+            "validation": checked,
             "sets": [{"name": label, "domain": s.domain, "n": len(pairs[label])} for label, s in sets],
             "cells": cells,
             "merges": digests,
         }
-        return Payload("evaluate", meta)
 
     def _sets(self, domains: list[str]) -> tuple[Any, list[tuple[str, Any]]]:
         """The site's EvaluateConfig and its sets in `domains`, each labelled by its dataset kind alone
@@ -336,14 +461,18 @@ class Site:
 
 def _wire(cell: Any, per_question: bool) -> dict[str, Any]:
     """What of an EvalCell crosses the wire: per metric Σ w·v and Σ w (w: answer tokens for the loss,
-    1 otherwise), the site's bootstrap intervals and corpus scores; per-question values and weights only
-    with `per_question`. Never the answers or question ids."""
+    1 otherwise), the site's bootstrap intervals and corpus scores; per-question losses and their token
+    weights only with `per_question` (never per-question generation or accuracy values, which would
+    probe the reference answers). Never the answers or question ids. A value that is not finite fails
+    the request (it cannot cross the wire)."""
     sums = {}
     for metric, values in cell.per_item.items():
         weights = cell.weights.get(metric) or [1.0] * len(values)
         sums[metric] = [sum(v * w for v, w in zip(values, weights, strict=True)), float(sum(weights))]
     out = {"metrics": {k: v.as_dict() for k, v in cell.metrics.items()}, "sums": sums, "corpus": cell.corpus}
-    return out | ({"per_item": cell.per_item, "weights": cell.weights} if per_question else {})
+    if per_question and "loss" in cell.per_item:
+        out |= {"per_item": {"loss": cell.per_item["loss"]}, "weights": {"loss": cell.weights["loss"]}}
+    return out
 
 
 def state_digest(state: dict[str, Any]) -> str:
@@ -358,35 +487,50 @@ def state_digest(state: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def write_adapter(folder: Path, blobs: dict[str, bytes], name: str, base_model: str) -> Path:
-    """Write `name`'s adapter from `blobs` ("<name>/<file>") into `folder`, re-pointed at `base_model`."""
+def clean_adapter_config(data: bytes, base_id: str, strict: bool = True) -> bytes:
+    """An adapter_config.json as it may cross the wire: base_model_name_or_path set to the study's base
+    id, nothing but ADAPTER_CONFIG_KEYS. `strict` (on receipt): another key is refused (ValueError, naming
+    it); otherwise (before sending) such keys are dropped. NaN and Infinity are refused."""
+    config = loads(data)
+    if not isinstance(config, dict):
+        raise ValueError("adapter_config.json: not a JSON object")
+    unknown = sorted(set(config) - ADAPTER_CONFIG_KEYS)
+    if unknown and strict:
+        raise ValueError(f"adapter_config.json: unexpected key {shown(unknown[0])}")
+    kept = {k: v for k, v in config.items() if k in ADAPTER_CONFIG_KEYS}
+    return json.dumps(kept | {"base_model_name_or_path": base_id}, indent=2, sort_keys=True).encode()
+
+
+def adapter_digest(files: dict[str, bytes]) -> str:
+    """SHA-256 of an adapter as exchanged: its weights, and its config without base_model_name_or_path
+    (which each party re-points at its own copy of the base)."""
+    config = {k: v for k, v in loads(files[ADAPTER_FILES[0]]).items() if k != "base_model_name_or_path"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    digest.update(files[ADAPTER_FILES[1]])
+    return digest.hexdigest()
+
+
+def write_adapter(folder: Path, files: dict[str, bytes], base_model: str) -> Path:
+    """Write an adapter (`files`: ADAPTER_FILES → bytes) into `folder` under those fixed names,
+    re-pointed at `base_model` (its local folder when it is one)."""
     from medmerge.manifest import atomic_dir
 
     with atomic_dir(folder, overwrite=True) as tmp:
-        config = json.loads(blobs[f"{name}/adapter_config.json"])
+        config = loads(files[ADAPTER_FILES[0]])
         base = Path(base_model).expanduser()
         config["base_model_name_or_path"] = str(base.resolve()) if base.is_dir() else base_model
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "adapter_model.safetensors").write_bytes(blobs[f"{name}/adapter_model.safetensors"])
+        (tmp / ADAPTER_FILES[0]).write_text(json.dumps(config, indent=2))
+        (tmp / ADAPTER_FILES[1]).write_bytes(files[ADAPTER_FILES[1]])
     return folder
 
 
-def store_statistics(folder: Path, blobs: dict[str, bytes], name: str) -> Path:
-    """Write `name`'s shared statistics from `blobs` ("<name>/<file>") into `folder`, beside its adapter:
-    an old record removed, the tensor file, then its record (statistics.json, the commit record, last:
-    as medmerge.site_stats writes them, so a half-written pair is never read)."""
+def store_statistics(folder: Path, files: dict[str, bytes]) -> Path:
+    """Write shared statistics (`files`: STATISTICS_FILES → bytes) into `folder`, beside an adapter: an
+    old record removed, the tensor file, then its record (statistics.json, the commit record, last: as
+    medmerge.site_stats writes them, so a half-written pair is never read)."""
     (folder / STATISTICS_FILES[1]).unlink(missing_ok=True)
     for file in STATISTICS_FILES:
         tmp = folder / f".{file}.tmp"
-        tmp.write_bytes(blobs[f"{name}/{file}"])
+        tmp.write_bytes(files[file])
         tmp.replace(folder / file)
     return folder
-
-
-def recipe_config(recipe: dict[str, Any], base_model: str, experts: list[str]) -> Any:
-    """The MergeConfig of a recipe {method, parameters, weights, seed} over local expert folders."""
-    from medmerge.pipeline.records import SearchTrial
-    from medmerge.pipeline.search import merge_config
-
-    setting = SearchTrial(0, dict(recipe["parameters"]), list(recipe["weights"]), 0.0, {})
-    return merge_config(recipe["method"], base_model, experts, setting, int(recipe["seed"]))

@@ -1,12 +1,14 @@
 """The federated verdict, from site-reported numbers only, with the statistics of `medmerge run`
-(medmerge.pipeline.verdict, on the sites' reports pooled into one Evaluation): the merge chosen on
+(medmerge.evaluate.verdict, on the sites' reports pooled into one Evaluation): the merge chosen on
 federated validation loss against the best single expert (also chosen on validation), per domain — in
 domain: the expert sites' test splits; out of domain: the `ood` sets at sites and evaluate-only nodes —
 pooled question by question (loss token-weighted, nats/token; PubMedQA accuracy; ROUGE-L and BERTScore
 when the sites generate). Where the study lets sites send per-question values
-(`federation.per_question`): paired bootstrap tests and the expert best in hindsight, as in `medmerge
-run`; otherwise differences of pooled means only. No multi-task model can exist in a federation (it
-would pool the data), so there is no gap closed; FedAvg is the joint-training baseline.
+(`federation.per_question`, losses only): paired bootstrap tests of the loss and the expert best in
+hindsight, as in `medmerge run`; otherwise, and for the other metrics, differences of pooled means
+only. The objective caps each site's self-reported weight (federation.weight_cap; `capped`). No
+multi-task model can exist in a federation (it would pool the data), so there is no gap closed; FedAvg
+is the joint-training baseline.
 
 Leave-one-site-out rows (`federation.leave_one_out`): for each expert site, the merge searched over the
 other sites' adapters and validation splits, scored by the held-out site on its own test split, against
@@ -16,6 +18,7 @@ when, why), bytes sent per site and approach, FedAvg, the SHA-256 of every merge
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,54 +28,74 @@ from medmerge.manifest import build_manifest, write_json_atomic
 IN, OUT = "in-domain", "out-of-domain"
 
 
-def objective(numbers: dict[str, dict[str, Any]], kind: str) -> float:
-    """Validation loss of a recipe from the sites' Σ nll and tokens (nats/token)."""
+def capped(values: dict[str, float], cap: float) -> dict[str, float]:
+    """Each site's self-reported weight clipped to at most `cap` × the median of all sites' values
+    (federation.weight_cap): with at least three sites and a majority honest, no one site's claim
+    weighs more than `cap` honest sites' median. With two sites and cap ≥ 2 nothing is clipped."""
+    if not values:
+        return {}
+    ordered = sorted(values.values())
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return {s: min(v, cap * median) for s, v in values.items()}
+
+
+def objective(numbers: dict[str, dict[str, Any]], kind: str, cap: float | None = None) -> float:
+    """Validation loss of a recipe from the sites' Σ nll and tokens (nats/token): `tokens`, the
+    token-weighted mean of the sites' means, each site's tokens capped (`capped`, with `cap`; without
+    clipping exactly Σ nll / Σ tokens); `sites`, the mean of the site means; `worst_site`, their max.
+    inf (a failed trial) when a site's loss was not finite there (nll_sum None) or no site scored."""
+    if not numbers or any(n["nll_sum"] is None for n in numbers.values()):
+        return math.inf
     means = {s: n["nll_sum"] / max(n["tokens"], 1) for s, n in numbers.items()}
     if kind == "tokens":
-        return sum(n["nll_sum"] for n in numbers.values()) / max(
-            sum(n["tokens"] for n in numbers.values()), 1
+        tokens = {s: float(n["tokens"]) for s, n in numbers.items()}
+        weights = capped(tokens, cap) if cap is not None else tokens
+        total = sum(
+            n["nll_sum"] if weights[s] == tokens[s] else weights[s] * means[s] for s, n in numbers.items()
         )
+        return total / max(sum(weights.values()), 1)
     return sum(means.values()) / len(means) if kind == "sites" else max(means.values())
 
 
-def _site_cells(reply: Any, model: str, domain: str) -> list[dict[str, Any]]:
-    meta = reply.meta
-    return [meta["cells"][s["name"]][model] for s in meta["sets"] if s["domain"] == domain]
+def _site_cells(reply: Any, model: str, domain: str) -> list[Any]:
+    return [reply.cells[s.name][model] for s in reply.sets if s.domain == domain]
 
 
 def site_loss(reply: Any, model: str, domain: str = IN) -> float | None:
     """A site's pooled loss of `model` over its sets of `domain` (Σ nll / Σ tokens); None: no such set."""
-    sums = [cell["sums"]["loss"] for cell in _site_cells(reply, model, domain)]
+    sums = [cell.sums["loss"] for cell in _site_cells(reply, model, domain)]
     return sum(s for s, _ in sums) / max(sum(w for _, w in sums), 1) if sums else None
 
 
 def _loss_vectors(reply: Any, model: str) -> tuple[list[float], list[float]]:
     """Per-question losses and token weights of `model` on a site's in-domain sets."""
     cells = _site_cells(reply, model, IN)
-    return [v for c in cells for v in c["per_item"]["loss"]], [w for c in cells for w in c["weights"]["loss"]]
+    return [v for c in cells for v in c.per_item["loss"]], [w for c in cells for w in c.weights["loss"]]
 
 
 def evaluation_of(results: dict[str, Any], models: list[str], per_question: bool) -> Any:
-    """The sites' reports as one medmerge Evaluation: a set per (site, set), named `site:set`. Without
-    per-question values each cell holds one pooled value per metric, weighted by its Σ w."""
+    """The sites' reports as one medmerge Evaluation: a set per (site, set), named `site:set`. Each cell
+    holds the per-question losses where the sites sent them (`per_question`), and otherwise one pooled
+    value per metric, weighted by its Σ w."""
     from medmerge.evaluate.records import CacheStats, EvalCell, Evaluation, ModelRef, ScoredSet, Timing
     from medmerge.evaluate.stats import Interval
 
     datasets, cells = [], {}
     for site, reply in results.items():
-        for s in reply.meta["sets"]:
-            name, split = f"{site}:{s['name']}", "test" if s["domain"] == IN else None
-            datasets.append(ScoredSet(name, "", split, s["domain"], int(s["n"]), "", None))
+        for s in reply.sets:
+            name, split = f"{site}:{s.name}", "test" if s.domain == IN else None
+            datasets.append(ScoredSet(name, "", split, s.domain, s.n, "", None))
             for model in models:
-                wire = reply.meta["cells"][s["name"]][model]
-                if per_question:
-                    per_item, weights = wire["per_item"], wire["weights"]
-                else:
-                    per_item = {m: [total / max(w, 1e-300)] for m, (total, w) in wire["sums"].items()}
-                    weights = {m: [w] for m, (_, w) in wire["sums"].items()}
+                wire = reply.cells[s.name][model]
+                per_item = {m: [total / max(w, 1e-300)] for m, (total, w) in wire.sums.items()}
+                weights = {m: [w] for m, (_, w) in wire.sums.items()}
+                if per_question and wire.per_item and wire.weights:
+                    per_item |= dict(wire.per_item)
+                    weights |= dict(wire.weights)
                 cells[(model, name)] = EvalCell(
-                    metrics={k: Interval(**v) for k, v in wire["metrics"].items()},
-                    corpus=wire["corpus"],
+                    metrics={k: Interval(**v.model_dump()) for k, v in wire.metrics.items()},
+                    corpus=dict(wire.corpus),
                     timing=Timing(0.0, 0.0),
                     cached={},
                     reference_length=0.0,
@@ -81,7 +104,7 @@ def evaluation_of(results: dict[str, Any], models: list[str], per_question: bool
                     ids=[],
                     answers=None,
                 )
-    note = "per-question values" if per_question else "one pooled value per set and metric, weight Σ w"
+    note = "per-question losses" if per_question else "one pooled value per set and metric, weight Σ w"
     return Evaluation(
         models=tuple(ModelRef(m, "", "", "") for m in models),
         datasets=tuple(datasets),
@@ -102,25 +125,27 @@ def statistics_of(
     seed: int,
     paired: bool,
 ) -> Any:
-    """medmerge run's verdict numbers (a pipeline.verdict.Verdict) from the pooled site reports: the merge
-    method and the expert with the lowest validation loss; per domain and metric the question-pooled
-    means; with per-question values (`paired`) the paired bootstrap tests of merge − expert and against
-    the expert best in hindsight. No multi-task model exists in a federation: no gap closed."""
-    from medmerge.pipeline import verdict as single
+    """medmerge run's verdict numbers (an evaluate.verdict.Verdict) from the pooled site reports: the
+    merge method and the expert with the lowest validation loss; per domain and metric the
+    question-pooled means; with per-question losses (`paired`) the paired bootstrap tests of the loss,
+    merge − expert and against the expert best in hindsight (other metrics: means only, as sites never
+    send them per question). No multi-task model exists in a federation: no gap closed."""
+    from medmerge.evaluate import verdict as single
 
     sets_of = {d: [s.name for s in evaluation.datasets if s.domain == d] for d in single.DOMAINS}
     present = [d for d, sets in sets_of.items() if sets]
-    metrics = [metric for metric, _ in single._columns(evaluation)]
+    metrics = [metric for metric, _ in single.columns(evaluation)]
     merge = min(methods, key=lambda m: validation_loss[m])
     expert = min(experts, key=lambda e: validation_loss[e])
 
     def mean(model: str, domain: str, metric: str) -> float | None:
         if not sets_of[domain]:
             return None
-        return single._mean(*single._pooled(evaluation, model, sets_of[domain], metric))
+        return single.mean(*single.pooled(evaluation, model, sets_of[domain], metric))
 
     def test(a: str, b: str, domain: str, metric: str) -> Any:
-        return single._compare(evaluation, a, b, sets_of[domain], metric, seed) if paired else None
+        tested = paired and metric == "loss"
+        return single.compare(evaluation, a, b, sets_of[domain], metric, seed) if tested else None
 
     table = tuple(
         single.VerdictRow(
@@ -145,9 +170,9 @@ def leave_one_out_row(config: FederatedConfig, record: dict[str, Any], results: 
 
     held, others, searches = record["held_out"], record["experts"], record["searches"]
     main, reply = results[held], record["reply"]
-    alive = [s for s in others if s in results and results[s].meta["validation"]]
-    kind = config.federation.objective
-    choice = {e: objective({s: results[s].meta["validation"][e] for s in alive}, kind) for e in others}
+    alive = [s for s in others if s in results and results[s].validation]
+    kind, cap = config.federation.objective, config.federation.weight_cap
+    choice = {e: objective(_validation(results, alive, e), kind, cap) for e in others}
     method = min(searches, key=lambda m: searches[m]["loss"])
     expert = min(others, key=lambda e: choice[e])
     merge_loss, expert_loss = site_loss(reply, method), site_loss(main, expert)
@@ -171,14 +196,19 @@ def leave_one_out_row(config: FederatedConfig, record: dict[str, Any], results: 
             m: {"validation_loss": best["loss"], "test_loss": site_loss(reply, m)}
             for m, best in searches.items()
         },
-        "weights_sha256": reply.meta["merges"].get(method),
-        "weights_match_coordinator": reply.meta["merges"].get(method) == record["digests"][method],
+        "weights_sha256": reply.merges.get(method),
+        "weights_match_coordinator": reply.merges.get(method) == record["digests"][method],
     }
+
+
+def _validation(results: dict[str, Any], sites: list[str], model: str) -> dict[str, dict[str, Any]]:
+    """{site: {nll_sum, tokens}} of `model` as `sites` reported it in the evaluation."""
+    return {s: results[s].validation[model].model_dump() for s in sites}
 
 
 def _federated_rows(statistics: Any, results: dict[str, Any]) -> list[dict[str, Any]]:
     """The statistics table's rows, with the pooled in-domain test loss and each expert site's own."""
-    sites = [s for s in results if any(x["domain"] == IN for x in results[s].meta["sets"])]
+    sites = [s for s in results if any(x.domain == IN for x in results[s].sets)]
     return [
         {
             **row.to_json(),
@@ -201,16 +231,16 @@ def write_verdict(
     leave_one_out: list[dict] | None = None,
     digests: dict[str, str] | None = None,
 ) -> Path:
-    from medmerge.pipeline.verdict import summary_lines, table_markdown
+    from medmerge.evaluate.verdict import summary_lines, table_markdown
 
-    per_question = config.federation.per_question
+    per_question, cap = config.federation.per_question, config.federation.weight_cap
     models = ["base", *names, *searches, *(["fedavg"] if fedavg else [])]
     evaluation = evaluation_of(results, models, per_question)
     write_json_atomic(out / "evaluation.json", evaluation.to_json())
 
     def validation(model: str) -> float:
-        numbers = {s: r.meta["validation"][model] for s, r in results.items() if r.meta["validation"]}
-        return objective(numbers, config.federation.objective)
+        scorers = [s for s, r in results.items() if r.validation]
+        return objective(_validation(results, scorers, model), config.federation.objective, cap)
 
     losses = {m: searches[m]["loss"] if m in searches else validation(m) for m in models}
     statistics = statistics_of(evaluation, losses, list(searches), names, config.search.seed, per_question)
@@ -237,7 +267,7 @@ def write_verdict(
         "merges_sha256": {
             m: {
                 "coordinator": d,
-                "sites_agree": [s for s, r in results.items() if r.meta["merges"].get(m) == d],
+                "sites_agree": [s for s, r in results.items() if r.merges.get(m) == d],
             }
             for m, d in (digests or {}).items()
         },

@@ -18,32 +18,46 @@ import argparse
 import contextlib
 import os
 import socket
-import sys
 from pathlib import Path
+from typing import Any
 
-from medmerge.federated.wire import Payload
+from medmerge.federated.wire import FAILED, MESSAGE_BYTES, META_BYTES, Payload, log_failure
 
-FAILED = "medmerge site failed:"  # starts the line a failed request leaves in the site's log
+__all__ = ["FAILED", "answer", "ask", "serve", "site_of"]
+_SITES: dict[tuple[str, str, str], Any] = {}  # (name, config, out) -> its Site, kept across requests
 
 
-def answer(name: str, config_path: str, out: str, request: Payload) -> Payload:
-    """The site's reply to one request; a failure is one line (never a traceback of data)."""
-    try:
+def site_of(name: str, config_path: str, out: str) -> Any:
+    """The site's `Site`, built once per process from its own config copy (resident model, tokenizer
+    and validation batches then stay loaded across requests)."""
+    key = (name, config_path, out)
+    if key not in _SITES:
         from medmerge.config import load_config
         from medmerge.federated.config import FederatedConfig
         from medmerge.federated.site import Site
 
-        site = Site(name, load_config(config_path, FederatedConfig), Path(out))
-        return site.handle(request)
+        _SITES[key] = Site(name, load_config(config_path, FederatedConfig), Path(out))
+    return _SITES[key]
+
+
+def answer(name: str, config_path: str, out: str, request: Payload) -> Payload:
+    """The site's reply to one request (medmerge.federated.protocol.answer); a site that cannot even be
+    set up (its config) answers error code `failed`, the reason in its own log only."""
+    from medmerge.federated import protocol
+
+    try:
+        site = site_of(name, config_path, out)
     except Exception as exc:  # noqa: BLE001
-        line = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"  # KeyError() has no text
-        print(f"{FAILED} {name} {request.kind}: {line}", file=sys.stderr, flush=True)  # the site's own log
-        return Payload("error", {"site": name, "error": line[:200]})
+        log_failure(name, request.kind, "failed", exc)
+        return protocol.ErrorReply(site=name, error=type(exc).__name__, code="failed").payload()
+    return protocol.answer(site, request)
 
 
 def _read(conn: socket.socket) -> bytes:
-    head = _exactly(conn, 8)
-    return _exactly(conn, int.from_bytes(head, "big"))
+    size = int.from_bytes(_exactly(conn, 8), "big")
+    if size > MESSAGE_BYTES + META_BYTES:
+        raise ValueError(f"a {size}-byte frame")
+    return _exactly(conn, size)
 
 
 def _exactly(conn: socket.socket, n: int) -> bytes:
@@ -73,7 +87,7 @@ def ask(path: str, request: Payload) -> Payload | None:
 
 
 def serve(name: str, config_path: str, out: str, path: str) -> None:
-    """Answer requests one at a time until killed (SIGTERM)."""
+    """Answer requests one at a time until killed (SIGTERM), with one `Site` for all of them."""
     import peft  # noqa: F401  (imported once here, not per message)
     import torch  # noqa: F401
     import transformers  # noqa: F401

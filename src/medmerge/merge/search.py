@@ -42,7 +42,7 @@ class Scored:
     details: Any = None
 
 
-Scorer = Callable[[list[Recipe]], list[Scored]]
+Scorer = Callable[[list[Recipe], int], list[Scored]]  # (recipes, number of the first) → their scores
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ def search(
     study_name: str | None = None,
 ) -> SearchResult:
     """Search `method`'s recipes over `experts` (names or folders, as `score` reads them); `score` gets
-    up to `parallelism` recipes at a time. See the module doc for `storage`."""
+    up to `parallelism` recipes at a time, and the trial number of the first. See the module doc for
+    `storage`."""
     from medmerge.extras import require
 
     require("the merge search", "optuna")
@@ -160,7 +161,7 @@ def _optuna(
                 experts=experts,
             )
             recipes.append(recipe)
-        for trial, recipe, scored in zip(batch, recipes, score(recipes), strict=True):
+        for trial, recipe, scored in zip(batch, recipes, score(recipes, len(trials)), strict=True):
             done = Trial(len(trials), recipe, _finite(scored.loss), scored.details)
             trial.set_user_attr(RECORD, done.record())
             if done.failed:
@@ -211,7 +212,7 @@ def _greedy(spec: MethodSpec, experts: list[str], seed: int, score: Scorer) -> S
 
     def walk_score(members: list[str]) -> float:
         recipe = Recipe(method=spec.name, weights=[1.0] * len(members), seed=seed, experts=members)
-        (scored,) = score([recipe])
+        (scored,) = score([recipe], len(trials))
         trials.append(Trial(len(trials), recipe, _finite(scored.loss), scored.details))
         return -trials[-1].loss  # the soup maximises; a failed candidate scores −inf
 

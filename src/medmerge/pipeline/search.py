@@ -48,7 +48,7 @@ def search_method(
 ) -> SearchResult:
     """Search `method`'s knobs; `executor` scores a batch of trials (in parallel on Ray)."""
 
-    def score(recipes: list[Recipe]) -> list[Scored]:
+    def score(recipes: list[Recipe], first: int) -> list[Scored]:
         configs = [recipe.merge_config(base) for recipe in recipes]
         results = executor.map(score_merge, [(config, scoring) for config in configs])
         return [Scored(r.loss, r.per_dataset) for r in results]
