@@ -25,10 +25,11 @@ def bowl(recipe: Recipe) -> float:
 class Counting:
     def __init__(self, loss=bowl, die_at: int | None = None) -> None:
         self.scored: list[Recipe] = []
+        self.firsts: list[int] = []  # the trial number of each call's first recipe
         self.loss, self.die_at = loss, die_at
 
     def __call__(self, recipes: list[Recipe], first: int) -> list[Scored]:
-        assert first == len(self.scored) or self.die_at is not None
+        self.firsts.append(first)
         out = []
         for recipe in recipes:
             if self.die_at is not None and len(self.scored) == self.die_at:
@@ -42,7 +43,7 @@ def test_default_first_then_the_best():
     settings = SearchSettings(trials=5, seed=3)
     scorer = Counting()
     result = search("task_arithmetic", EXPERTS, settings, scorer)
-    assert len(result.trials) == 5 and len(scorer.scored) == 5
+    assert len(result.trials) == 5 and len(scorer.scored) == 5 and scorer.firsts == [0, 1, 2, 3, 4]
     first = result.trials[0].recipe
     assert first.parameters == {"lambda": 1.0} and first.weights == [1.0, 1.0] and first.experts == EXPERTS
     assert result.best.loss == min(t.loss for t in result.trials)
@@ -76,6 +77,7 @@ def test_a_stored_study_resumes(tmp_path):
     second = Counting()
     result = search("task_arithmetic", EXPERTS, settings, second, storage=storage, study_name="run-1")
     assert len(result.trials) == 5 and len(second.scored) == 2  # the three finished ones are not rescored
+    assert first.firsts == [0, 1, 2, 3] and second.firsts == [3, 4]
     assert [t.recipe for t in result.trials[:3]] == first.scored
     assert [t.details["n"] for t in result.trials] == [1, 2, 3, 1, 2]
     assert second.scored[0].parameters["lambda"] == in_flight.params["lambda"]  # proposed again

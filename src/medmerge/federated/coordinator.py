@@ -469,6 +469,7 @@ def run_fedavg(config: FederatedConfig, out: Path, exchange: Exchange, base: Pat
             weights = capped(reported, config.federation.weight_cap)
             data, info = aggregate(updates, weights)
             blobs = {AGGREGATE: data}
+            folder.mkdir(parents=True, exist_ok=True)
             (folder / f"aggregate-{number}.safetensors").write_bytes(data)
             current = apply_aggregate(current, data, folder / f"round-{number}")
             if number:

@@ -356,6 +356,7 @@ def answer(site: Site, request: Payload) -> Payload:
         if step is None:
             raise ProtocolError("kind", f"{shown(request.kind)} is no request kind")
         message = decode(request, step.request)
+        site.use_threads()
         reply = step.fn(site, message)
         if not isinstance(reply, step.reply):
             raise TypeError(f"site step {request.kind} returned {type(reply).__name__}")

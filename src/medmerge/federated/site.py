@@ -94,6 +94,13 @@ class Site:
     def role(self) -> str:
         return self.config.site(self.name).role
 
+    def use_threads(self) -> None:
+        """Torch's CPU threads as the site's config sets them (before each request: several sites may
+        share one process in tests)."""
+        from medmerge.threads import use_threads
+
+        use_threads(self.config.threads)
+
     def _step(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """A heavy step (a training, the statistics) in a child process when the config isolates steps,
         so the resident worker gives its memory back after each (medmerge.isolation)."""

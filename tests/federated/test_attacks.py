@@ -1,0 +1,357 @@
+"""A federation that holds against a dishonest party: each hole of issue 21 as an attack, run against real
+messages (the in-process LocalSend of test_inprocess: every request and reply crosses as the wire
+format's bytes, each site answers from its own config copy), asserting the outcome — the file not
+written, the site dropped and named, the study finished — not only a log line.
+
+Protocol-level attacks (this part):
+- one study with six dishonest or failing sites beside two honest ones (`dishonest_study`): a FedAvg
+  update with path-traversal blob names, a score reply claiming another site's name, a NaN, an unknown
+  key, an oversized blob, an error whose text holds a path and a data record; each is dropped with
+  one line and the study finishes with the honest two;
+- a site over its query budget (after that study), across a worker restart;
+- `..` and `/` names sent to a site (peers, recipe experts, evaluated models, statistics peer);
+- a kill -9 of the coordinator mid-search and a resume.
+Attacks where Flower itself is involved (real processes) are further below, in their own functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from medmerge.federated.config import FederatedConfig
+from medmerge.federated.coordinator import Exchange, run_study
+from medmerge.federated.wire import Payload
+from tests.federated.common import study
+from tests.federated.test_inprocess import LocalSend
+
+HONEST = ("north", "south")
+TRAVERSAL, IMPOSTOR, NAN, UNKNOWN_KEY, OVERSIZED, LEAKY = (
+    "north-2",
+    "south-2",
+    "north-3",
+    "south-3",
+    "north-4",
+    "south-4",
+)
+SECRET = "CANARYRECORDSECRET"
+
+
+def _with_blobs(reply: Payload, extra: dict[str, bytes]) -> Payload:
+    return Payload(reply.kind, reply.meta, {**reply.blobs, **extra})
+
+
+@pytest.fixture(scope="module")
+def dishonest_study(tmp_path_factory, tiny_llama):
+    """Two honest expert sites and six others, each misbehaving at its own step (module doc)."""
+    import tempfile
+
+    root = tmp_path_factory.mktemp("dishonest")
+    sites = (*HONEST, TRAVERSAL, IMPOSTOR, NAN, UNKNOWN_KEY, OVERSIZED, LEAKY)
+    config = study(root, tiny_llama, sites, trials=2, fedavg={"rounds": 1, "local_steps": 1})
+    data = config.model_dump(mode="json")
+    data["federation"]["budget"] = {"score": 3}
+    leaky = root / "leaky.csv"  # header-less: the loader's error quotes the first record
+    leaky.write_text(f"What helps {SECRET}?,Rest {SECRET}\nWhat else?,Sleep\n" * 5)
+    data["sites"][-1]["data"] = [f"csv:{leaky}"]
+    config = FederatedConfig.model_validate(data)
+
+    scratch = root / "deep" / "down" / "tmp"  # where the coordinator's temporary folders go
+    scratch.mkdir(parents=True)
+    outside = {"relative": scratch.parent / "x", "absolute": root / "abs" / "evil.pth"}
+    outside["absolute"].parent.mkdir()  # so that nothing but the protocol stops the write
+
+    def traversal(request: Payload, reply: Payload) -> Payload:
+        if request.kind == "fedavg" and reply.blobs:
+            evil = {"../../x": b"evil", str(outside["absolute"]): b"import os  # runs at start-up"}
+            return _with_blobs(reply, evil)
+        return reply
+
+    def impostor(request: Payload, reply: Payload) -> Payload:
+        if request.kind == "score":  # claims to be north, with a loss that would steer the search
+            return Payload("score", {**reply.meta, "site": "north", "nll_sum": 0.0})
+        return reply
+
+    def nan(request: Payload, reply: Payload) -> Payload | bytes:
+        if request.kind != "score":
+            return reply
+        header = {"meta": {"kind": "score", **reply.meta, "nll_sum": float("nan")}, "blobs": []}
+        text = json.dumps(header).encode()  # json.dumps writes NaN
+        assert b"NaN" in text
+        return len(text).to_bytes(8, "big") + text
+
+    def unknown_key(request: Payload, reply: Payload) -> Payload:
+        return (
+            Payload(reply.kind, {**reply.meta, "note": "x"}, reply.blobs)
+            if request.kind == "train"
+            else reply
+        )
+
+    def oversized(request: Payload, reply: Payload) -> Payload:
+        if request.kind == "train" and reply.kind == "train":
+            padded = reply.blobs["adapter_config.json"] + b" " * (100 << 10)  # still valid JSON
+            return _with_blobs(reply, {"adapter_config.json": padded})
+        return reply
+
+    tamper = {TRAVERSAL: traversal, IMPOSTOR: impostor, NAN: nan, UNKNOWN_KEY: unknown_key}
+    send = LocalSend(config, root / "sites", tamper | {OVERSIZED: oversized})
+    out = root / "coordinator"
+    exchange = Exchange(send, list(sites), 2)
+    printed, logged = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(logged):
+            verdict_path = run_study(config.for_party(None), out, exchange)
+    return {
+        "root": root,
+        "out": out,
+        "send": send,
+        "verdict": json.loads(verdict_path.read_text())["verdict"],
+        "printed": printed.getvalue(),
+        "logged": logged.getvalue(),
+        "outside": outside,
+        "config": config,
+        "leaky": leaky,
+    }
+
+
+def _dropped(result: dict, site: str) -> tuple[str, str]:
+    """(step, reason) of `site`'s drop, and check the one printed line that named it."""
+    drop = result["verdict"]["dropped"][site]
+    lines = [line for line in result["printed"].splitlines() if f"site {site} dropped" in line]
+    assert lines == [f"medmerge federate: site {site} dropped at {drop['step']}: {drop['reason']}"]
+    return drop["step"], drop["reason"]
+
+
+def test_the_study_finishes_with_the_honest_sites(dishonest_study):
+    verdict = dishonest_study["verdict"]
+    assert set(verdict["dropped_sites"]) == {TRAVERSAL, IMPOSTOR, NAN, UNKNOWN_KEY, OVERSIZED, LEAKY}
+    assert verdict["chosen_merge"] == "task_arithmetic" and verdict["fedavg"] is not None
+    assert set(verdict["table"][0]["test_loss_per_site"]) == set(HONEST)
+    report = (dishonest_study["out"] / "report.md").read_text()
+    assert "Sites dropped" in report and f"- {TRAVERSAL}: at `fedavg round 0`" in report
+
+
+def test_a_path_traversal_blob_name_writes_nothing_outside(dishonest_study):
+    step, reason = _dropped(dishonest_study, TRAVERSAL)
+    assert (
+        step == "fedavg round 0"
+        and reason.startswith("bad reply (blob ")
+        and "not a blob of a fedavg" in reason
+    )
+    for path in dishonest_study["outside"].values():
+        assert not path.exists(), path
+    # its update was not averaged: round 0 weighs the honest sites only
+    (round0,) = dishonest_study["verdict"]["fedavg"]["rounds"]
+    assert set(round0["weights"]) == set(HONEST)
+
+
+def test_a_reply_claiming_another_site_is_dropped_never_filed_as_it(dishonest_study):
+    step, reason = _dropped(dishonest_study, IMPOSTOR)
+    assert step == "search task_arithmetic trial 0" and "claims to be 'north'" in reason
+    search = json.loads((dishonest_study["out"] / "search" / "task_arithmetic.json").read_text())
+    for trial in search["trials"]:
+        assert IMPOSTOR not in trial["sites"] and trial["sites"]["north"]["nll_sum"] > 0  # north's own
+    assert IMPOSTOR not in search["scored_by"] and "north" in search["scored_by"]
+
+
+def test_a_nan_reply_is_dropped_and_never_wins(dishonest_study):
+    step, reason = _dropped(dishonest_study, NAN)
+    assert step == "search task_arithmetic trial 0" and "NaN" in reason
+    search = json.loads((dishonest_study["out"] / "search" / "task_arithmetic.json").read_text())
+    assert all(t["loss"] is not None and NAN not in t["sites"] for t in search["trials"])
+
+
+def test_an_unknown_key_and_an_oversized_blob_are_dropped(dishonest_study):
+    step, reason = _dropped(dishonest_study, UNKNOWN_KEY)
+    assert step == "train" and reason == "bad reply (note: Extra inputs are not permitted)"
+    step, reason = _dropped(dishonest_study, OVERSIZED)
+    assert step == "train" and "blob adapter_config.json" in reason and "over its 65536-byte cap" in reason
+    experts = {p.name for p in (dishonest_study["out"] / "experts").iterdir()}
+    assert not {UNKNOWN_KEY, OVERSIZED, LEAKY} & experts  # neither adapter was kept, nor sent to the others
+    for site in HONEST:
+        stored = json.loads((dishonest_study["root"] / "sites" / site / "peers" / "order.json").read_text())
+        assert set(stored["order"]) == experts == {*HONEST, TRAVERSAL, IMPOSTOR, NAN}
+
+
+def test_an_error_carries_its_type_and_code_only(dishonest_study):
+    """The leaky site's loader fails with its data path and first record in the message: on the wire
+    only {site, error type, code}; its own log keeps the reason."""
+    step, reason = _dropped(dishonest_study, LEAKY)
+    assert step == "train" and reason == "error (MedmergeError, failed)"
+    wire = bytes(dishonest_study["send"].wire)
+    assert SECRET.encode() not in wire and str(dishonest_study["leaky"]).encode() not in wire
+    assert b'{"code": "failed", "error": "MedmergeError", "kind": "error", "site": "south-4"}' in wire
+    logged = [
+        line for line in dishonest_study["logged"].splitlines() if line.startswith("medmerge site failed")
+    ]
+    assert any(LEAKY in line and SECRET in line for line in logged)  # the site's own log says why
+    coordinator = dishonest_study["out"]
+    assert not [p for p in coordinator.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+
+
+def test_a_site_over_its_query_budget_refuses_across_restarts(dishonest_study, capsys):
+    """budget.score is 3 in every copy; the study used 2 of north's. One more is answered, the next is
+    refused with over_budget (the reason in its log), and a restarted worker still refuses."""
+    from medmerge.federated import worker
+
+    root, out = dishonest_study["root"], dishonest_study["out"]
+    run = json.loads((out / "run.json").read_text())["run"]
+    recipe = json.loads((out / "search" / "task_arithmetic.json").read_text())["best"]["recipe"]
+    folder = root / "sites" / "north"
+
+    def ask() -> Payload:
+        request = Payload("score", {"run": run, "recipe": recipe})
+        return worker.answer(
+            "north", str(folder / "config.yaml"), str(folder), Payload.from_bytes(request.to_bytes())
+        )
+
+    assert json.loads((folder / "budget.json").read_text())["score"] == 2
+    assert ask().kind == "score"
+    refused = ask()
+    assert refused.meta == {"site": "north", "error": "OverBudget", "code": "over_budget"}
+    assert "score budget spent (3 of 3 used" in capsys.readouterr().err
+    worker._SITES.clear()  # the worker restarts: a new Site from the same folder
+    assert ask().meta["code"] == "over_budget"
+    assert json.loads((folder / "budget.json").read_text())["score"] == 3
+
+
+# ------------------------------------------------------------------------------- names sent to a site
+@pytest.fixture()
+def site_folder(tmp_path, tiny_llama):
+    config = study(tmp_path, tiny_llama, HONEST)
+    LocalSend(config, tmp_path / "sites")
+    victim = tmp_path / "sites" / "victim"  # a folder beside the site's: peers/../../victim
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    return tmp_path / "sites" / "north", victim
+
+
+def _ask(folder: Path, kind: str, meta: dict, blobs: dict | None = None) -> Payload:
+    from medmerge.federated.worker import answer
+
+    request = Payload(kind, {"run": "1" * 32, **meta}, blobs or {})
+    return answer("north", str(folder / "config.yaml"), str(folder), Payload.from_bytes(request.to_bytes()))
+
+
+def test_dot_dot_and_slash_names_are_refused_by_the_site(site_folder):
+    folder, victim = site_folder
+    adapter = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"\x00" * 16}
+    recipe = {"method": "task_arithmetic", "parameters": {}, "weights": [1.0], "seed": 0}
+    requests = [
+        ("adapters", {"order": ["../../victim"]}, {f"../../victim/{f}": b for f, b in adapter.items()}),
+        ("adapters", {"order": [str(victim)]}, {f"{victim}/{f}": b for f, b in adapter.items()}),
+        ("score", {"recipe": recipe | {"experts": ["../../victim"]}}, {}),
+        ("evaluate", {"models": {"m": "../../victim"}}, {}),
+        ("evaluate", {"models": {"../m": "base"}}, {}),
+        ("statistics", {"peer": ".."}, {"statistics.safetensors": b"", "statistics.json": b"{}"}),
+    ]
+    for kind, meta, blobs in requests:
+        reply = _ask(folder, kind, meta, blobs)
+        assert reply.kind == "error" and reply.meta["code"] == "bad_request", (kind, meta)
+    assert [p.name for p in victim.iterdir()] == ["precious.txt"]
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert not (folder / "peers").exists() and not list(folder.parent.glob(".victim*"))
+
+
+def test_the_site_checks_names_itself_too(site_folder, tiny_llama):
+    """Below the protocol, `Site` refuses a name or a folder outside its own (defence in depth), and a
+    site name with a dot is no site name."""
+    from medmerge.errors import MedmergeError
+    from medmerge.federated.site import Site
+    from medmerge.federated.wire import Refused
+
+    folder, victim = site_folder
+    site = Site("north", study(folder.parent, tiny_llama, HONEST).for_party("north"), folder)
+    adapter = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b""}
+    for name in ("..", "../victim", "/abs", "a.b"):
+        with pytest.raises(Refused):
+            site.store_adapters("1" * 32, {name: adapter}, [])
+    with pytest.raises(Refused, match="outside its folder"):
+        site.inside("peers", "..", "..", "victim")
+    assert (victim / "precious.txt").read_text() == "keep me"
+    with pytest.raises(MedmergeError):
+        from medmerge.config import validate_config
+
+        validate_config({"sites": [{"name": "a.b"}, {"name": "c"}]}, FederatedConfig, "study")
+
+
+def test_score_and_evaluate_only_over_exchanged_adapters(site_folder):
+    """Before any exchange in the run, a recipe over a peer, a stored peer and `fedavg` are refused."""
+    folder, _ = site_folder
+    recipe = {
+        "method": "task_arithmetic",
+        "parameters": {},
+        "weights": [1.0],
+        "seed": 0,
+        "experts": ["south"],
+    }
+    assert _ask(folder, "score", {"recipe": recipe}).meta["code"] == "refused"
+    for model in ("south", "fedavg"):
+        assert _ask(folder, "evaluate", {"models": {"m": model}}).meta["code"] == "refused"
+
+
+# ------------------------------------------------------------------------------ kill -9 and resume
+class _Logged(LocalSend):
+    """LocalSend that appends each request (kind, meta, recipients) to a JSON-lines file, and kills its
+    own process with SIGKILL when the `die_at`-th score request is about to be sent."""
+
+    def __init__(self, config: FederatedConfig, root: Path, log: Path, die_at: int | None = None) -> None:
+        super().__init__(config, root)
+        self.path, self.die_at, self.scores = log, die_at, 0
+
+    def __call__(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
+        with open(self.path, "a") as f:
+            f.write(json.dumps([request.kind, request.meta, sites]) + "\n")
+        if request.kind == "score":
+            self.scores += 1
+            if self.scores == self.die_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # kill -9 mid-search: the trial is in flight
+        return super().__call__(request, sites)
+
+
+def _study_that_dies(data: dict, root: str, log: str) -> None:
+    config = FederatedConfig.model_validate(data)
+    send = _Logged(config, Path(root) / "sites", Path(log), die_at=3)
+    run_study(config.for_party(None), Path(root) / "coordinator", Exchange(send, list(HONEST), 2))
+
+
+def _requests(log: Path) -> list[tuple[str, dict, list[str]]]:
+    return [tuple(json.loads(line)) for line in log.read_text().splitlines()]
+
+
+def test_a_killed_coordinator_resumes_without_resending_finished_trials(tmp_path, tiny_llama):
+    import multiprocessing
+
+    config = study(tmp_path, tiny_llama, HONEST, trials=4)
+    first_log, second_log, out = tmp_path / "first.jsonl", tmp_path / "second.jsonl", tmp_path / "coordinator"
+    child = multiprocessing.get_context("spawn").Process(
+        target=_study_that_dies, args=(config.model_dump(mode="json"), str(tmp_path), str(first_log))
+    )
+    child.start()
+    child.join(timeout=600)
+    assert child.exitcode == -signal.SIGKILL
+    first = _requests(first_log)
+    scored_before = [meta["recipe"] for kind, meta, _ in first if kind == "score"]
+    assert [kind for kind, _, _ in first] == ["hello", "train", "adapters", "score", "score", "score"]
+
+    send = _Logged(config, tmp_path / "sites", second_log)
+    exchange = Exchange(send, list(HONEST), 2)
+    verdict = json.loads(run_study(config.for_party(None), out, exchange, resume=True).read_text())["verdict"]
+    second = _requests(second_log)
+    scored_after = [meta["recipe"] for kind, meta, _ in second if kind == "score"]
+    assert [kind for kind, _, _ in second] == ["hello", "score", "score", "evaluate"]  # no training again
+    assert scored_after[0] == scored_before[2]  # the trial in flight, proposed again as it was
+    assert not [r for r in scored_after if r in scored_before[:2]]  # finished trials never sent again
+    search = json.loads((out / "search" / "task_arithmetic.json").read_text())
+    assert [t["trial"] for t in search["trials"]] == [0, 1, 2, 3]
+    assert [t["recipe"] for t in search["trials"]] == [*scored_before[:2], *scored_after]
+    assert verdict["chosen_merge"] == "task_arithmetic" and not verdict["dropped_sites"]
+    runs = {meta["run"] for _, meta, _ in first + second}
+    assert len(runs) == 1  # the resumed requests carry the same run id
