@@ -236,7 +236,7 @@ def site_folder(tmp_path, tiny_llama):
 def _ask(folder: Path, kind: str, meta: dict, blobs: dict | None = None) -> Payload:
     from medmerge.federated.worker import answer
 
-    request = Payload(kind, {"run": "1" * 32, **meta}, blobs or {})
+    request = Payload(kind, {"run": "1" * 32} | meta, blobs or {})
     return answer("north", str(folder / "config.yaml"), str(folder), Payload.from_bytes(request.to_bytes()))
 
 
@@ -297,61 +297,97 @@ def test_score_and_evaluate_only_over_exchanged_adapters(site_folder):
         assert _ask(folder, "evaluate", {"models": {"m": model}}).meta["code"] == "refused"
 
 
+def test_fedavg_state_is_keyed_by_run(site_folder, tiny_llama):
+    """A site never trains on another run's global model: a new run's first FedAvg request discards
+    it, and `fedavg` is not evaluated in a run that has none."""
+    from medmerge.federated.checks import base_shapes
+    from medmerge.federated.fedavg import aggregate
+    from tests.federated.test_fedavg import MODULES, adapter
+
+    folder, _ = site_folder
+    blobs, _ = adapter(base_shapes(tiny_llama), 2, 4.0, MODULES, 0)
+    data, _ = aggregate({"north": blobs}, {"north": 1.0})
+    first, second = "a" * 32, "b" * 32
+    reply = _ask(
+        folder, "fedavg", {"run": first, "round": 1, "local_steps": 0}, {"aggregate.safetensors": data}
+    )
+    assert reply.kind == "fedavg" and (folder / "fedavg" / "global").is_dir()
+    assert json.loads((folder / "fedavg" / "applied.json").read_text()) == {"run": first, "round": 1}
+    reply = _ask(folder, "fedavg", {"run": second, "round": 0, "local_steps": 0})
+    assert reply.kind == "fedavg" and not (folder / "fedavg" / "global").exists()
+    assert json.loads((folder / "fedavg" / "applied.json").read_text()) == {"run": second, "round": 0}
+    assert _ask(folder, "evaluate", {"run": second, "models": {"m": "fedavg"}}).meta["code"] == "refused"
+
+
 # ------------------------------------------------------------------------------ kill -9 and resume
 class _Logged(LocalSend):
     """LocalSend that appends each request (kind, meta, recipients) to a JSON-lines file, and kills its
-    own process with SIGKILL when the `die_at`-th score request is about to be sent."""
+    own process with SIGKILL when the `die_at` = (kind, n)-th request of that kind is about to be sent."""
 
-    def __init__(self, config: FederatedConfig, root: Path, log: Path, die_at: int | None = None) -> None:
+    def __init__(self, config: FederatedConfig, root: Path, log: Path, die_at: tuple | None = None) -> None:
         super().__init__(config, root)
-        self.path, self.die_at, self.scores = log, die_at, 0
+        self.path, self.die_at, self.counts = log, die_at, {}
 
     def __call__(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
         with open(self.path, "a") as f:
             f.write(json.dumps([request.kind, request.meta, sites]) + "\n")
-        if request.kind == "score":
-            self.scores += 1
-            if self.scores == self.die_at:
-                os.kill(os.getpid(), signal.SIGKILL)  # kill -9 mid-search: the trial is in flight
+        self.counts[request.kind] = self.counts.get(request.kind, 0) + 1
+        if self.die_at == (request.kind, self.counts[request.kind]):
+            os.kill(os.getpid(), signal.SIGKILL)  # kill -9: this request is in flight
         return super().__call__(request, sites)
 
 
-def _study_that_dies(data: dict, root: str, log: str) -> None:
+def _study_that_dies(data: dict, root: str, log: str, die_at: tuple, resume: bool) -> None:
     config = FederatedConfig.model_validate(data)
-    send = _Logged(config, Path(root) / "sites", Path(log), die_at=3)
-    run_study(config.for_party(None), Path(root) / "coordinator", Exchange(send, list(HONEST), 2))
+    send = _Logged(config, Path(root) / "sites", Path(log), die_at)
+    out = Path(root) / "coordinator"
+    run_study(config.for_party(None), out, Exchange(send, list(HONEST), 2), resume=resume)
 
 
-def _requests(log: Path) -> list[tuple[str, dict, list[str]]]:
-    return [tuple(json.loads(line)) for line in log.read_text().splitlines()]
-
-
-def test_a_killed_coordinator_resumes_without_resending_finished_trials(tmp_path, tiny_llama):
+def _killed(config: FederatedConfig, root: Path, log: Path, die_at: tuple, resume: bool) -> list[tuple]:
+    """The requests a coordinator process sent before it was killed at `die_at` (a child process)."""
     import multiprocessing
 
-    config = study(tmp_path, tiny_llama, HONEST, trials=4)
-    first_log, second_log, out = tmp_path / "first.jsonl", tmp_path / "second.jsonl", tmp_path / "coordinator"
-    child = multiprocessing.get_context("spawn").Process(
-        target=_study_that_dies, args=(config.model_dump(mode="json"), str(tmp_path), str(first_log))
-    )
+    args = (config.model_dump(mode="json"), str(root), str(log), die_at, resume)
+    child = multiprocessing.get_context("spawn").Process(target=_study_that_dies, args=args)
     child.start()
     child.join(timeout=600)
     assert child.exitcode == -signal.SIGKILL
-    first = _requests(first_log)
+    return [tuple(json.loads(line)) for line in log.read_text().splitlines()]
+
+
+def test_a_killed_coordinator_resumes_without_resending_finished_work(tmp_path, tiny_llama):
+    """kill -9 of the coordinator in the search's third trial, resume; kill -9 again in FedAvg's second
+    round, resume: finished trials, adapters and FedAvg rounds are reused, never sent again."""
+    config = study(tmp_path, tiny_llama, HONEST, trials=4, fedavg={"rounds": 2, "local_steps": 1})
+    out = tmp_path / "coordinator"
+    first = _killed(config, tmp_path, tmp_path / "first.jsonl", ("score", 3), resume=False)
     scored_before = [meta["recipe"] for kind, meta, _ in first if kind == "score"]
     assert [kind for kind, _, _ in first] == ["hello", "train", "adapters", "score", "score", "score"]
 
-    send = _Logged(config, tmp_path / "sites", second_log)
-    exchange = Exchange(send, list(HONEST), 2)
-    verdict = json.loads(run_study(config.for_party(None), out, exchange, resume=True).read_text())["verdict"]
-    second = _requests(second_log)
+    second = _killed(config, tmp_path, tmp_path / "second.jsonl", ("fedavg", 2), resume=True)
     scored_after = [meta["recipe"] for kind, meta, _ in second if kind == "score"]
-    assert [kind for kind, _, _ in second] == ["hello", "score", "score", "evaluate"]  # no training again
+    assert [kind for kind, _, _ in second] == ["hello", "score", "score", "fedavg", "fedavg"]  # no training
     assert scored_after[0] == scored_before[2]  # the trial in flight, proposed again as it was
     assert not [r for r in scored_after if r in scored_before[:2]]  # finished trials never sent again
+    assert [meta["round"] for kind, meta, _ in second if kind == "fedavg"] == [0, 1]
+
+    send = _Logged(config, tmp_path / "sites", tmp_path / "third.jsonl")
+    verdict_path = run_study(config.for_party(None), out, Exchange(send, list(HONEST), 2), resume=True)
+    third = [tuple(json.loads(line)) for line in (tmp_path / "third.jsonl").read_text().splitlines()]
+    assert [kind for kind, _, _ in third] == ["hello", "fedavg", "fedavg", "evaluate"]
+    assert [meta["round"] for kind, meta, _ in third if kind == "fedavg"] == [1, 2]  # round 0 reused
     search = json.loads((out / "search" / "task_arithmetic.json").read_text())
     assert [t["trial"] for t in search["trials"]] == [0, 1, 2, 3]
     assert [t["recipe"] for t in search["trials"]] == [*scored_before[:2], *scored_after]
+    verdict = json.loads(verdict_path.read_text())["verdict"]
     assert verdict["chosen_merge"] == "task_arithmetic" and not verdict["dropped_sites"]
-    runs = {meta["run"] for _, meta, _ in first + second}
-    assert len(runs) == 1  # the resumed requests carry the same run id
+    assert [r["round"] for r in verdict["fedavg"]["rounds"]] == [0, 1]
+    assert len({meta["run"] for _, meta, _ in first + second + third}) == 1  # one run id throughout
+    for site in HONEST:  # the sites' global model is this run's, after both rounds
+        applied = json.loads((tmp_path / "sites" / site / "fedavg" / "applied.json").read_text())
+        assert applied == {"run": search_run(out), "round": 2}
+
+
+def search_run(out: Path) -> str:
+    return json.loads((out / "run.json").read_text())["run"]

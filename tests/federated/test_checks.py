@@ -137,3 +137,49 @@ def test_a_failure_without_a_message_is_still_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(medmerge.config, "load_config", fail)
     reply = answer("north", str(tmp_path / "config.yaml"), str(tmp_path), Payload("train"))
     assert reply.kind == "error" and reply.meta["error"] == "KeyError" and reply.meta["code"] == "failed"
+
+
+def test_adapter_config_leaves_and_arrives_clean():
+    """Before sending, a site drops every key outside ADAPTER_CONFIG_KEYS and sets the study's base id;
+    on receipt, the coordinator refuses an unknown key, and NaN, outright."""
+    from medmerge.federated.site import clean_adapter_config
+
+    local = {"r": 4, "lora_alpha": 8, "base_model_name_or_path": "/home/site/models/base"}
+    local |= {"eva_config": {"cache": "/home/site/data"}, "revision": "/home/site/rev"}
+    sent = json.loads(clean_adapter_config(json.dumps(local).encode(), "smollm2-135m", strict=False))
+    assert sent == {"r": 4, "lora_alpha": 8, "base_model_name_or_path": "smollm2-135m"}
+    assert "/home/site" not in json.dumps(sent)
+    with pytest.raises(ValueError, match="unexpected key 'eva_config'"):
+        clean_adapter_config(json.dumps(local).encode(), "smollm2-135m")
+    with pytest.raises(ValueError, match="NaN"):
+        clean_adapter_config(b'{"r": 4, "lora_alpha": NaN}', "smollm2-135m")
+    assert json.loads(clean_adapter_config(json.dumps(sent).encode(), "x"))["base_model_name_or_path"] == "x"
+
+
+def test_protocol_refuses_malformed_messages():
+    """decode: a wrong kind, an unknown blob name, a missing blob, a frame that does not parse, a name
+    that is no name — each one line naming the field."""
+    from medmerge.federated.protocol import ScoreReply, StatisticsRequest, TrainReply, decode
+    from medmerge.federated.wire import ProtocolError
+
+    good = {"site": "north", "nll_sum": 1.5, "tokens": 3}
+    assert decode(Payload("score", good), ScoreReply, sender="north").tokens == 3
+    cases = [
+        (Payload("fedavg", good), ScoreReply, "kind: 'fedavg', expected 'score'"),
+        (Payload("score", good | {"tokens": -1}), ScoreReply, "tokens: Input should be greater"),
+        (Payload("score", good | {"tokens": "3"}), ScoreReply, "tokens: Input should be a valid integer"),
+        (Payload("score", good, {"x": b""}), ScoreReply, "blob 'x': not a blob of a score message"),
+        (Payload.from_bytes(b"\x00" * 8 + b"junk"), ScoreReply, "message: "),
+        (Payload("statistics", {"run": "0" * 32, "peer": "../x"}), StatisticsRequest, "peer: String should"),
+        (Payload("train", {"site": "north"}), TrainReply, "base: Field required"),
+    ]
+    for payload, model, message in cases:
+        with pytest.raises(ProtocolError) as exc:
+            decode(payload, model, sender="north")
+        assert str(exc.value).startswith(message) and "\n" not in str(exc.value), (str(exc.value), message)
+    blob = {"statistics.safetensors": b"", "statistics.json": b"{}"}
+    with pytest.raises(ProtocolError, match="blob 'statistics.json': missing"):
+        decode(
+            Payload("statistics", {"run": "0" * 32, "peer": "x"}, dict(list(blob.items())[:1])),
+            StatisticsRequest,
+        )
