@@ -183,3 +183,19 @@ def test_protocol_refuses_malformed_messages():
             Payload("statistics", {"run": "0" * 32, "peer": "x"}, dict(list(blob.items())[:1])),
             StatisticsRequest,
         )
+
+
+def test_self_reported_weights_are_capped():
+    """FedAvg's pairs and the objective's tokens: each clipped to weight_cap × the median, so a site
+    that claims a million tokens with a tiny loss cannot steer the objective; two sites are never
+    clipped at the default cap 2."""
+    from medmerge.federated.verdict import capped
+
+    assert capped({"a": 100.0, "b": 120.0, "liar": 1e6}, 2.0) == {"a": 100.0, "b": 120.0, "liar": 240.0}
+    assert capped({"a": 1.0, "b": 1000.0}, 2.0) == {"a": 1.0, "b": 1000.0}
+    honest = {"a": {"nll_sum": 200.0, "tokens": 100}, "b": {"nll_sum": 240.0, "tokens": 120}}
+    liar = honest | {"liar": {"nll_sum": 0.0, "tokens": 1_000_000}}
+    assert objective(liar, "tokens") < 1e-3  # uncapped, the liar's claim decides
+    capped_loss = objective(liar, "tokens", cap=2.0)  # = (200 + 240 + 0) / (100 + 120 + 240)
+    assert capped_loss == pytest.approx(440 / 460) and objective(honest, "tokens", cap=2.0) == 2.0
+    assert objective(liar, "worst_site") == 2.0
