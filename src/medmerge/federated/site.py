@@ -368,6 +368,8 @@ class Site:
         if not steps:
             return None, {}
         model = current if current.is_dir() else resolve_model(self.config.base_model)
+        # a round's update is its last state (keep_best could hand back the zero update of LoRA's
+        # initialisation), so its validation passes would be read by no one: one pair, not 256
         train = self.config.train_config(self.specs).model_copy(
             update={
                 "model": str(model),
@@ -375,6 +377,9 @@ class Site:
                 "seed": self.config.train.seed + round_,
                 "checkpoint_every": 0,
                 "eval_every": 0,
+                "eval_examples": 1,
+                "keep_best": False,
+                "early_stopping_patience": None,
                 "warmup_steps": min(self.config.train.warmup_steps, steps - 1),
             }
         )
