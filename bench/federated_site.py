@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--scores", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--profile", type=Path, default=None, help="cProfile of the requests (in process)")
+    parser.add_argument("--base", default=None, help="another base model (a smoke run on a tiny one)")
     args = parser.parse_args()
 
     from medmerge.federated.fedavg import aggregate
@@ -64,6 +65,7 @@ def main() -> None:
     config = yaml.safe_load(Path("configs/federated-demo.yaml").read_text())
     for site in config["sites"]:
         site["data"] = [f"{s}:{args.datasets.resolve() / SPECS[s]}" for s in site["data"]]
+    config["base_model"] = args.base or config["base_model"]
     if args.profile:
         config["isolate_steps"] = False  # the training in this process, so that cProfile sees it
     folder = args.out / "nih"
