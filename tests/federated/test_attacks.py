@@ -282,6 +282,25 @@ def test_the_site_checks_names_itself_too(site_folder, tiny_llama):
         validate_config({"sites": [{"name": "a.b"}, {"name": "c"}]}, FederatedConfig, "study")
 
 
+def test_a_second_exchange_cannot_replace_this_runs_adapters(site_folder):
+    """Once a run's adapters are stored, the same run may send them again (a resumed coordinator) but
+    not different ones (which the site would then score); a new run replaces them."""
+    folder, _ = site_folder
+    adapter = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"\x01" * 8}
+    other = adapter | {"adapter_model.safetensors": b"\x02" * 8}
+
+    def exchange(run: str, files: dict) -> Payload:
+        blobs = {f"south/{f}": b for f, b in files.items()}
+        return _ask(folder, "adapters", {"run": run, "order": ["south"], "statistics": []}, blobs)
+
+    assert exchange("a" * 32, adapter).kind == "adapters"
+    assert exchange("a" * 32, adapter).kind == "adapters"
+    assert exchange("a" * 32, other).meta == {"site": "north", "error": "Refused", "code": "refused"}
+    assert (folder / "peers" / "south" / "adapter_model.safetensors").read_bytes() == b"\x01" * 8
+    assert exchange("b" * 32, other).kind == "adapters"
+    assert (folder / "peers" / "south" / "adapter_model.safetensors").read_bytes() == b"\x02" * 8
+
+
 def test_score_and_evaluate_only_over_exchanged_adapters(site_folder):
     """Before any exchange in the run, a recipe over a peer, a stored peer and `fedavg` are refused."""
     folder, _ = site_folder
