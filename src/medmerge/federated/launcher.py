@@ -23,6 +23,7 @@ beating is noticed within `STALE_S` seconds; `resume` restarts the federation on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -277,20 +278,27 @@ class LocalFederation:
                     raise MedmergeError(f"federation --resume: the SuperLink no longer knows sites {lost}")
             for site in self.config.sites:
                 if site.name not in self.nodes:
-                    answer = json.loads(
-                        self._flwr(
-                            "supernode", "register", str(self.keys[site.name][1]), "local", "--format", "json"
-                        )
-                    )
-                    self.nodes[site.name] = int(answer["node-id"])
-                self.start_site(site.name)
-        write_json_atomic(
-            bindings,
-            {
-                s: {"node_id": n, "public_key": str(self.keys.get(s, ("", ""))[1])}
-                for s, n in self.nodes.items()
-            },
-        )
+                    public = str(self.keys[site.name][1])
+                    answer = self._flwr("supernode", "register", public, "local", "--format", "json")
+                    self.nodes[site.name] = int(json.loads(answer)["node-id"])
+                else:  # a SuperLink restarted after a crash keeps a node online until it misses 2 heartbeats
+                    self._wait_status(site.name, lambda status: status != "online", "offline")
+                proc = self.start_site(site.name)
+                self._wait_status(site.name, lambda status: status == "online", "online", proc)
+        keys = {s: str(self.keys[s][1]) if s in self.keys else None for s in self.nodes}
+        write_json_atomic(bindings, {s: {"node_id": n, "public_key": keys[s]} for s, n in self.nodes.items()})
+
+    def _wait_status(self, name: str, ok: Any, what: str, proc: Any = None, timeout: float = 150) -> None:
+        """Wait until the SuperLink lists site `name`'s node with a status that satisfies `ok`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            listed = json.loads(self._flwr("supernode", "list", "local", "--format", "json"))["nodes"]
+            if ok({int(n["node-id"]): n["status"] for n in listed}.get(self.nodes[name])):
+                return
+            if proc is not None and proc.poll() is not None:
+                raise MedmergeError(f"flower-supernode ({name}) exited (see logs/supernode-{name}.log)")
+            time.sleep(1)
+        raise MedmergeError(f"federation: {name}'s node is not {what} after {timeout:.0f}s (see logs/)")
 
     def node_ids(self, every: bool = False) -> set[int]:
         """The node ids the SuperLink lists (`every`: registered ones that are offline too)."""
@@ -484,6 +492,14 @@ class LocalFederation:
                 children += psutil.Process(proc.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 pass
+        # SuperNodes first, while the SuperLink still runs: each deactivates its node as it stops
+        nodes = [p for name, p in self.procs.items() if name.startswith("supernode")]
+        for proc in nodes:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in nodes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
         for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 proc.terminate()
