@@ -201,3 +201,37 @@ def test_memory_slots_bound_how_many_sites_train_at_once(tmp_path):
             json.loads((folder / "peaks" / f"{s}.json").read_text())["peak_bytes"] for s in ("north", "south")
         ]
         assert min(peaks) > 150 * 2**20  # the 200 MiB each held, measured
+
+
+def test_a_dead_or_silent_coordinator_ends_the_wait(tmp_path):
+    """The launcher's liveness check: a coordinator whose process is gone, or whose heartbeat is older
+    than STALE_S, ends `run` with one line that says how to resume (the real kill -9 is in
+    test_attacks.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from medmerge.errors import MedmergeError
+    from medmerge.federated.launcher import STALE_S
+    from tests.federated.common import study
+
+    federation = LocalFederation(study(tmp_path, tmp_path), tmp_path / "fed")
+    superlink = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    federation.procs["superlink"] = superlink
+    try:
+        now = time.time()
+        federation._check_alive({"pid": os.getpid(), "heartbeat": now}, now)  # alive and beating
+        federation._check_alive({}, now)  # not started yet, within START_S
+        cases = {
+            "is gone": {"pid": dead.pid, "heartbeat": now},
+            "has not beaten for": {"pid": os.getpid(), "heartbeat": now - STALE_S - 1},
+        }
+        for says, state in cases.items():
+            with pytest.raises(MedmergeError, match=says) as failure:
+                federation._check_alive(state, now)
+            assert "\n" not in str(failure.value) and str(failure.value).endswith("--resume")
+    finally:
+        superlink.kill()
+        superlink.wait()

@@ -37,32 +37,6 @@ from typing import Any
 from medmerge.errors import MedmergeError
 from medmerge.federated.config import FederatedConfig
 
-APP_TOML = """[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "medmerge-federated"
-version = "1.0.0"
-description = "medmerge federated study"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "medmerge"
-
-[tool.flwr.app.components]
-serverapp = "medmerge.federated.apps:server"
-clientapp = "medmerge.federated.apps:client"
-
-[tool.flwr.app.config]
-config = ""
-out = ""
-resume = "false"
-"""
 STALE_S = 45.0  # a coordinator whose heartbeat is older than this is gone (it beats every 5 s)
 START_S = 300.0  # how long the coordinator may take to write its first status
 
@@ -192,7 +166,7 @@ class LocalFederation:
         self.publisher = make_publisher_key(keys)
 
     def start(self) -> None:
-        from medmerge.federated.registry import AppRegistry, build_fab, sign_fab, trusted_entities
+        from medmerge.federated.registry import AppRegistry, build_fab, sign_fab, trusted_entities, write_app
 
         if self.resume != (self.home / "keys").is_dir():
             raise MedmergeError(
@@ -207,10 +181,7 @@ class LocalFederation:
         self.trusted.write_text(trusted_entities([self.publisher[1]]))
         for site in self.config.sites if self.workers else []:
             self.start_worker(site.name)  # they load torch while the SuperLink starts
-        app = self.home / "app"
-        app.mkdir(parents=True, exist_ok=True)
-        (app / "pyproject.toml").write_text(APP_TOML)
-        fab = build_fab(app, self.env)
+        fab = build_fab(write_app(self.home / "app"), self.env)
         self.registry = AppRegistry().__enter__()
         self.app_spec = self.registry.publish(fab, [sign_fab(fab, *self.publisher)])
         security = ["--insecure"] if self.insecure else [*self.tls_args(), "--enable-supernode-auth"]

@@ -24,8 +24,9 @@ GET the FAB) on a loopback address of the coordinator's host; the SuperLink is s
 signature by a trusted key does, checked at each site. (`valid_license` is a flag the SuperLink sets,
 not a check: the signature is the check.)
 
-    python -m medmerge.federated.registry sign APP_DIR --key publisher.key --out SIGNED/
-    python -m medmerge.federated.registry serve SIGNED/ --port 9080
+    python -m medmerge.federated.registry sign [APP_DIR] --key publisher --out SIGNED/   (the publisher)
+    python -m medmerge.federated.registry trust publisher.pub > trusted.yaml            (each site)
+    python -m medmerge.federated.registry serve SIGNED/ --port 9080                     (the coordinator)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import base64
 import hashlib
 import json
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -46,6 +48,40 @@ from typing import Any
 from medmerge.errors import MedmergeError
 
 SIGNATURE_SUFFIX = ".sig.json"  # beside APP.fab: the list of its verification records
+# medmerge's Flower App: its whole code is the installed medmerge (the FAB holds this file only)
+APP_TOML = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "medmerge-federated"
+version = "1.0.0"
+description = "medmerge federated study"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "medmerge"
+
+[tool.flwr.app.components]
+serverapp = "medmerge.federated.apps:server"
+clientapp = "medmerge.federated.apps:client"
+
+[tool.flwr.app.config]
+config = ""
+out = ""
+resume = "false"
+"""
+
+
+def write_app(folder: Path) -> Path:
+    """medmerge's app folder (pyproject.toml naming medmerge.federated.apps), ready for `flwr build`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_TOML)
+    return folder
 
 
 def key_id(public_key: Path) -> str:
@@ -85,9 +121,10 @@ def sign_fab(fab: bytes, private_key: Path, public_key: Path, signed_at: int | N
 
 def build_fab(app: Path, env: dict[str, str] | None = None) -> bytes:
     """The FAB `flwr build --app APP` makes (Flower's own bundler: its include/exclude rules)."""
+    flwr = Path(sys.executable).with_name("flwr")  # the flwr of this environment, else the PATH's
     with tempfile.TemporaryDirectory(prefix="medmerge-fab-") as cwd:
         done = subprocess.run(
-            ["flwr", "build", "--app", str(app)],
+            [str(flwr) if flwr.is_file() else "flwr", "build", "--app", str(app)],
             cwd=cwd,
             env=env,
             capture_output=True,
@@ -180,7 +217,8 @@ class AppRegistry:
 
 
 def _sign_command(args: argparse.Namespace) -> None:
-    fab = build_fab(Path(args.app))
+    with tempfile.TemporaryDirectory(prefix="medmerge-app-") as tmp:
+        fab = build_fab(Path(args.app) if args.app else write_app(Path(tmp) / "medmerge-app"))
     public = Path(args.public or f"{args.key}.pub")
     if not public.is_file():
         raise MedmergeError(f"{public}: no public key beside {args.key} (give --public)")
@@ -208,18 +246,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m medmerge.federated.registry", description=__doc__)
     sub = parser.add_subparsers(required=True)
     sign = sub.add_parser("sign", help="build APP_DIR with `flwr build` and sign the FAB")
-    sign.add_argument("app", metavar="APP_DIR")
+    sign.add_argument("app", metavar="APP_DIR", nargs="?", help="default: medmerge's own app")
     sign.add_argument("--key", required=True, help="the publisher's OpenSSH ed25519 private key")
     sign.add_argument("--public", help="its public key (default: KEY.pub)")
     sign.add_argument("--out", required=True, help="folder for APP.fab and APP.fab.sig.json")
     sign.set_defaults(handler=_sign_command)
+    trust = sub.add_parser("trust", help="print the --trusted-entities YAML for these public keys")
+    trust.add_argument("public", nargs="+", metavar="KEY.pub")
+    trust.set_defaults(handler=lambda args: print(trusted_entities([Path(p) for p in args.public]), end=""))
     serve = sub.add_parser("serve", help="serve the signed FABs of FOLDER as the SuperLink's app hub")
     serve.add_argument("folder")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=9080)
     serve.set_defaults(handler=_serve_command)
     args = parser.parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except MedmergeError as exc:
+        raise SystemExit(f"medmerge registry: error: {exc}") from None
 
 
 if __name__ == "__main__":
