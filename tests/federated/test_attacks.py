@@ -10,6 +10,7 @@ import json
 import sqlite3
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,54 @@ def test_flower_node_claiming_another_sites_name_is_not_that_site(probe_federati
     assert "Receiving" not in (federation.logs / "supernode-impostor.log").read_text()
     bound = json.loads((federation.home / "bindings.json").read_text())
     assert {s: b["node_id"] for s, b in bound.items()} == nodes
+
+
+def test_flower_send_files_replies_by_source_node_only():
+    """FlowerSend's own filter (behind Flower's guarantee that a reply comes from the node the request
+    was addressed to), on real Flower messages: requests go to bound nodes only; a reply from a node
+    that was not asked, a second reply for one site, an error reply and an unreadable reply are
+    refused with one line each; what a reply says about itself (`site`) is ignored."""
+    from flwr.app import Error, Message, Metadata, RecordDict
+
+    from medmerge.federated.apps import FlowerSend
+    from medmerge.federated.wire import Payload
+
+    def reply(to: Message, src: int, content: Any) -> Message:
+        """A reply as the Grid hands it back (metadata as received from the SuperLink)."""
+        meta = to.metadata
+        got = Metadata(7, f"r{src}", src, 0, meta.message_id, "", time.time(), 60.0, meta.message_type)
+        return Message(content, metadata=got)
+
+    class Grid:  # hands back the replies the test makes for the messages FlowerSend pushed
+        def send_and_receive(self, messages, timeout):
+            self.asked = [m.metadata.dst_node_id for m in messages]
+            claim = Payload("hello", {"site": "south"}).to_record()  # every reply claims to be south
+            return [
+                reply(messages[0], 11, claim),  # north's node
+                reply(messages[0], 99, claim),  # a node bound to no site
+                reply(messages[0], 11, claim),  # north's node again
+                reply(messages[1], 22, Error(0, "x")),  # south's node: an error
+                reply(messages[2], 33, RecordDict()),  # carol's node: unreadable
+            ]
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    grid, saved = Grid(), (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1  # as in a ServerApp process
+    try:
+        send = FlowerSend(grid, 5, {"north": 11, "south": 22, "carol": 33})
+        replies = send(Payload("hello"), ["north", "south", "carol", "dave"])
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    assert grid.asked == [11, 22, 33]  # dave is bound to no node: not asked
+    assert list(replies) == ["north"] and replies["north"].meta == {"site": "south"}
+    assert send.refused == [
+        "site dave has no bound node id: not asked",
+        "a reply from a node bound to no site asked (node 99) refused",
+        "a second reply for north (node 11) refused",
+        "site south (node 22): Flower error 0",
+        "site carol (node 33): unreadable reply (KeyError)",
+    ]
 
 
 def test_flower_sites_reach_only_the_fleet_api(probe_federation):
