@@ -353,7 +353,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
     from medmerge.federated.launcher import federate
 
     config = load_config(args.config, FederatedConfig, args.set)
-    verdict = federate(config, args.out, insecure=args.insecure, host=args.host)
+    verdict = federate(config, args.out, insecure=args.insecure, host=args.host, resume=args.resume)
     print(verdict.parent / "report.md")
     return 0
 
@@ -362,16 +362,24 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "federate",
         help="the study as a local Flower federation: sites keep their data (docs/federated.md)",
-        description="Start one SuperLink and one SuperNode per site on 127.0.0.1 (TLS and SuperNode "
-        "authentication), train each site's expert at its site, search merges through the sites, "
-        "evaluate at the sites and write the coordinator's verdict.",
+        description="Start one SuperLink (on 127.0.0.1; the sites reach its Fleet API only, through a "
+        "gateway on --host) and one SuperNode per site (TLS, SuperNode authentication, each site bound to "
+        "its authenticated node id, only the signed app runs), train each site's expert at its site, "
+        "search merges through the sites, evaluate at the sites and write the coordinator's verdict. "
+        "Sites train at once only as many as the memory holds (federation.training_memory_gb).",
     )
     p.add_argument("config", metavar="EXPERIMENT.yaml", help="e.g. configs/federated-demo.yaml")
     p.add_argument("--out", required=True, metavar="DIR", help="federation folder")
     p.add_argument(
         "--insecure", action="store_true", help="plaintext, loopback --host only (no TLS, no node auth)"
     )
-    p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on and sites dial")
+    p.add_argument("--host", default="127.0.0.1", help="address the sites dial (the Fleet API only)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the federation in --out after its coordinator died: same keys and node bindings, "
+        "site folders kept, finished steps and search trials reused",
+    )
     _add_set_option(p)
     p.set_defaults(handler=cmd_federate)
 

@@ -31,6 +31,17 @@ def test_federation_quick(tmp_path, tiny_llama):
     verdict = json.loads(verdict_path.read_text())["verdict"]
     assert verdict["chosen_merge"] == "task_arithmetic" and not verdict["dropped_sites"]
     assert set(verdict["bytes_by_approach"]) == {"one_shot", "evaluation"} and verdict["fedavg"] is None
+    # the signed app ran at SuperNodes that trust only the publisher's key; each site is its node id
+    coordinator = verdict_path.parent
+    bound = {s["name"]: s["node_id"] for s in json.loads((coordinator / "config.yaml").read_text())["sites"]}
+    assert bound == federation.nodes and len(set(bound.values())) == 2
+    status = json.loads((coordinator / "status.json").read_text())
+    assert (
+        status["state"] == "finished" and status["refused"] == [] and status["heartbeat"] >= status["started"]
+    )
+    assert all(
+        "--trusted-entities" in p.args for n, p in federation.procs.items() if n.startswith("supernode")
+    )
 
 
 @pytest.mark.slow
@@ -146,3 +157,80 @@ def test_a_site_killed_mid_search_is_dropped(tmp_path, tiny_llama):
     for folder in (coordinator / "experts").iterdir():
         assert {p.name for p in folder.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     assert list((coordinator / "merges" / "task_arithmetic").glob("*.safetensors"))
+
+
+SLOT_USER = """
+import json, sys, time
+from pathlib import Path
+from medmerge.federated.slots import configure, training_slot
+folder, site = Path(sys.argv[1]), sys.argv[2]
+configure(folder, site)
+with training_slot("expert"):
+    start = time.time()
+    held = b"\\x01" * (200 * 2**20)  # 200 MiB, touched
+    time.sleep(2.0)
+    end = time.time()
+(folder / f"{site}.times").write_text(json.dumps([start, end]))
+"""
+
+
+def test_memory_slots_bound_how_many_sites_train_at_once(tmp_path):
+    """Two site processes, one slot (peak not yet measured): one trains after the other, and the one
+    that waits says so (its log and the waiting notice the launcher prints); the 200 MiB it held is
+    measured as the per-training peak. With a configured peak that fits twice, they train together."""
+    import subprocess
+    import sys
+
+    from medmerge.federated.slots import limit, write_budget
+
+    for budget, peak, together in ((100 * 2**20, None, False), (2 * 2**30, 2**30, True)):
+        folder = tmp_path / f"slots-{together}"
+        write_budget(folder, budget, peak)
+        assert limit(folder)[0] == (2 if together else 1)
+        argv = [sys.executable, "-c", SLOT_USER, str(folder)]
+        procs = [subprocess.Popen([*argv, s], stderr=subprocess.PIPE, text=True) for s in ("north", "south")]
+        logs = [p.communicate(timeout=120)[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), logs
+        (a0, a1), (b0, b1) = (json.loads((folder / f"{s}.times").read_text()) for s in ("north", "south"))
+        assert (a0 < b1 and b0 < a1) == together  # the two trainings overlap in time only with 2 slots
+        waited = [log for log in logs if "waits for memory (1 training(s) at a time" in log]
+        assert len(waited) == (0 if together else 1)
+        assert not list((folder / "waiting").iterdir())  # notices are gone once the slot is taken
+        peaks = [
+            json.loads((folder / "peaks" / f"{s}.json").read_text())["peak_bytes"] for s in ("north", "south")
+        ]
+        assert min(peaks) > 150 * 2**20  # the 200 MiB each held, measured
+
+
+def test_a_dead_or_silent_coordinator_ends_the_wait(tmp_path):
+    """The launcher's liveness check: a coordinator whose process is gone, or whose heartbeat is older
+    than STALE_S, ends `run` with one line that says how to resume (the real kill -9 is in
+    test_attacks.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from medmerge.errors import MedmergeError
+    from medmerge.federated.launcher import STALE_S
+    from tests.federated.common import study
+
+    federation = LocalFederation(study(tmp_path, tmp_path), tmp_path / "fed")
+    superlink = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    federation.procs["superlink"] = superlink
+    try:
+        now = time.time()
+        federation._check_alive({"pid": os.getpid(), "heartbeat": now}, now)  # alive and beating
+        federation._check_alive({}, now)  # not started yet, within START_S
+        cases = {
+            "is gone": {"pid": dead.pid, "heartbeat": now},
+            "has not beaten for": {"pid": os.getpid(), "heartbeat": now - STALE_S - 1},
+        }
+        for says, state in cases.items():
+            with pytest.raises(MedmergeError, match=says) as failure:
+                federation._check_alive(state, now)
+            assert "\n" not in str(failure.value) and str(failure.value).endswith("--resume")
+    finally:
+        superlink.kill()
+        superlink.wait()

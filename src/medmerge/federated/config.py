@@ -36,6 +36,12 @@ class SiteSpec(StrictModel):
     )
     data: list[str] = Field(default_factory=list, description="SPECs it trains, validates and tests on")
     ood: list[str] = Field(default_factory=list, description="out-of-domain SPECs it evaluates (whole)")
+    node_id: int | None = Field(
+        default=None,
+        ge=0,
+        description="(coordinator's copy) the node id Flower gave the public key registered for this "
+        "site (`flwr supernode register` prints it): only that node's replies are this site's",
+    )
 
     @field_validator("data", "ood")
     @classmethod
@@ -130,6 +136,13 @@ class FederationSettings(StrictModel):
     statistics: StatisticsSettings = Field(
         default_factory=StatisticsSettings,
         description="how the shared statistics are computed (with share_statistics: true)",
+    )
+    training_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="local mode (`medmerge federate`): the peak memory one site's training takes; sites "
+        "train at once only as many as the memory available at the start holds. Unset: measured at "
+        "the first training (one training at a time until then)",
     )
 
 

@@ -9,7 +9,7 @@ own folder (mode 0600; nothing leaves the machine); the worker keeps torch, the 
 tokenizer loaded. Without a worker (`worker` absent from the node config, or not running) the
 ClientApp answers in its own process, as before.
 
-    python -m medmerge.federated.worker --site NAME --config SITE.yaml --out DIR --socket PATH
+    python -m medmerge.federated.worker --site NAME --config SITE.yaml --out DIR --socket PATH [--slots DIR]
 """
 
 from __future__ import annotations
@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m medmerge.federated.worker", description=__doc__)
     for option in ("--site", "--config", "--out", "--socket"):
         parser.add_argument(option, required=True)
+    parser.add_argument("--slots", help="memory-slot folder shared by the local sites (federated/slots.py)")
     args = parser.parse_args(argv)
+    from medmerge.federated.slots import configure
+
+    configure(args.slots, args.site)
     serve(args.site, args.config, args.out, args.socket)
 
 
