@@ -13,10 +13,12 @@ site that is an outlier in more than that share of its modules is refused whole 
 With 2 sites there is no majority: the rule bounds each site to K_NORM × the other's norm, but which of
 two disagreeing sites is honest cannot be told (a site sending a tiny update caps the other's).
 
-Directions (direction_scores). A sign-flipped adapter (−ΔW) has honest norms. Its direction score, the
-median over modules of cos(ΔW_im, Σ_{j≠i} ΔW_jm), is the honest one's negated; inner products from the
-factors: ⟨B_i A_i, B_j A_j⟩_F = trace((B_iᵀB_j)(A_j A_iᵀ)). Sites with a score below `threshold` are
-refused (screen_directions).
+Directions (direction_cosines, screen_directions). A sign-flipped adapter (−ΔW) has honest norms, but
+its cosine with every honest site's update is the honest cosine negated. For each pair of sites, the
+median over modules of cos(ΔW_im, ΔW_jm), from the factors: ⟨B_i A_i, B_j A_j⟩_F = trace((B_iᵀB_j)(A_j
+A_iᵀ)). A site whose cosine is below `threshold` with more than half of the other sites is refused
+(needs ≥ 3 sites and an honest majority; the cosine of the update with the SUM of the others is no
+good: with one flipped site among three, an honest site's "others" cancel to noise).
 
 Validation (validation_screen). Each expert alone scored at the OTHER sites, against the base: an expert
 whose median loss change there (nats/token, expert − base) exceeds `margin` makes the others' data worse
@@ -40,12 +42,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 from medmerge.federated.checks import CheckedAdapter, LoraFactors
 
 K_NORM = 3.0  # outlier above K_NORM × the reference norm (bench/poisoning.py: honest max ratio 1.6)
-DIRECTION_THRESHOLD = 0.0  # refused below this direction score (honest experts ≥ 0.2, flipped ≤ −0.2)
+DIRECTION_THRESHOLD = 0.0  # cosine below which two sites' updates disagree
 VALIDATION_MARGIN = 0.0  # refused when it worsens the others' validation loss vs base by more (nats/token)
 K_GRAM = 4.0  # mean ‖x‖² outside [1/K_GRAM, K_GRAM] × the reference is refused
 K_TOKENS = 2.0  # a site's token weight is at most K_TOKENS × the reference
@@ -149,36 +149,47 @@ def clip_factors(adapter: CheckedAdapter, scales: Mapping[str, float]) -> Checke
 
 
 # ------------------------------------------------------------------------------------------- directions
-def direction_scores(adapters: Mapping[str, CheckedAdapter]) -> dict[str, float]:
-    """{site: median over modules of cos(ΔW_im, Σ_{j≠i} ΔW_jm)} (module doc; modules every site adapts;
-    a module where the others sum to 0 or the site's ΔW is 0 is left out)."""
-    sites = list(adapters)
-    modules = set.intersection(*(set(a.factors) for a in adapters.values())) if sites else set()
-    cosines: dict[str, list[float]] = {s: [] for s in sites}
-    for module in sorted(modules):
-        fs = [adapters[s].factors[module] for s in sites]
-        bs = [f.b.double() * f.scale for f in fs]
-        as_ = [f.a.double() for f in fs]
-        gram = torch.empty(len(sites), len(sites), dtype=torch.float64)
-        for i in range(len(sites)):
-            for j in range(i, len(sites)):
-                gram[i, j] = gram[j, i] = ((bs[i].T @ bs[j]) * (as_[i] @ as_[j].T)).sum()
-        for i, site in enumerate(sites):
-            others = [j for j in range(len(sites)) if j != i]
-            cross = float(gram[i, others].sum())
-            rest = float(gram[others][:, others].sum())
-            if gram[i, i] > 0 and rest > 0:
-                cosines[site].append(cross / math.sqrt(float(gram[i, i]) * rest))
-    return {s: statistics.median(c) if c else 0.0 for s, c in cosines.items()}
+def direction_cosines(adapters: Mapping[str, CheckedAdapter]) -> dict[tuple[str, str], float]:
+    """{(site i, site j): median over the modules both adapt of cos(ΔW_im, ΔW_jm)}, i < j in the order
+    given; a module where either ΔW is 0 is left out (no module left: 0)."""
+    sites, out = list(adapters), {}
+    for x, first in enumerate(sites):
+        for second in sites[x + 1 :]:
+            cosines = []
+            for module in sorted(set(adapters[first].factors) & set(adapters[second].factors)):
+                f, g = adapters[first].factors[module], adapters[second].factors[module]
+                ff, gg, fg = _inner(f, f), _inner(g, g), _inner(f, g)
+                if ff > 0 and gg > 0:
+                    cosines.append(fg / math.sqrt(ff * gg))
+            out[(first, second)] = statistics.median(cosines) if cosines else 0.0
+    return out
 
 
-def screen_directions(scores: Mapping[str, float], threshold: float = DIRECTION_THRESHOLD) -> dict[str, str]:
-    """{site: reason} for every site whose direction score is below `threshold` (needs ≥ 2 sites)."""
-    return {
-        s: f"its ΔW points against the other sites' (median cosine {v:.3f} < {threshold:g})"
-        for s, v in scores.items()
-        if v < threshold
-    }
+def _inner(f: LoraFactors, g: LoraFactors) -> float:
+    """⟨s_f B_f A_f, s_g B_g A_g⟩_F = s_f s_g trace((B_fᵀB_g)(A_g A_fᵀ)), float64."""
+    bf, bg, af, ag = f.b.double(), g.b.double(), f.a.double(), g.a.double()
+    return f.scale * g.scale * float(((bf.T @ bg) * (af @ ag.T)).sum())
+
+
+def screen_directions(
+    cosines: Mapping[tuple[str, str], float], threshold: float = DIRECTION_THRESHOLD
+) -> dict[str, str]:
+    """{site: reason} for every site whose direction cosine with MORE THAN HALF of the other sites is
+    below `threshold`. An honest majority keeps honest sites in: a flipped site disagrees with every
+    honest one, an honest site only with the dishonest ones. With 2 sites nothing can be attributed
+    (each disagrees with half of… the one other): nothing is refused; use validation_screen."""
+    sites = sorted({s for pair in cosines for s in pair})
+    refused = {}
+    for site in sites:
+        mine = {(b if a == site else a): c for (a, b), c in cosines.items() if site in (a, b)}
+        against = sorted(o for o, c in mine.items() if c < threshold)
+        if len(mine) >= 2 and 2 * len(against) > len(mine):
+            worst = min(mine.values())
+            refused[site] = (
+                f"its ΔW points against {len(against)} of the {len(mine)} other sites' (median cosine over "
+                f"modules down to {worst:.3f} < {threshold:g})"
+            )
+    return refused
 
 
 # ------------------------------------------------------------------------------------------- validation
