@@ -100,6 +100,313 @@ def train_experts(config, work: Path) -> dict[str, Path]:
     return folders
 
 
+class Scorer:
+    """Each site's validation loss of a model, as federated.site.Site._validation computes it at the site:
+    the first `search.validation_examples` validation pairs of its SPECs, answer NLL summed (nats) and
+    answer tokens counted, on one resident base model whose weights are replaced by each merge."""
+
+    def __init__(self, config) -> None:
+        from medmerge.data import load_split
+        from medmerge.evaluate.scorer import encode_loss_batches
+        from medmerge.models import load_model, load_tokenizer, model_kind, resolve_model
+
+        search, split = config.search, config.split_settings()
+        self.base = resolve_model(config.base_model)
+        tokenizer, kind = load_tokenizer(self.base), model_kind(self.base)
+        self.batches = {}
+        for site in config.sites:
+            pairs = [
+                p
+                for spec in site.data
+                for p in load_split(
+                    spec, "validation", split.split_seed, split.fractions, search.validation_examples
+                )
+            ]
+            self.batches[site.name] = encode_loss_batches(
+                pairs,
+                tokenizer,
+                kind,
+                batch_size=search.batch_size,
+                max_prompt_tokens=search.max_prompt_tokens,
+                max_answer_tokens=search.max_answer_tokens,
+            )
+        self.model = load_model(self.base)
+        self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def __call__(self, state: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+        """{site: {nll_sum, tokens}} of the base (None) or of merged weights `state`."""
+        from medmerge.evaluate.scorer import load_weights, per_question_loss
+
+        load_weights(self.model, self.base_state if state is None else state)
+        out = {}
+        for site, (batches, order) in self.batches.items():
+            nll, tokens = per_question_loss(self.model, batches, order)
+            out[site] = {"nll_sum": float(sum(nll)), "tokens": int(sum(tokens))}
+        return out
+
+
+def pooled(numbers: dict[str, dict[str, float]], sites: list[str]) -> float:
+    """Token-weighted validation loss (nats/token) over `sites`."""
+    return sum(numbers[s]["nll_sum"] for s in sites) / sum(numbers[s]["tokens"] for s in sites)
+
+
+def _folder_digest(folder: Path) -> str:
+    """SHA-256 of what an adapter folder means: its tensors (names, dtypes, values) and its scale's
+    fields; the same adapter re-serialised with the canonical config has the same digest."""
+    import torch
+    from safetensors.torch import load
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    digest = hashlib.sha256(json.dumps([config.get(k) for k in ("r", "lora_alpha", "use_rslora")]).encode())
+    for name, tensor in sorted(load((folder / "adapter_model.safetensors").read_bytes()).items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class Cache:
+    """Scores by (model digest): a rerun of the bench re-scores nothing it has scored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str, compute) -> Any:
+        if key not in self.data:
+            self.data[key] = compute()
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            tmp.replace(self.path)
+        return self.data[key]
+
+
+def merge_state(config, recipe: dict[str, Any], folders: list[Path]) -> dict[str, Any]:
+    """The merged weights of a federated recipe over expert folders, as the coordinator and sites build
+    them (medmerge.merge.merged_state of federated.site.recipe_config)."""
+    from medmerge.federated.site import recipe_config
+    from medmerge.merge import merged_state
+
+    return merged_state(recipe_config(recipe, config.base_model, [str(f) for f in folders]))
+
+
+def search(config, method: str, experts: dict[str, Path], scorers: list[str], scorer: Scorer, cache: Cache):
+    """The coordinator's search (federated.coordinator._search: Optuna with the study's sampler and
+    seed, the default trial first, `search.trials` trials), each trial's merge scored at `scorers`
+    (objective: token-weighted). Returns the trials and the best one."""
+    import optuna
+
+    from medmerge.merge.registry import get_method
+    from medmerge.merge.spaces import knob_names
+    from medmerge.pipeline.search import make_sampler
+
+    spec, settings, names = get_method(method), config.search, list(experts)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(settings))
+    knobs = knob_names(spec.space, len(names))
+    default = {**{f"w{i}": 1.0 for i in range(len(names)) if f"w{i}" in knobs}, **spec.default}
+    study.enqueue_trial({k: v for k, v in default.items() if k in knobs})
+    digests = [_folder_digest(experts[n]) for n in names]
+    trials = []
+    for number in range(settings.trials if knobs else 1):
+        trial = study.ask()
+        setting = spec.space(trial, len(names))
+        weights = setting.weights if setting.weights is not None else [1.0] * len(names)
+        recipe = {
+            "method": method,
+            "parameters": setting.parameters,
+            "weights": weights,
+            "seed": settings.seed,
+        }
+        recipe["experts"] = names
+        key = hashlib.sha256(json.dumps([recipe, digests], sort_keys=True).encode()).hexdigest()
+        numbers = cache.get(key, lambda r=recipe: scorer(merge_state(config, r, list(experts.values()))))
+        loss = pooled(numbers, scorers)
+        study.tell(trial, loss)
+        trials.append({"trial": number, "recipe": recipe, "loss": loss, "sites": numbers})
+    return trials, min(trials, key=lambda t: t["loss"])
+
+
+def write_adapter_folder(folder: Path, blobs: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in blobs.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def poisoned(blobs: dict[str, bytes], factor: float) -> dict[str, bytes]:
+    """The site's adapter with every lora_B × factor: ΔW × factor (1000: the norm attack; −1: the sign
+    flip). Its config is the honest one."""
+    from safetensors.torch import load, save
+
+    tensors = load(blobs["adapter_model.safetensors"])
+    scaled = {k: v * factor if ".lora_B." in k else v for k, v in tensors.items()}
+    return blobs | {"adapter_model.safetensors": save(scaled)}
+
+
+def defend(study, sent: dict[str, dict[str, bytes]], work: Path, refuse_share: float | None, screen_alone):
+    """What the coordinator keeps of the sites' adapters after its checks, in its order: validate_adapter
+    and the norm screen (clip, or refuse with `refuse_share`) on what arrives; the direction screen on
+    what is left; then the validation screen on the adapters as forwarded (each alone, scored at every
+    site by `screen_alone(site, folder)`). Returns {site: folder kept}, the lines naming sites, the
+    pairwise cosines and the validation screen's numbers."""
+    from medmerge.federated.checks import canonical_adapter, validate_adapter
+    from medmerge.federated.robust import (
+        direction_cosines,
+        module_norms,
+        refusals,
+        screen_directions,
+        screen_norms,
+        validation_screen,
+    )
+
+    checked = {
+        s: validate_adapter(s, b["adapter_config.json"], b["adapter_model.safetensors"], study)
+        for s, b in sent.items()
+    }
+    norms = screen_norms(module_norms(checked), refuse_share=refuse_share)
+    named = [f"norm: {line}" for line in norms.lines()]
+    kept = {s: a for s, a in checked.items() if s not in norms.refused}
+    cosines = direction_cosines(kept)
+    flipped = screen_directions(cosines)
+    named += [f"direction: site {s}: {why}" for s, why in flipped.items()]
+    folders = {
+        site: write_adapter_folder(work / site, canonical_adapter(adapter, study, norms.scales.get(site)))
+        for site, adapter in kept.items()
+        if site not in flipped
+    }
+    alone = {site: screen_alone(site, folder) for site, folder in folders.items()}
+    scored = {
+        site: {"base": alone[site]["base"][site]} | {e: alone[e]["alone"][site] for e in alone}
+        for site in folders
+    }
+    screen = validation_screen(scored)
+    worse = refusals(screen)
+    named += [f"validation: site {s}: {why}" for s, why in worse.items()]
+    kept_folders = {s: f for s, f in folders.items() if s not in worse}
+    return kept_folders, named, {f"{a}~{b}": round(c, 4) for (a, b), c in cosines.items()}, screen
+
+
+def measure(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[str, Any]:
+    """The honest experts' norm ratios and direction cosines (which choose K_NORM and the direction rule),
+    each expert alone at every site (the validation screen), then the searches of every scenario."""
+    from medmerge.federated.checks import lora_study, validate_adapter
+    from medmerge.federated.robust import direction_cosines, module_norms, reference
+    from medmerge.models import resolve_model
+
+    study = lora_study(config.train.lora, resolve_model(config.base_model), config.base_model)
+    sites = [s.name for s in config.sites]
+    honest = {s: {f: (experts[s] / f).read_bytes() for f in ADAPTER_FILES} for s in sites}
+    checked = {
+        s: validate_adapter(s, b["adapter_config.json"], b["adapter_model.safetensors"], study)
+        for s, b in honest.items()
+    }
+    norms = module_norms(checked)
+    ratios = sorted(
+        norms[s][m] / reference({t: norms[t][m] for t in sites}, s) for s in sites for m in study.modules
+    )
+    pair_ratio = max(
+        max(norms[a][m], norms[b][m]) / min(norms[a][m], norms[b][m])
+        for a in sites
+        for b in sites
+        if a < b
+        for m in study.modules
+    )
+    cosines = direction_cosines(checked)
+    started = time.time()
+    scorer, cache = Scorer(config), Cache(args.work / "scores.json")
+    print(f"scorer ready: {time.time() - started:.0f} s", flush=True)
+
+    base = cache.get("base", lambda: scorer(None))
+
+    def screen_alone(name: str, folder: Path) -> dict[str, Any]:
+        """Each site's numbers of one expert alone (task arithmetic λ 1 of that adapter: base + ΔW), and
+        the base's."""
+        recipe = {"method": "task_arithmetic", "parameters": {"lambda": 1.0}, "weights": [1.0], "seed": 0}
+        recipe["experts"] = [name]
+        key = hashlib.sha256(json.dumps([recipe, _folder_digest(folder)]).encode()).hexdigest()
+        return {"base": base, "alone": cache.get(key, lambda: scorer(merge_state(config, recipe, [folder])))}
+
+    attacker = args.attacker
+    sent_by = {
+        "honest": honest,
+        "x1000": honest | {attacker: poisoned(honest[attacker], 1000.0)},
+        "flip": honest | {attacker: poisoned(honest[attacker], -1.0)},
+    }
+    rows, screens = [], {}
+    for case, sent in sent_by.items():
+        for defence in ("none", "clip", "refuse"):
+            if case == "honest" and defence == "refuse":
+                continue
+            work = args.work / "cases" / f"{case}-{defence}"
+            if defence == "none":
+                folders = {s: write_adapter_folder(work / s, b) for s, b in sent.items()}
+                named, case_cosines = [], {}
+            else:
+                share = 0.5 if defence == "refuse" else None
+                folders, named, case_cosines, screens[f"{case}-{defence}"] = defend(
+                    study, sent, work, share, screen_alone
+                )
+            scorers = [s for s in sites if s in folders or s != attacker]  # a refused site scores nothing
+            for method in config.methods:
+                started = time.time()
+                trials, best = search(config, method, folders, scorers, scorer, cache)
+                rows.append(
+                    {
+                        "case": case,
+                        "defence": defence,
+                        "method": method,
+                        "experts": list(folders),
+                        "best_recipe": best["recipe"],
+                        "objective": best["loss"],
+                        "val_loss_all_sites": pooled(best["sites"], sites),
+                        "val_loss_honest_sites": pooled(best["sites"], [s for s in sites if s != attacker]),
+                        "named": named,
+                        "cosines": case_cosines,
+                        "trials": [
+                            (t["recipe"]["weights"], t["recipe"]["parameters"], t["loss"]) for t in trials
+                        ],
+                        "seconds": round(time.time() - started, 1),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    return {
+        "attacker": attacker,
+        "honest_norm_ratio_to_reference": {
+            "max": ratios[-1],
+            "p99": ratios[int(0.99 * (len(ratios) - 1))],
+            "min": ratios[0],
+        },
+        "honest_norm_max_pairwise_ratio": pair_ratio,
+        "honest_cosines": {f"{a}~{b}": c for (a, b), c in cosines.items()},
+        "base": base,
+        "validation_screens": screens,
+        "rows": rows,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    """The markdown table of the searches: the chosen merge's validation loss per case and defence."""
+    honest = {r["method"]: r for r in result["rows"] if r["case"] == "honest" and r["defence"] == "none"}
+    lines = [
+        "| case | defence | method | experts merged | val loss, all 3 sites | vs honest "
+        "| val loss, 2 honest sites | vs honest | named |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        h = honest[r["method"]]
+        named = "; ".join(r["named"]) or "—"
+        lines.append(
+            f"| {r['case']} | {r['defence']} | {r['method']} | {len(r['experts'])} | "
+            f"{r['val_loss_all_sites']:.4f} | "
+            f"{r['val_loss_all_sites'] - h['val_loss_all_sites']:+.4f} | {r['val_loss_honest_sites']:.4f} | "
+            f"{r['val_loss_honest_sites'] - h['val_loss_honest_sites']:+.4f} | {named} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "poisoning")
@@ -108,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--validation", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attacker", default="nih-institutes", choices=list(SITES))
     args = parser.parse_args(argv)
 
     from medmerge.threads import use_threads
@@ -119,6 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "train":
         print(json.dumps({k: str(v) for k, v in experts.items()}))
         return 0
+    started = time.time()
+    result = measure(args, config, experts)
+    result["seconds"] = round(time.time() - started, 1)
+    out = args.work / f"poisoning-{args.attacker}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"written {out} ({result['seconds']:.0f} s)")
     return 0
 
 
