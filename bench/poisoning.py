@@ -185,11 +185,18 @@ class Cache:
 
 def merge_state(config, recipe: dict[str, Any], folders: list[Path]) -> dict[str, Any]:
     """The merged weights of a federated recipe over expert folders, as the coordinator and sites build
-    them (medmerge.merge.merged_state of federated.site.recipe_config)."""
-    from medmerge.federated.site import recipe_config
+    them (medmerge.merge.merged_state of the recipe's MergeConfig: merge.recipe.Recipe where the protocol
+    rewrite has landed, federated.site.recipe_config before)."""
     from medmerge.merge import merged_state
 
-    return merged_state(recipe_config(recipe, config.base_model, [str(f) for f in folders]))
+    try:
+        from medmerge.merge.recipe import Recipe
+    except ImportError:
+        from medmerge.federated.site import recipe_config
+
+        return merged_state(recipe_config(recipe, config.base_model, [str(f) for f in folders]))
+    named = dict(zip(recipe["experts"], map(str, folders), strict=True))
+    return merged_state(Recipe.model_validate(recipe).merge_config(config.base_model, named))
 
 
 def search(config, method: str, experts: dict[str, Path], scorers: list[str], scorer: Scorer, cache: Cache):

@@ -20,6 +20,7 @@ from medmerge.federated.robust import (
     module_norms,
     reference,
     refusals,
+    screen_adapters,
     screen_directions,
     screen_norms,
     validation_screen,
@@ -182,3 +183,25 @@ def test_the_objective_bounds_each_sites_numbers():
     )
     with pytest.raises(ValueError, match="site c: nll_sum nan"):
         bounded_objective(honest | {"c": {"nll_sum": float("nan"), "tokens": 5}}, "tokens", vocab_size=300)
+
+
+def test_screen_adapters_is_both_screens_in_the_coordinators_order(study, sent):
+    honest = screen_adapters(checked(study, sent))
+    assert honest.refused == {} and honest.lines == [] and set(honest.adapters) == set(SITES)
+    for site, adapter in honest.adapters.items():  # unchanged
+        assert all(
+            torch.equal(f.b, checked(study, {site: sent[site]})[site].factors[m].b)
+            for m, f in adapter.factors.items()
+        )
+    both = checked(study, sent | {"east": scaled(sent["east"], 1000.0)})
+    clipped = screen_adapters(both)
+    assert clipped.refused == {} and clipped.lines[0].startswith("site east: ΔW clipped")
+    assert max(lora_norm(f) for f in clipped.adapters["east"].factors.values()) < 10 * max(
+        lora_norm(f) for f in clipped.adapters["north"].factors.values()
+    )
+    flipped = screen_adapters(checked(study, sent | {"south": scaled(sent["south"], -1.0)}))
+    assert list(flipped.refused) == ["south"] and set(flipped.adapters) == {"north", "east"}
+    assert flipped.lines == [f"site south: {flipped.refused['south']}"]
+    assert flipped.refused["south"].startswith(
+        "refused by the direction screen (its ΔW points against 2 of the 2"
+    )

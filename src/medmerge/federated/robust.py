@@ -192,6 +192,39 @@ def screen_directions(
     return refused
 
 
+# ---------------------------------------------------------------------------------- both, in one call
+@dataclass(frozen=True)
+class Screened:
+    """What screen_adapters keeps: the adapters to merge and forward (outlier modules clipped), the sites
+    refused (site → one line), and the lines for the verdict."""
+
+    adapters: dict[str, CheckedAdapter]
+    refused: dict[str, str]
+    lines: list[str]
+    norms: NormScreen
+    cosines: dict[tuple[str, str], float]
+
+
+def screen_adapters(
+    checked: Mapping[str, CheckedAdapter],
+    k: float = K_NORM,
+    refuse_share: float | None = None,
+    threshold: float = DIRECTION_THRESHOLD,
+) -> Screened:
+    """The norm screen, then the direction screen on what it kept (module doc), over the sites' checked
+    adapters: the coordinator's step between checks.validate_adapter and checks.canonical_adapter."""
+    norms = screen_norms(module_norms(checked), k, refuse_share)
+    kept = {s: clip_factors(a, norms.scales.get(s, {})) for s, a in checked.items() if s not in norms.refused}
+    cosines = direction_cosines(kept)
+    flipped = screen_directions(cosines, threshold)
+    refused = dict(norms.refused) | {
+        s: f"refused by the direction screen ({why})" for s, why in flipped.items()
+    }
+    lines = norms.lines() + [f"site {s}: {why}" for s, why in refused.items() if s in flipped]
+    adapters = {s: a for s, a in kept.items() if s not in flipped}
+    return Screened(adapters, refused, lines, norms, cosines)
+
+
 # ------------------------------------------------------------------------------------------- validation
 Numbers = Mapping[str, float]  # {"nll_sum": Σ nll (nats), "tokens": answer tokens}
 
