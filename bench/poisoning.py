@@ -394,6 +394,74 @@ def measure(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[
     }
 
 
+def gram_scales(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[str, Any]:
+    """Each honest site's Gram statistics (medmerge.train.statistics, the study's statistics settings: 64
+    training questions), shared as federated.site shares them and checked by checks.check_statistics:
+    the spread of trace/tokens (mean ‖x‖² per Linear input) across honest sites, which chooses
+    robust.K_GRAM, and whether a ×1000 Gram is refused by screen_gram_scales."""
+    from medmerge.federated.checks import base_shapes, check_statistics
+    from medmerge.federated.robust import reference, screen_gram_scales
+    from medmerge.models import resolve_model
+    from medmerge.site_stats import INFO_FILE, TENSORS_FILE
+    from medmerge.train.statistics import compute_statistics
+
+    try:
+        from medmerge.federated.site import SHARED_RECORD
+    except ImportError:  # what of statistics.json a site shares (federated.site before the protocol rewrite)
+        SHARED_RECORD = (
+            "format",
+            "kinds",
+            "dtype",
+            "bytes",
+            "sha256",
+            "aliases",
+            "examples",
+            "tokens",
+            "per_kind",
+        )
+    settings, shapes, summaries, blobs = (
+        config.federation.statistics,
+        base_shapes(resolve_model(config.base_model)),
+        {},
+        {},
+    )
+    for site, expert in experts.items():
+        out = args.work / "statistics" / site
+        if not (out / INFO_FILE).is_file():
+            started = time.time()
+            compute_statistics(
+                expert,
+                config.site(site).data,
+                kinds=["gram"],
+                out_dir=out,
+                overwrite=True,
+                progress=False,
+                **settings.arguments(),
+            )
+            print(f"statistics of {site}: {time.time() - started:.0f} s", flush=True)
+        record = {k: v for k, v in json.loads((out / INFO_FILE).read_text()).items() if k in SHARED_RECORD}
+        blobs[site] = {
+            TENSORS_FILE: (out / TENSORS_FILE).read_bytes(),
+            INFO_FILE: json.dumps(record).encode(),
+        }
+        summaries[site] = check_statistics(site, blobs[site], shapes, ["gram"]).mean_sq_norm
+    names = sorted(set.intersection(*(set(v) for v in summaries.values())))
+    ratios = sorted(
+        summaries[s][n] / reference({t: summaries[t][n] for t in summaries}, s)
+        for s in summaries
+        for n in names
+    )
+    inflated = {s: dict(v) for s, v in summaries.items()}
+    attacker = args.attacker
+    inflated[attacker] = {n: v * 1000 for n, v in inflated[attacker].items()}
+    return {
+        "tokens": {s: json.loads(b[INFO_FILE])["tokens"] for s, b in blobs.items()},
+        "honest_ratio_to_reference": {"min": ratios[0], "max": ratios[-1]},
+        "honest_refused": screen_gram_scales(summaries),
+        "x1000_refused": screen_gram_scales(inflated),
+    }
+
+
 def table(result: dict[str, Any]) -> str:
     """The markdown table of the searches: the chosen merge's validation loss per case and defence."""
     honest = {r["method"]: r for r in result["rows"] if r["case"] == "honest" and r["defence"] == "none"}
@@ -423,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attacker", default="nih-institutes", choices=list(SITES))
+    parser.add_argument("--statistics", action="store_true", help="also measure the sites' Gram scales")
     args = parser.parse_args(argv)
 
     from medmerge.threads import use_threads
@@ -436,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.time()
     result = measure(args, config, experts)
+    if args.statistics:
+        result["statistics"] = gram_scales(args, config, experts)
+        print(json.dumps(result["statistics"], indent=1))
     result["seconds"] = round(time.time() - started, 1)
     out = args.work / f"poisoning-{args.attacker}.json"
     out.write_text(json.dumps(result, indent=2))
