@@ -44,8 +44,13 @@ from typing import Literal
 
 from medmerge.federated.checks import CheckedAdapter, LoraFactors
 
-K_NORM = 3.0  # outlier above K_NORM × the reference norm (bench/poisoning.py: honest max ratio 1.6)
-DIRECTION_THRESHOLD = 0.0  # cosine below which two sites' updates disagree
+# outlier above K_NORM × the reference norm. bench/poisoning.py, three real SmolLM2-135M experts (210
+# modules): an honest module's norm is at most 1.46× the median of the three, 1.88× the other's of a pair
+K_NORM = 3.0
+# two sites' updates disagree below this cosine. bench/poisoning.py: honest pairs' median cosines over
+# modules 0.06 (MedQuAD ~ GenMedGPT) to 0.23 (MedQuAD ~ MedQuAD): a flipped site's are these negated.
+# This rests on the sites sharing the study's seed (the same LoRA A init); different seeds give ≈ 0.
+DIRECTION_THRESHOLD = 0.0
 VALIDATION_MARGIN = 0.0  # refused when it worsens the others' validation loss vs base by more (nats/token)
 K_GRAM = 4.0  # mean ‖x‖² outside [1/K_GRAM, K_GRAM] × the reference is refused
 K_TOKENS = 2.0  # a site's token weight is at most K_TOKENS × the reference
