@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from medmerge.errors import MedmergeError
 from medmerge.federated.checks import base_shapes, check_adapter
@@ -16,8 +16,10 @@ from medmerge.federated.config import FederatedConfig
 from medmerge.federated.verdict import objective
 from medmerge.federated.wire import Payload
 from medmerge.manifest import checksum
+from tests.federated.lora_adapters import FILES, SETTINGS, edit, peft_adapter
 
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+Q = "model.layers.0.self_attn.q_proj.weight"
 
 
 def adapter(a_shape, b_shape) -> dict[str, bytes]:
@@ -39,6 +41,133 @@ def test_adapter_checks(tiny_llama):
         check_adapter("south", meta, adapter((4, in_f + 1), (out_f, 4)), digest, shapes)
 
 
+@pytest.fixture(scope="module")
+def study(tiny_llama):
+    from medmerge.federated.checks import lora_study
+
+    return lora_study(SETTINGS, tiny_llama, "tiny-base")
+
+
+@pytest.fixture(scope="module")
+def honest(tiny_llama, tmp_path_factory):
+    return peft_adapter(tiny_llama, tmp_path_factory.mktemp("adapter"), seed=1)
+
+
+def test_an_honest_peft_adapter_passes_and_peers_get_the_canonical_one(tiny_llama, study, honest, tmp_path):
+    """The adapter PEFT saves is accepted, its ΔW is the one medmerge.merge reads from the folder, and what
+    the coordinator forwards carries the study's config (base id, no site path) and the same ΔW."""
+    from medmerge.federated.checks import canonical_adapter, validate_adapter
+    from medmerge.merge.lora import delta_weight, read_adapter
+
+    checked = validate_adapter("north", *(honest[f] for f in FILES), study)
+    assert sorted(checked.factors) == study.modules and checked.rank == 4 and len(study.modules) == 14
+    folder = tmp_path / "as-sent"
+    folder.mkdir()
+    for name, data in honest.items():
+        (folder / name).write_bytes(data)
+    modules, replaced, _ = read_adapter(folder)
+    assert not replaced and set(modules) == set(checked.factors)
+    for name, module in modules.items():
+        assert torch.equal(checked.factors[name].delta(), delta_weight(module)), name
+
+    forwarded = canonical_adapter(checked, study)
+    config = json.loads(forwarded["adapter_config.json"])
+    assert (
+        config["base_model_name_or_path"] == "tiny-base"
+        and str(tiny_llama) not in forwarded["adapter_config.json"].decode()
+    )
+    assert config["lora_alpha"] == 8.0 and config["alpha_pattern"] == {} and config["inference_mode"] is True
+    again = validate_adapter("north", *(forwarded[f] for f in FILES), study)
+    for name, factors in checked.factors.items():
+        assert torch.equal(again.factors[name].delta(), factors.delta())
+
+
+def _nan(tensors):
+    key = next(k for k in tensors if ".lora_B." in k)
+    tensors[key][0, 0] = float("nan")
+    return tensors
+
+
+FOREIGN = {
+    "other alpha": ({"lora_alpha": 64.0}, None, r"adapter_config.json lora_alpha: 64.0, the study's is 8.0"),
+    "rslora on": ({"use_rslora": True}, None, r"adapter_config.json use_rslora: True"),
+    "alpha_pattern regex": ({"alpha_pattern": {"(a+)+$": 64}}, None, r"adapter_config.json alpha_pattern"),
+    "rank_pattern": ({"rank_pattern": {"q_proj": 8}}, None, r"adapter_config.json rank_pattern"),
+    "modules_to_save": ({"modules_to_save": ["lm_head"]}, None, r"adapter_config.json modules_to_save"),
+    "unknown key": ({"site_path": "/home/x"}, None, r"adapter_config.json: unknown key 'site_path'"),
+    "extra full tensor": (
+        None,
+        lambda t: t | {f"base_model.model.{Q}": torch.zeros(32, 32)},
+        r"adapter_model.safetensors: tensor .* is no LoRA factor of the study",
+    ),
+    "embedding": (
+        None,
+        lambda t: t | {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 300)},
+        r"adapter_model.safetensors: tensor .* is no LoRA factor of the study",
+    ),
+    "a module missing": (
+        None,
+        lambda t: {k: v for k, v in t.items() if "q_proj" not in k},
+        r"adapter_model.safetensors: no tensor .*q_proj",
+    ),
+    "other rank": (
+        None,
+        lambda t: t | {KEY.format("A"): torch.zeros(8, 32), KEY.format("B"): torch.zeros(32, 8)},
+        r"adapter_model.safetensors .*q_proj.lora_A.weight: shape \(8, 32\), expected \(4, 32\)",
+    ),
+    "float64": (
+        None,
+        lambda t: {k: v.double() for k, v in t.items()},
+        r"adapter_model.safetensors: tensor .*: dtype 'F64' \(expected F32, F16, BF16\)",
+    ),
+    "NaN": (None, _nan, r"adapter_model.safetensors .*lora_B.weight: non-finite values"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOREIGN))
+def test_a_foreign_or_broken_adapter_is_refused_naming_the_site_and_field(study, honest, case):
+    """Each field of the LoRA config is pinned to the study's, the tensors are exactly the study's LoRA
+    factors (no full weights, no modules_to_save, no embedding adapter), float32/16/bf16, finite."""
+    import time
+
+    from medmerge.federated.checks import validate_adapter
+
+    config, tensors, message = FOREIGN[case]
+    blobs = edit(honest, config, tensors)
+    started = time.perf_counter()
+    with pytest.raises(MedmergeError, match=r"^site south: adapter refused \(" + message) as exc:
+        validate_adapter("south", *(blobs[f] for f in FILES), study)
+    assert "\n" not in str(exc.value) and time.perf_counter() - started < 1.0  # no pattern is compiled
+
+
+def test_a_bf16_adapter_is_accepted_exactly(study, honest):
+    from medmerge.federated.checks import canonical_adapter, validate_adapter
+
+    blobs = edit(honest, tensors=lambda t: {k: v.bfloat16() for k, v in t.items()})
+    checked = validate_adapter("north", *(blobs[f] for f in FILES), study)
+    forwarded = load(canonical_adapter(checked, study)["adapter_model.safetensors"])
+    assert all(v.dtype == torch.bfloat16 for v in forwarded.values())
+    assert all(torch.equal(v, load(blobs["adapter_model.safetensors"])[k]) for k, v in forwarded.items())
+
+
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b"\x00" * 4, "shorter than the 8-byte header length"),
+        ((1 << 40).to_bytes(8, "little") + b"{}", "header length 1099511627776 exceeds"),
+        (len(b"[1]").to_bytes(8, "little") + b"[1]", "header is not a JSON object"),
+        (len(b"{}").to_bytes(8, "little") + b"{}" + b"junk", "data section is 4 bytes, its tensors 0"),
+    ],
+)
+def test_a_malformed_safetensors_header_is_refused_before_it_is_read(study, honest, data, why):
+    from medmerge.federated.checks import validate_adapter
+
+    with pytest.raises(
+        MedmergeError, match=r"^site north: adapter refused \(adapter_model.safetensors: " + why
+    ):
+        validate_adapter("north", honest["adapter_config.json"], data, study)
+
+
 def test_objective_and_party_copies(tiny_qa_jsonl):
     numbers = {"a": {"nll_sum": 10.0, "tokens": 10}, "b": {"nll_sum": 30.0, "tokens": 10}}
     assert objective(numbers, "tokens") == 2.0 and objective(numbers, "sites") == 2.0
@@ -58,12 +187,32 @@ def test_payload_round_trip():
     assert p.size == len(p.meta_text().encode()) + 2
 
 
-def test_statistics_checks(tiny_llama):
-    """Shared statistics are refused (one line naming the site) unless the record describes the tensor
-    file and every tensor fits the base: a Gram (in, in), a Fisher the weight's shape, float32."""
+def statistics_files(tensors, aliases=None, kinds=("gram",), tokens=50, **record) -> dict[str, bytes]:
+    """A site's shared statistics pair as federated.site shares it (record fields of SHARED_RECORD)."""
     import hashlib
 
-    from medmerge.federated.checks import check_statistics
+    from medmerge.site_stats import INFO_FILE, TENSORS_FILE
+
+    data = save(tensors)
+    info = {"format": "medmerge-statistics/1", "kinds": list(kinds), "aliases": aliases or {}}
+    info |= {"tokens": tokens, "per_kind": {"gram": {"examples": 4, "tokens": {"input": tokens}}}}
+    info |= {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} | record
+    return {TENSORS_FILE: data, INFO_FILE: json.dumps(info).encode()}
+
+
+def gram(in_f: int, tokens: int = 50, seed: int = 0, norm: float = 1.0) -> torch.Tensor:
+    """G = Σ_t x_t x_tᵀ over `tokens` random inputs with ‖x_t‖ = norm."""
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(seed))
+    x = x / x.norm(dim=1, keepdim=True) * norm
+    return x.T @ x
+
+
+def test_statistics_checks(tiny_llama):
+    """Shared statistics are refused (one line naming the site) unless the record describes the tensor
+    file and every tensor fits the base: a Gram (in, in), a Fisher the weight's shape, float32; finite,
+    a Gram symmetric with diagonal ≥ 0, a Fisher ≥ 0, the tokens declared within the study's bound and,
+    with per-token clipping ‖x‖² ≤ C, trace G ≤ C · tokens."""
+    from medmerge.federated.checks import StatisticsBounds, check_statistics
     from medmerge.federated.site import STATISTICS_FILES
     from medmerge.site_stats import INFO_FILE, TENSORS_FILE
 
@@ -71,28 +220,63 @@ def test_statistics_checks(tiny_llama):
     shapes = base_shapes(tiny_llama)
     q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
     out_f, in_f = shapes[q]
+    files = statistics_files
+    bounds = StatisticsBounds(max_tokens=64, token_norm_sq=1.0)
 
-    def files(tensors, aliases=None, kinds=("gram",), **record) -> dict[str, bytes]:
-        data = save(tensors)
-        info = {"format": "medmerge-statistics/1", "kinds": list(kinds), "aliases": aliases or {}}
-        info |= {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} | record
-        return {TENSORS_FILE: data, INFO_FILE: json.dumps(info).encode()}
-
-    good = files({f"gram::{q}": torch.eye(in_f), f"fisher::{q}": torch.ones(out_f, in_f)}, {k: q})
-    check_statistics("north", good, shapes, ["gram"])
+    good = files({f"gram::{q}": gram(in_f), f"fisher::{q}": torch.ones(out_f, in_f)}, {k: q})
+    summary = check_statistics("north", good, shapes, ["gram"], bounds)
+    assert summary.tokens == 50 and summary.mean_sq_norm[q] == pytest.approx(1.0, rel=1e-5)
+    asymmetric, nan, negative = gram(in_f), gram(in_f), -torch.ones(out_f, in_f)
+    asymmetric[0, 1] += 1.0
+    nan[3, 3] = float("nan")
     refusals = {
         "expected": {TENSORS_FILE: good[TENSORS_FILE]},
         "no fisher": good,
-        "SHA-256": files({f"gram::{q}": torch.eye(in_f)}, sha256="0" * 64),
+        "SHA-256": files({f"gram::{q}": gram(in_f)}, sha256="0" * 64),
         "expected F32": files({f"gram::{q}": torch.eye(in_f + 1)}),
-        "no statistic": files({f"gram::{q}.nope": torch.eye(in_f)}),
-        "alias": files({f"gram::{q}": torch.eye(in_f)}, {k: "model.layers.9.mlp.up_proj.weight"}),
+        "no statistic": files({f"gram::{q}.nope": gram(in_f)}),
+        "alias": files({f"gram::{q}": gram(in_f)}, {k: "model.layers.9.mlp.up_proj.weight"}),
+        "not symmetric": files({f"gram::{q}": asymmetric}),
+        "non-finite": files({f"gram::{q}": nan}),
+        "Fisher has negative": files(
+            {f"gram::{q}": gram(in_f), f"fisher::{q}": negative}, kinds=("gram", "fisher")
+        ),
+        "more than the study's 64": files({f"gram::{q}": gram(in_f, 50)}, tokens=100),
+        "tokens: None": files({f"gram::{q}": gram(in_f)}, tokens=None, per_kind={}),
+        # the inflated Gram: ×1000, its trace is 1000 × what 50 clipped tokens can sum
+        r"trace 5e\+04 exceeds C·tokens = 1 × 50": files({f"gram::{q}": gram(in_f) * 1000}),
     }
     for why, blobs in refusals.items():
         kinds = ["gram", "fisher"] if why == "no fisher" else ["gram"]
         with pytest.raises(MedmergeError, match=rf"^site north: shared statistics refused \(.*{why}") as exc:
-            check_statistics("north", blobs, shapes, kinds)
+            check_statistics("north", blobs, shapes, kinds, bounds)
         assert "\n" not in str(exc.value)
+
+
+def test_an_inflated_gram_is_refused_against_the_other_sites_without_clipping(tiny_llama):
+    """Without per-token clipping, trace/tokens (the mean ‖x‖² of a Linear's input) is compared across
+    sites: a Gram ×1000 is 1000× the median of the sites' and is refused, the honest ones are not."""
+    from medmerge.federated.checks import check_statistics
+    from medmerge.federated.robust import K_GRAM, screen_gram_scales
+
+    shapes = base_shapes(tiny_llama)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    in_f = shapes[q][1]
+    sent = {
+        "north": files_of(gram(in_f, 50, 0, norm=1.0), 50),
+        "south": files_of(gram(in_f, 40, 1, norm=1.3), 40),  # honest sites differ: 1.69× in mean ‖x‖²
+        "east": files_of(gram(in_f, 60, 2, norm=0.9), 60),
+        "west": files_of(gram(in_f, 50, 3, norm=1.0) * 1000, 50),
+    }
+    summaries = {s: check_statistics(s, b, shapes, ["gram"]).mean_sq_norm for s, b in sent.items()}
+    refused = screen_gram_scales(summaries)
+    assert list(refused) == ["west"] and refused["west"].endswith("743× the reference")  # 1000 / 1.345
+    honest = {s: v for s, v in summaries.items() if s != "west"}
+    assert screen_gram_scales(honest) == {} and K_GRAM > 1.69
+
+
+def files_of(g: torch.Tensor, tokens: int) -> dict[str, bytes]:
+    return statistics_files({"gram::model.layers.0.self_attn.q_proj.weight": g}, tokens=tokens)
 
 
 def test_a_failed_request_is_logged_at_the_site_and_shown_by_the_launcher(tmp_path, capsys):
