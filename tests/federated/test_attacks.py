@@ -562,7 +562,6 @@ def _complete_trials(storage) -> dict[int, tuple[str, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="needs proto resume (run_study(resume=True), coordinator/search.db)")
 def test_flower_coordinator_killed_then_resumed(tmp_path, tiny_llama):
     """kill -9 of the ServerApp mid-search: `medmerge federate` says so in one line within a minute;
     `--resume` finishes the study on the same folder, reusing every trial finished before the kill."""

@@ -103,12 +103,17 @@ class Site:
 
     def _step(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """A heavy step (a training, the statistics) in a child process when the config isolates steps,
-        so the resident worker gives its memory back after each (medmerge.isolation)."""
-        if self.config.isolate_steps:
-            from medmerge.isolation import run_in_child
+        so the resident worker gives its memory back after each (medmerge.isolation). In local mode
+        it first takes a memory slot (federated.slots), so only as many sites train at once as fit."""
+        from medmerge.federated.slots import training_slot
 
-            return run_in_child(f"site {self.name}: {what}", fn, *args, threads=self.config.threads, **kwargs)
-        return fn(*args, **kwargs)
+        with training_slot(what):
+            if self.config.isolate_steps:
+                from medmerge.isolation import run_in_child
+
+                label = f"site {self.name}: {what}"
+                return run_in_child(label, fn, *args, threads=self.config.threads, **kwargs)
+            return fn(*args, **kwargs)
 
     # ------------------------------------------------------------------------------ disk, budget
     def inside(self, *parts: str) -> Path:
