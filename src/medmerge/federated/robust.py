@@ -57,7 +57,9 @@ K_NORM = 3.0
 # This rests on the sites sharing the study's seed (the same LoRA A init); different seeds give ≈ 0.
 DIRECTION_THRESHOLD = 0.0
 VALIDATION_MARGIN = 0.0  # refused when it worsens the others' validation loss vs base by more (nats/token)
-K_GRAM = 4.0  # mean ‖x‖² outside [1/K_GRAM, K_GRAM] × the reference is refused
+# mean ‖x‖² outside [1/K_GRAM, K_GRAM] × the reference is refused. bench/poisoning.py --statistics, the
+# three real experts' Grams (64 questions each): honest ratios to the median 0.62–1.31
+K_GRAM = 4.0
 K_TOKENS = 2.0  # a site's token weight is at most K_TOKENS × the reference
 
 
