@@ -357,7 +357,7 @@ def measure(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[
     print(json.dumps({"alone_minus_base": alone_as_sent}), flush=True)
     rows, screens = [], {}
     for case, sent in sent_by.items():
-        for defence in ("none", "clip", "refuse"):
+        for defence in ("none", "default", "refuse"):
             if case == "honest" and defence == "refuse":
                 continue
             work = args.work / "cases" / f"{case}-{defence}"

@@ -8,10 +8,11 @@ sites of that module's norms when there are ≥ 3 sites (robust while honest sit
 median is an honest site's norm or lies between two), and the OTHER site's norm when there are 2 (the
 median of two is their mean, which a ×1000 site drags up to 500×: no outlier would ever be seen). A
 norm above K_NORM × reference is an outlier. A site whose median ratio over its modules exceeds K_NORM
-(an outsized update: ×1000) has its whole update scaled back by that ratio, so the relative sizes of
-its modules are kept; each module still above K_NORM × reference is then clipped to the reference
-norm (its direction kept). After the screen every ‖ΔW_im‖ ≤ K_NORM · reference_m. With `refuse_share`,
-a site that is an outlier in more than that share of its modules is refused whole instead.
+(an outsized update: ×1000) has its whole update scaled back to the other sites' typical size (one
+factor, so the relative sizes of its modules are kept); each module still above K_NORM × reference is
+then clipped to the reference norm (its direction kept). After the screen every ‖ΔW_im‖ ≤ K_NORM ·
+reference_m. With `refuse_share`, a site that is an outlier in more than that share of its modules is
+refused whole instead.
 (bench/poisoning.py: clipping each module of a ×1000 adapter to the reference norm, rather than one
 scale for the whole adapter, moved the chosen TIES merge by +0.012 nats/token: an honest adapter's
 module norms range over 0.64–1.46× the median, and TIES's trimming reads magnitudes.)
@@ -56,7 +57,10 @@ K_NORM = 3.0
 # modules 0.06 (MedQuAD ~ GenMedGPT) to 0.23 (MedQuAD ~ MedQuAD): a flipped site's are these negated.
 # This rests on the sites sharing the study's seed (the same LoRA A init); different seeds give ≈ 0.
 DIRECTION_THRESHOLD = 0.0
-VALIDATION_MARGIN = 0.0  # refused when it worsens the others' validation loss vs base by more (nats/token)
+# refused when alone it worsens the other sites' validation loss vs the base by more (nats/token, median
+# over the other sites). bench/poisoning.py: honest experts alone at another site −0.36 … +0.053 (a
+# MedQuAD expert on GenMedGPT questions); the sign-flipped expert +2.77 … +3.50, the ×1000 one +15
+VALIDATION_MARGIN = 0.5
 # mean ‖x‖² outside [1/K_GRAM, K_GRAM] × the reference is refused. bench/poisoning.py --statistics, the
 # three real experts' Grams (64 questions each): honest ratios to the median 0.62–1.31
 K_GRAM = 4.0
@@ -164,7 +168,7 @@ def screen_norms(
             )
             continue
         typical = statistics.median(ratios[site].values())
-        whole = 1 / typical if typical > k else 1.0
+        whole = 1 / _others_ratio(norms, site) if typical > k else 1.0
         scales[site] = {m: whole for m in ratios[site]} if whole < 1 else {}
         for module, ratio in ratios[site].items():
             if ratio * whole > k:
@@ -172,6 +176,18 @@ def screen_norms(
         if whole < 1:
             rescaled[site] = whole
     return NormScreen(k, flags, scales, refused, rescaled)
+
+
+def _others_ratio(norms: Mapping[str, Mapping[str, float]], site: str) -> float:
+    """ρ: the median over `site`'s modules of its norm / the median of the OTHER sites' norms there — how
+    many times the others' size its update is (the others only: its own outsized norms do not pull the
+    reference up, as a median over three sites that includes it would)."""
+    ratios = []
+    for module, norm in norms[site].items():
+        others = [n[module] for s, n in norms.items() if s != site and module in n]
+        ref = statistics.median(others) if others else norm
+        ratios.append(norm / ref if ref > 0 else math.inf)
+    return statistics.median(ratios)
 
 
 def clip_factors(adapter: CheckedAdapter, scales: Mapping[str, float]) -> CheckedAdapter:
