@@ -342,9 +342,22 @@ def measure(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[
         "x1000": honest | {attacker: poisoned(honest[attacker], 1000.0)},
         "flip": honest | {attacker: poisoned(honest[attacker], -1.0)},
     }
+    # each adapter alone, as sent (honest, x1000, flipped), at every site: the validation screen's data
+    alone_as_sent = {}
+    for case, sent in sent_by.items():
+        for site, blobs in sent.items():
+            if case == "honest" or site == attacker:
+                label = site if case == "honest" else f"{site} {case}"
+                folder = write_adapter_folder(args.work / "alone" / label.replace(" ", "-"), blobs)
+                numbers = screen_alone(site, folder)["alone"]
+                alone_as_sent[label] = {
+                    s: numbers[s]["nll_sum"] / numbers[s]["tokens"] - base[s]["nll_sum"] / base[s]["tokens"]
+                    for s in sites
+                }
+    print(json.dumps({"alone_minus_base": alone_as_sent}), flush=True)
     rows, screens = [], {}
     for case, sent in sent_by.items():
-        for defence in ("none", "clip", "refuse"):
+        for defence in ("none", "default", "refuse"):
             if case == "honest" and defence == "refuse":
                 continue
             work = args.work / "cases" / f"{case}-{defence}"
@@ -389,6 +402,7 @@ def measure(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[
         "honest_norm_max_pairwise_ratio": pair_ratio,
         "honest_cosines": {f"{a}~{b}": c for (a, b), c in cosines.items()},
         "base": base,
+        "alone_minus_base": alone_as_sent,
         "validation_screens": screens,
         "rows": rows,
     }

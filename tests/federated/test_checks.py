@@ -221,7 +221,8 @@ def test_statistics_checks(tiny_llama):
     q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
     out_f, in_f = shapes[q]
     files = statistics_files
-    bounds = StatisticsBounds(max_tokens=64, token_norm_sq=1.0)
+    bounds = StatisticsBounds.for_study(2, 24, 8, token_norm_sq=1.0)  # at most 2 × (24 + 8) = 64 tokens
+    assert bounds == StatisticsBounds(max_tokens=64, token_norm_sq=1.0)
 
     good = files({f"gram::{q}": gram(in_f), f"fisher::{q}": torch.ones(out_f, in_f)}, {k: q})
     summary = check_statistics("north", good, shapes, ["gram"], bounds)

@@ -6,6 +6,7 @@ Honest inputs pass unchanged."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -71,29 +72,52 @@ def test_honest_adapters_pass_every_screen_unchanged(study, sent):
     assert min(cosines.values()) > 0.2 and screen_directions(cosines) == {}
 
 
-def test_a_x1000_adapter_is_clipped_to_the_reference_norm_and_named(study, sent):
-    """×1000: every module 1000× the others' (median over the three sites = an honest norm), above K_NORM:
-    each module's ΔW is scaled back to the reference norm, its direction kept; the line names the site."""
+def test_a_x1000_adapter_is_scaled_back_and_named(study, sent):
+    """×1000: every module ~1000× the reference (the median of the three sites: an honest norm), so the
+    site's median ratio ρ is above K_NORM: its whole ΔW is scaled by 1/ρ, its modules' relative sizes
+    kept; nothing is left above K_NORM × the reference; the verdict line names the site."""
     adapters = checked(study, sent | {"east": scaled(sent["east"], 1000.0)})
     norms = module_norms(adapters)
     screen = screen_norms(norms)
-    assert set(screen.scales) == {"east"} and len(screen.scales["east"]) == len(study.modules)
+    assert set(screen.scales) == {"east"} and set(screen.rescaled) == {"east"}
     assert {f.site for f in screen.flags} == {"east"} and min(f.ratio for f in screen.flags) > 500
+    ratios = [
+        norms["east"][m] / statistics.median([norms[s][m] for s in ("north", "south")]) for m in study.modules
+    ]
+    assert screen.rescaled["east"] == pytest.approx(1 / statistics.median(ratios))
     (line,) = screen.lines()
-    assert line.startswith("site east: ΔW clipped to the reference norm in 14 module(s)")
+    assert line.startswith(f"site east: ΔW scaled by {screen.rescaled['east']:.3g} (its modules' norms were")
     clipped = clip_factors(adapters["east"], screen.scales["east"])
+    honest = checked(study, {"east": sent["east"]})["east"]
     for module, f in clipped.factors.items():
-        ref = reference({s: norms[s][module] for s in SITES}, "east")
-        assert lora_norm(f) == pytest.approx(ref, rel=1e-5)
-        assert torch.allclose(
-            f.delta() / lora_norm(f),
-            adapters["east"].factors[module].delta() / norms["east"][module],
-            atol=1e-6,
-        )
+        assert lora_norm(f) <= K_NORM * reference({s: norms[s][module] for s in SITES}, "east")
+        if screen.scales["east"][module] == screen.rescaled["east"]:  # scaled with the whole update
+            want = honest.factors[module].delta() * (1000 * screen.rescaled["east"])
+            assert torch.allclose(f.delta(), want, rtol=1e-4, atol=1e-7)
     refused = screen_norms(norms, refuse_share=0.5)
     assert list(refused.refused) == ["east"] and refused.scales == {}
     assert refused.lines()[0].startswith(
         "site east: refused by the norm screen (‖ΔW‖ above 3× the reference in 14 of 14"
+    )
+
+
+def test_one_outsized_module_is_clipped_to_the_reference(study, sent):
+    """A site that sends one module ×1000 and the rest as trained: not rescaled (its median ratio is
+    honest), that module alone is clipped to the reference norm."""
+    from tests.federated.lora_adapters import edit
+
+    target = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    bad = edit(sent["east"], tensors=lambda t: t | {target: t[target] * 1000})
+    adapters = checked(study, sent | {"east": bad})
+    screen = screen_norms(module_norms(adapters))
+    module = "model.layers.1.mlp.down_proj.weight"
+    assert screen.rescaled == {} and list(screen.scales["east"]) == [module]
+    ref = reference({s: lora_norm(adapters[s].factors[module]) for s in SITES}, "east")
+    assert lora_norm(clip_factors(adapters["east"], screen.scales["east"]).factors[module]) == pytest.approx(
+        ref
+    )
+    assert screen.lines()[0].startswith(
+        "site east: ΔW not rescaled; 1 module(s) clipped to the reference norm"
     )
 
 
@@ -151,16 +175,18 @@ def test_validation_screen_refuses_an_expert_that_makes_the_others_worse_than_ba
         return {"nll_sum": loss * tokens, "tokens": tokens}
 
     scored = {
-        "north": {"base": n(2.0), "north": n(1.0), "south": n(1.9), "east": n(2.5)},
-        "south": {"base": n(3.0), "north": n(2.8), "south": n(2.0), "east": n(3.4)},
-        "east": {"base": n(2.5), "north": n(2.4), "south": n(2.45), "east": n(0.1)},
+        "north": {"base": n(2.0), "north": n(1.0), "south": n(1.9), "east": n(2.9)},
+        "south": {"base": n(3.0), "north": n(2.8), "south": n(2.0), "east": n(3.7)},
+        "east": {"base": n(2.5), "north": n(2.55), "south": n(2.45), "east": n(0.1)},
     }
-    screen = validation_screen(scored)
-    assert screen["north"] == pytest.approx(-0.15) and screen["south"] == pytest.approx(-0.075)
+    screen = validation_screen(scored)  # margin 0.5 nats/token: an honest expert may be a little worse
+    assert screen["north"] == pytest.approx(-0.075) and screen["south"] == pytest.approx(-0.075)
     assert refusals(screen) == {
-        "east": "alone it worsens the other sites' validation loss by +0.4500 nats/token "
-        "(median over 2 site(s), margin 0)"
+        "east": "alone it worsens the other sites' validation loss by +0.8000 nats/token "
+        "(median over 2 site(s), margin 0.5)"
     }
+    assert list(refusals(validation_screen(scored, margin=0.0))) == ["east"]
+    assert refusals(validation_screen(scored, margin=1.0)) == {}
 
 
 def test_the_objective_bounds_each_sites_numbers():
@@ -195,7 +221,7 @@ def test_screen_adapters_is_both_screens_in_the_coordinators_order(study, sent):
         )
     both = checked(study, sent | {"east": scaled(sent["east"], 1000.0)})
     clipped = screen_adapters(both)
-    assert clipped.refused == {} and clipped.lines[0].startswith("site east: ΔW clipped")
+    assert clipped.refused == {} and clipped.lines[0].startswith("site east: ΔW scaled by")
     assert max(lora_norm(f) for f in clipped.adapters["east"].factors.values()) < 10 * max(
         lora_norm(f) for f in clipped.adapters["north"].factors.values()
     )

@@ -365,6 +365,16 @@ class StatisticsBounds:
     max_tokens: int | None = None
     token_norm_sq: float | None = None
 
+    @classmethod
+    def for_study(
+        cls, examples: int, max_prompt_tokens: int, max_answer_tokens: int, token_norm_sq: float | None = None
+    ) -> StatisticsBounds:
+        """The bounds of a study whose Grams sum at most `examples` training questions (its
+        `federation.statistics.examples`), each at most max_prompt_tokens + max_answer_tokens tokens (its
+        `train` settings: a causal input is prompt ‖ answer ‖ eos, the answer's eos within its budget; a
+        seq2seq pair's encoder and decoder tokens together are no more)."""
+        return cls(examples * (max_prompt_tokens + max_answer_tokens), token_norm_sq)
+
 
 @dataclass(frozen=True)
 class StatisticsSummary:

@@ -7,9 +7,15 @@ the r×r Grams ‖BA‖_F² = trace((BᵀB)(AAᵀ)) without forming ΔW. Its ref
 sites of that module's norms when there are ≥ 3 sites (robust while honest sites are a majority: the
 median is an honest site's norm or lies between two), and the OTHER site's norm when there are 2 (the
 median of two is their mean, which a ×1000 site drags up to 500×: no outlier would ever be seen). A
-norm above K_NORM × reference is an outlier: that module's ΔW is scaled down to the reference norm
-(its direction kept), so after the screen every ‖ΔW_im‖ ≤ K_NORM · reference_m. With `refuse_share`, a
-site that is an outlier in more than that share of its modules is refused whole instead.
+norm above K_NORM × reference is an outlier. A site whose median ratio over its modules exceeds K_NORM
+(an outsized update: ×1000) has its whole update scaled back to the other sites' typical size (one
+factor, so the relative sizes of its modules are kept); each module still above K_NORM × reference is
+then clipped to the reference norm (its direction kept). After the screen every ‖ΔW_im‖ ≤ K_NORM ·
+reference_m. With `refuse_share`, a site that is an outlier in more than that share of its modules is
+refused whole instead.
+(bench/poisoning.py: clipping each module of a ×1000 adapter to the reference norm, rather than one
+scale for the whole adapter, moved the chosen TIES merge by +0.012 nats/token: an honest adapter's
+module norms range over 0.64–1.46× the median, and TIES's trimming reads magnitudes.)
 With 2 sites there is no majority: the rule bounds each site to K_NORM × the other's norm, but which of
 two disagreeing sites is honest cannot be told (a site sending a tiny update caps the other's).
 
@@ -51,8 +57,13 @@ K_NORM = 3.0
 # modules 0.06 (MedQuAD ~ GenMedGPT) to 0.23 (MedQuAD ~ MedQuAD): a flipped site's are these negated.
 # This rests on the sites sharing the study's seed (the same LoRA A init); different seeds give ≈ 0.
 DIRECTION_THRESHOLD = 0.0
-VALIDATION_MARGIN = 0.0  # refused when it worsens the others' validation loss vs base by more (nats/token)
-K_GRAM = 4.0  # mean ‖x‖² outside [1/K_GRAM, K_GRAM] × the reference is refused
+# refused when alone it worsens the other sites' validation loss vs the base by more (nats/token, median
+# over the other sites). bench/poisoning.py: honest experts alone at another site −0.36 … +0.053 (a
+# MedQuAD expert on GenMedGPT questions); the sign-flipped expert +2.77 … +3.50, the ×1000 one +15
+VALIDATION_MARGIN = 0.5
+# mean ‖x‖² outside [1/K_GRAM, K_GRAM] × the reference is refused. bench/poisoning.py --statistics, the
+# three real experts' Grams (64 questions each): honest ratios to the median 0.62–1.31
+K_GRAM = 4.0
 K_TOKENS = 2.0  # a site's token weight is at most K_TOKENS × the reference
 
 
@@ -91,22 +102,32 @@ class NormFlag:
 
 @dataclass(frozen=True)
 class NormScreen:
-    """The norm screen's verdict: every outlier (site, module), the factor each clipped module's ΔW is
-    multiplied by (< 1), and the sites refused whole (site → one-line reason)."""
+    """The norm screen's verdict: every outlier (site, module) as sent, the sites whose whole update was
+    rescaled (site → the factor), the factor each module's ΔW is multiplied by (< 1; every module of a
+    rescaled site, and each outlier clipped to its reference), and the sites refused whole."""
 
     k: float
     flags: list[NormFlag] = field(default_factory=list)
     scales: dict[str, dict[str, float]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    rescaled: dict[str, float] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        """One line per refused site and per site with clipped modules, for the verdict."""
+        """One line per refused site and per site whose update was rescaled or clipped, for the verdict."""
         out = [f"site {s}: refused by the norm screen ({why})" for s, why in self.refused.items()]
         for site, scales in self.scales.items():
-            worst = max((f for f in self.flags if f.site == site), key=lambda f: f.ratio)
+            mine = [f for f in self.flags if f.site == site]
+            worst = max(mine, key=lambda f: f.ratio)
+            whole = self.rescaled.get(site)
+            clipped = sum(1 for v in scales.values() if v != whole)
+            head = (
+                f"ΔW scaled by {whole:.3g} (its modules' norms were a median {1 / whole:.3g}× the reference)"
+                if whole is not None
+                else "ΔW not rescaled"
+            )
             out.append(
-                f"site {site}: ΔW clipped to the reference norm in {len(scales)} module(s), the largest "
-                f"{worst.ratio:.3g}× the reference ({worst.module})"
+                f"site {site}: {head}; {clipped} module(s) clipped to the reference norm; {len(mine)} "
+                f"outlier(s) as sent, the largest {worst.ratio:.3g}× the reference ({worst.module})"
             )
         return out
 
@@ -114,34 +135,59 @@ class NormScreen:
 def screen_norms(
     norms: Mapping[str, Mapping[str, float]], k: float = K_NORM, refuse_share: float | None = None
 ) -> NormScreen:
-    """The norm screen (module doc) over {site: {module: ‖ΔW‖_F}}: outliers are norms > k × reference;
-    each is clipped to the reference norm, or, where a site's outliers exceed `refuse_share` of its
-    modules, the site is refused."""
+    """The norm screen (module doc) over {site: {module: ‖ΔW‖_F}}. ratio = norm / reference per module;
+    a ratio > k is an outlier. A site with outliers is, with `refuse_share`, refused where they exceed
+    that share of its modules. Otherwise its update is bounded in two steps: where the median of its
+    ratios over all its modules, ρ, exceeds k (the whole update is outsized, e.g. ×1000), every module
+    is scaled by 1/ρ, which keeps the relative sizes of its modules (the ×1000 adapter comes back as
+    sent before the ×1000); then each module still above k × its reference is clipped to the reference
+    norm. After the screen every module's ‖ΔW‖ ≤ k × its reference."""
     if k < 1:
         raise ValueError(f"k = {k}: expected ≥ 1")
+    ratios: dict[str, dict[str, float]] = {site: {} for site in norms}
     flags = []
     for module in sorted({m for n in norms.values() for m in n}):
         values = {s: n[module] for s, n in norms.items() if module in n}
         for site, norm in values.items():
             ref = reference(values, site)
-            if norm > k * ref:
-                flags.append(NormFlag(site, module, norm, ref))
+            flag = NormFlag(site, module, norm, ref)
+            ratios[site][module] = flag.ratio
+            if flag.ratio > k:
+                flags.append(flag)
     scales: dict[str, dict[str, float]] = {}
     refused: dict[str, str] = {}
-    for site in norms:
-        mine = [f for f in flags if f.site == site]
+    rescaled: dict[str, float] = {}
+    for site, mine in ((s, [f for f in flags if f.site == s]) for s in norms):
         if not mine:
             continue
-        share = len(mine) / max(len(norms[site]), 1)
-        if refuse_share is not None and share > refuse_share:
+        if refuse_share is not None and len(mine) > refuse_share * len(norms[site]):
             median = statistics.median(f.ratio for f in mine)
             refused[site] = (
                 f"‖ΔW‖ above {k:g}× the reference in {len(mine)} of {len(norms[site])} modules, "
                 f"median {median:.3g}×"
             )
-        else:
-            scales[site] = {f.module: f.reference / f.norm for f in mine}
-    return NormScreen(k, flags, scales, refused)
+            continue
+        typical = statistics.median(ratios[site].values())
+        whole = 1 / _others_ratio(norms, site) if typical > k else 1.0
+        scales[site] = {m: whole for m in ratios[site]} if whole < 1 else {}
+        for module, ratio in ratios[site].items():
+            if ratio * whole > k:
+                scales[site][module] = 1 / ratio  # to the reference norm
+        if whole < 1:
+            rescaled[site] = whole
+    return NormScreen(k, flags, scales, refused, rescaled)
+
+
+def _others_ratio(norms: Mapping[str, Mapping[str, float]], site: str) -> float:
+    """ρ: the median over `site`'s modules of its norm / the median of the OTHER sites' norms there — how
+    many times the others' size its update is (the others only: its own outsized norms do not pull the
+    reference up, as a median over three sites that includes it would)."""
+    ratios = []
+    for module, norm in norms[site].items():
+        others = [n[module] for s, n in norms.items() if s != site and module in n]
+        ref = statistics.median(others) if others else norm
+        ratios.append(norm / ref if ref > 0 else math.inf)
+    return statistics.median(ratios)
 
 
 def clip_factors(adapter: CheckedAdapter, scales: Mapping[str, float]) -> CheckedAdapter:
