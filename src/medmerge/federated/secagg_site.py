@@ -156,7 +156,10 @@ class SecAggSite:
             return step(request)
         except SecAggRefused:
             raise
-        except (MedmergeError, ValueError, ValidationError) as exc:
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise self._refuse(f"{'.'.join(map(str, first['loc'])) or 'request'}: {first['msg']}") from None
+        except (MedmergeError, ValueError) as exc:
             raise self._refuse(str(exc).splitlines()[0]) from None
 
     def _coefficients(self, sites: tuple[str, ...]) -> dict[str, float]:
