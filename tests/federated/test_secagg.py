@@ -84,7 +84,7 @@ def test_sum_within_quantization_tolerance(tmp_path, n, bits):
     names = [f"site{i}" for i in range(n)]
     data = site_data(names)
     setup = recommended_setup("r1", names, layout(data), modulus_bits=bits, levels=2**20)
-    result, ex = run(setup, make_sites(tmp_path, data))
+    result, ex = run(setup, make_sites(tmp_path, data), stream=n == 5)  # 5: vectors added as they come
     assert result.survivors == tuple(names) and not ex.refusals
     truth = exact(data, names)
     for name, value in result.tensors.items():
@@ -310,9 +310,9 @@ def test_wrong_share_outvoted(tmp_path):
 
     def exchange(requests):
         replies = local(requests)
-        if isinstance(replies.get("e"), UnmaskReply):
-            bad = {u: s[:4] + bytes(len(s) - 4) for u, s in replies["e"].b_shares.items()}
-            replies["e"] = UnmaskReply(b_shares=bad, sk_shares={})
+        if isinstance(replies.get("a"), UnmaskReply):  # a: in the first t-subset tried
+            bad = {u: s[:4] + bytes(len(s) - 4) for u, s in replies["a"].b_shares.items()}
+            replies["a"] = UnmaskReply(b_shares=bad, sk_shares={})
         return replies
 
     result = run_secure_sum(SecAggCoordinator(recommended_setup("bad", names, layout(data))), exchange)

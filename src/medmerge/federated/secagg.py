@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -67,7 +67,7 @@ __all__ = [
     "wire_size",
 ]
 log = logging.getLogger(__name__)
-Exchange = Callable[[dict[str, Request]], Mapping[str, Reply]]
+Exchange = Callable[[dict[str, Request]], Mapping[str, Reply] | Iterable[tuple[str, Reply]]]
 STAGE_OF = {request: name for name, (request, _) in STAGES.items()}
 
 
@@ -110,15 +110,20 @@ def recommended_setup(
         raise MedmergeError(f"secure sum {round_id}: {where}: {first['msg']}") from None
 
 
+def _items(replies: Mapping[str, Reply] | Iterable[tuple[str, Reply]]) -> Iterable[tuple[str, Reply]]:
+    return replies.items() if isinstance(replies, Mapping) else replies
+
+
 def run_secure_sum(coordinator: SecAggCoordinator, exchange: Exchange) -> SecureSum:
-    """Drive the four stages over `exchange`; raises RoundFailed when too few sites or shares remain."""
-    replies = exchange(coordinator.setup_requests())
-    replies = exchange(coordinator.share_keys_requests(replies))
-    replies = exchange(coordinator.masked_vector_requests(replies))
-    for site in list(replies):
-        coordinator.receive_masked(site, replies[site])
-    del replies
-    return coordinator.aggregate(exchange(coordinator.unmask_requests()))
+    """Drive the four stages over `exchange`; raises RoundFailed when too few sites or shares remain.
+    An exchange may return an iterable of (site, reply) instead of a mapping: the masked vectors are
+    then added to the total one by one as they come, and each can be freed before the next arrives."""
+    replies = dict(_items(exchange(coordinator.setup_requests())))
+    replies = dict(_items(exchange(coordinator.share_keys_requests(replies))))
+    for site, reply in _items(exchange(coordinator.masked_vector_requests(replies))):
+        coordinator.receive_masked(site, reply)
+        del reply
+    return coordinator.aggregate(dict(_items(exchange(coordinator.unmask_requests()))))
 
 
 def wire_size(record: Record) -> int:
@@ -132,7 +137,8 @@ def wire_size(record: Record) -> int:
 class LocalExchange:
     """In-process transport over `sites` ({name: SecAggSite}). Each request and reply crosses as JSON and
     is parsed by its receiver's record type (with `serialize=False`, records are passed as they are:
-    for benchmarks of large vectors). `drop={site: stage}` makes a site vanish from that stage on.
+    for benchmarks of large vectors; with `stream=True`, replies come as a generator, each site handled
+    when the coordinator reaches it). `drop={site: stage}` makes a site vanish from that stage on.
     Kept: `wire` [(direction, site, stage, JSON bytes)], every byte the coordinator sent or received
     (serialize=True only); `refusals` {site: reason}; `sent` and `received` bytes per site (wire_size)."""
 
@@ -142,8 +148,9 @@ class LocalExchange:
         *,
         serialize: bool = True,
         drop: Mapping[str, str] | None = None,
+        stream: bool = False,
     ) -> None:
-        self.sites, self.serialize, self.drop = dict(sites), serialize, dict(drop or {})
+        self.sites, self.serialize, self.drop, self.stream = dict(sites), serialize, dict(drop or {}), stream
         self.wire: list[tuple[str, str, str, bytes]] = []
         self.refusals: dict[str, str] = {}
         self.sent: dict[str, int] = {}
@@ -159,8 +166,11 @@ class LocalExchange:
         self.wire.append((direction, site, stage, data))
         return type(record).model_validate_json(data)
 
-    def __call__(self, requests: dict[str, Request]) -> dict[str, Reply]:
-        replies: dict[str, Reply] = {}
+    def __call__(self, requests: dict[str, Request]) -> dict[str, Reply] | Iterator[tuple[str, Reply]]:
+        replies = self._replies(requests)
+        return replies if self.stream else dict(replies)
+
+    def _replies(self, requests: dict[str, Request]) -> Iterator[tuple[str, Reply]]:
         for site, request in requests.items():
             stage = STAGE_OF[type(request)]
             if self.drop.get(site) == stage or site in self._gone:
@@ -172,5 +182,4 @@ class LocalExchange:
                 self.refusals[site] = str(exc).splitlines()[0]
                 self._gone.add(site)
                 continue
-            replies[site] = self._cross("from", site, stage, reply)
-        return replies
+            yield site, self._cross("from", site, stage, reply)

@@ -53,16 +53,31 @@ class SecureSum:
     tolerance: dict[str, float] = field(default_factory=dict)
 
 
+def _combine(shares: Mapping[str, bytes], holders: tuple[str, ...]) -> bytes | None:
+    try:
+        return combine_shares([shares[h] for h in holders])
+    except ValueError:
+        return None
+
+
 def reconstruct(shares: Mapping[str, bytes], t: int, valid: Callable[[bytes], bool]) -> bytes | None:
-    """The secret most t-subsets of `shares` agree on among those `valid` accepts (a wrong share spoils
-    only the subsets holding it); None when fewer than t shares or no unique winner."""
+    """The secret rebuilt from t of `shares`. With more than t, the first and the last t-subsets must agree
+    (a wrong share spoils every subset holding it, each differently); if they do not, the secret most
+    t-subsets agree on among those `valid` accepts. None: fewer than t shares, or no unique winner."""
+    holders = sorted(shares)
+    if len(holders) < t:
+        return None
+    first = _combine(shares, tuple(holders[:t]))
+    if (
+        first is not None
+        and valid(first)
+        and (len(holders) == t or _combine(shares, tuple(holders[-t:])) == first)
+    ):
+        return first
     votes: Counter[bytes] = Counter()
-    for subset in islice(combinations(sorted(shares), t), MAX_COMBINATIONS):
-        try:
-            secret = combine_shares([shares[h] for h in subset])
-        except ValueError:
-            continue
-        if valid(secret):
+    for subset in islice(combinations(holders, t), MAX_COMBINATIONS):
+        secret = _combine(shares, subset)
+        if secret is not None and valid(secret):
             votes[secret] += 1
     ranked = votes.most_common(2)
     if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
