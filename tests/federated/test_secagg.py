@@ -355,3 +355,18 @@ def test_site_stages_in_order_and_secrets_stay(tmp_path):
     for n in names:  # a site writes its history only: no key, seed or share
         assert [p.name for p in (tmp_path / n).iterdir()] == [HISTORY_FILE]
         assert "PRIVATE" not in (tmp_path / n / HISTORY_FILE).read_text()
+
+
+@pytest.mark.parametrize("levels", [2**30, 2**44])
+def test_finest_levels_round_within_tolerance(levels):
+    """Float64 forms w·x·L/(2c) within a few ulp; at L ≤ 2^44 that stays far inside the K·Δ/2 bound.
+    (simulate_sum is the protocol's arithmetic bit for bit: test_sum_within_quantization_tolerance.)"""
+    rng = np.random.default_rng(9)
+    names = ["a", "b", "c", "d", "e"]
+    data = {n: {"x": rng.uniform(-3.7, 3.7, 200_000).astype(np.float32)} for n in names}
+    weights = {n: w for n, w in zip(names, [0.3, 0.7, 1.1, 0.9, 0.45], strict=True)}
+    spec = [spec_for("x", data["a"]["x"], 3.7 * 1.1)]
+    setup = recommended_setup("fine", names, spec, modulus_bits=64, levels=levels, weights=weights)
+    err = np.abs(simulate_sum(setup, data)["x"] - exact(data, names, weights)["x"]).max()
+    bound = len(names) * (2 * 3.7 * 1.1 / levels) / 2
+    assert err <= bound * (1 + 2**-7)

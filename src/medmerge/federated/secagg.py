@@ -85,12 +85,12 @@ def recommended_setup(
     """A SetupRequest with the parameters docs/secure-aggregation.md recommends: the complete graph
     (k = N − 1) up to 20 sites, else a ring of k = 2·⌈log₂ N⌉; t = ⌊(k+1)/2⌋ + 1 share holders (a
     majority); and, unless given, the most levels the modulus allows, L = 2^(bits − ⌊log₂ N⌋ − 1), capped
-    at 2^52 (so N·L < 2^bits)."""
+    at 2^44 (so N·L < 2^bits)."""
     names = sorted(participants)
     n = len(names)
     k = n - 1 if n <= 20 else 2 * math.ceil(math.log2(n))
     if levels is None:
-        levels = 2 ** min(52, modulus_bits - int(math.log2(max(n, 1))) - 1)
+        levels = 2 ** min(44, modulus_bits - int(math.log2(max(n, 1))) - 1)
     try:
         return SetupRequest(
             round_id=round_id,

@@ -156,9 +156,9 @@ class Accumulator:
 
 
 def sum_tolerance(setup: SetupRequest, sites: int) -> dict[str, float]:
-    """Per tensor, the largest |secure sum − Σ w·x| quantization allows: sites × Δ/2 (inputs within ±c),
-    with a relative slack of 1e-9 for float64 rounding."""
-    return {spec.name: sites * setup.step(spec) / 2 * (1 + 1e-9) for spec in setup.layout}
+    """Per tensor, the largest |secure sum − Σ w·x| quantization allows (inputs within ±c): sites × Δ/2,
+    plus 2^-7 of it for float64 rounding of w·x·L/(2c) (≤ 3 ulp of a value ≤ 2^43, i.e. ≤ 3·2^-10 Δ)."""
+    return {spec.name: sites * setup.step(spec) / 2 * (1 + 2**-7) for spec in setup.layout}
 
 
 def simulate_sum(setup: SetupRequest, contributions: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
