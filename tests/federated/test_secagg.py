@@ -370,3 +370,19 @@ def test_finest_levels_round_within_tolerance(levels):
     err = np.abs(simulate_sum(setup, data)["x"] - exact(data, names, weights)["x"]).max()
     bound = len(names) * (2 * 3.7 * 1.1 / levels) / 2
     assert err <= bound * (1 + 2**-7)
+
+
+def test_failing_contribution_refused_without_its_text(tmp_path):
+    names = ["a", "b", "c", "d"]
+    data = site_data(names, seed=10)
+    sites = make_sites(tmp_path, data)
+
+    def broken(setup):
+        raise FileNotFoundError("/data/site-d/private_questions.jsonl")
+
+    sites["d"] = SecAggSite("d", tmp_path / "d", broken)
+    result, ex = run(recommended_setup("fail", names, layout(data)), sites)
+    assert ex.refusals == {"d": "site d: masked_vector failed (FileNotFoundError)"}
+    assert result.survivors == ("a", "b", "c") and result.dropped == ("d",)
+    truth = exact(data, ["a", "b", "c"])
+    assert all(np.abs(result.tensors[k] - truth[k]).max() <= result.tolerance[k] for k in truth)

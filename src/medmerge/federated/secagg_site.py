@@ -161,6 +161,9 @@ class SecAggSite:
             raise self._refuse(f"{'.'.join(map(str, first['loc'])) or 'request'}: {first['msg']}") from None
         except (MedmergeError, ValueError) as exc:
             raise self._refuse(str(exc).splitlines()[0]) from None
+        except Exception as exc:  # e.g. the contribution's own failure: its text stays in the site's log
+            log.exception("secure sum at site %s: %s failed", self.name, stage)
+            raise self._refuse(f"{stage} failed ({type(exc).__name__})") from None
 
     def _coefficients(self, sites: tuple[str, ...]) -> dict[str, float]:
         return {s: self.setup_request.weight(s) for s in sites}
