@@ -386,3 +386,22 @@ def test_failing_contribution_refused_without_its_text(tmp_path):
     assert result.survivors == ("a", "b", "c") and result.dropped == ("d",)
     truth = exact(data, ["a", "b", "c"])
     assert all(np.abs(result.tensors[k] - truth[k]).max() <= result.tolerance[k] for k in truth)
+
+
+def test_sparse_graph_with_dropouts(tmp_path):
+    """SecAgg+'s ring: 7 sites, each masks with and shares among its 4 nearest; two drop."""
+    names = [f"s{i}" for i in range(7)]
+    data = site_data(names, seed=11)
+    full = recommended_setup("ring", names, layout(data)).model_dump()
+    setup = SetupRequest.model_validate({**full, "neighbours": 4, "threshold": 3})
+    assert setup.neighbours_of("s0") == ("s1", "s2", "s5", "s6")
+    drop = {"s2": "secagg_masked_vector", "s5": "secagg_unmask"}
+    result, ex = run(setup, make_sites(tmp_path, data), drop=drop)
+    summed = [n for n in names if n != "s2"]
+    assert list(result.survivors) == summed and result.dropped == ("s2",)
+    truth = exact(data, summed)
+    assert all(np.abs(result.tensors[k] - truth[k]).max() <= result.tolerance[k] for k in truth)
+    keys = [
+        json.loads(d) for dr, s, st, d in ex.wire if dr == "to" and s == "s0" and st == "secagg_share_keys"
+    ]
+    assert sorted(keys[0]["public_keys"]) == ["s0", "s1", "s2", "s5", "s6"]  # s3, s4 never see s0's keys
