@@ -405,3 +405,15 @@ def test_sparse_graph_with_dropouts(tmp_path):
         json.loads(d) for dr, s, st, d in ex.wire if dr == "to" and s == "s0" and st == "secagg_share_keys"
     ]
     assert sorted(keys[0]["public_keys"]) == ["s0", "s1", "s2", "s5", "s6"]  # s3, s4 never see s0's keys
+
+
+def test_nan_contribution_refused_before_it_is_charged(tmp_path):
+    names = ["a", "b", "c", "d"]
+    data = site_data(names, seed=12)
+    data["d"]["fisher"][3] = np.nan
+    charged = []
+    setup = recommended_setup("nan", names, layout(data), mode="secure+dp", noise_multiplier=1.0)
+    result, ex = run(setup, make_sites(tmp_path, data, charge=charged.append, noise=1.0))
+    assert "NaN" in ex.refusals["d"] and result.survivors == ("a", "b", "c")
+    assert sorted(r.participants for r in charged) == [tuple(names)] * 3  # d spent nothing
+    assert not (tmp_path / "d" / HISTORY_FILE).exists()  # nor counted a sum

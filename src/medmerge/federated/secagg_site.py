@@ -246,17 +246,17 @@ class SecAggSite:
             if (contribution.noise_multiplier or 0) < s.noise_multiplier:
                 raise self._refuse(f"the contribution's noise is below noise_multiplier {s.noise_multiplier}")
         self._check_sum(s.participants)
-        if s.mode == "secure+dp":
+        pairs = [
+            (mask_seed(self._sk_mask, self._peers[v][0]), 1 if s.index(self.name) > s.index(v) else -1)
+            for v in sources
+        ]
+        vector, self.clipped = mask(s, tensors, s.weight(self.name), self._b, pairs)  # refuses NaN
+        if s.mode == "secure+dp":  # spent and counted before the vector leaves
             try:
                 self._charge(SumRelease(s.round_id, s.participants, s.threshold, s.noise_multiplier))
             except MedmergeError as exc:
                 raise self._refuse(f"privacy ledger: {str(exc).splitlines()[0]}") from None
         self.history.add_joined()
-        pairs = [
-            (mask_seed(self._sk_mask, self._peers[v][0]), 1 if s.index(self.name) > s.index(v) else -1)
-            for v in sources
-        ]
-        vector, self.clipped = mask(s, tensors, s.weight(self.name), self._b, pairs)
         if self.clipped:
             log.warning(
                 "secure sum %s at site %s: %d entries clipped to ±c", s.round_id, self.name, self.clipped
