@@ -23,7 +23,7 @@ from typing import Any
 
 from medmerge.config import ExperimentConfig
 from medmerge.errors import MedmergeError
-from medmerge.evaluate.privacy import POST_PROCESSING
+from medmerge.evaluate.privacy import DP_NOTE
 from medmerge.evaluate.records import Evaluation
 from medmerge.evaluate.stats import PairedTest, paired_bootstrap
 from medmerge.manifest import build_manifest, write_json_atomic
@@ -290,7 +290,7 @@ def summary_lines(v: Verdict) -> list[str]:
             who = f"the expert best on these sets in hindsight, {oracle.expert}"
             lines.append(f"{domain}: against {who}, the merge's test loss is {_versus(oracle.loss, '')}.")
     if any(row.dp for row in v.table):
-        lines.append(POST_PROCESSING)
+        lines.append(DP_NOTE)
     gap = _gap_line(v)
     if gap is not None:
         lines.append(gap)
