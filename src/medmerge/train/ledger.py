@@ -64,9 +64,12 @@ def spent_epsilon(history: list[Entry] | tuple[Entry, ...], delta: float, accoun
         return 0.0
     if any(s <= 0 and q > 0 for s, q, _ in entries):
         return math.inf
+    import numpy as np
+
     acc = create_accountant(mechanism=accountant)
     acc.history = entries
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore", invalid="ignore"):  # PRV at q = 1 takes log(1 − q) = −∞ (harmless)
+        return float(acc.get_epsilon(delta=delta))
 
 
 @dataclass(frozen=True)
