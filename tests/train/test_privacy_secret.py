@@ -96,3 +96,13 @@ def test_the_secret_seeds_are_written_nowhere(tiny_llama, tiny_qa_jsonl, tmp_pat
         # a fresh generator with the same seed: the start of its Mersenne-Twister state
         state = torch.Generator().manual_seed(g.initial_seed()).get_state().numpy().tobytes()[8:72]
         assert not any(state in data for data in contents.values())
+
+
+def test_gaussian_noise_for_releases_is_secret_and_calibrated() -> None:
+    """The noise the statistics helpers add: N(0, std²) (Opacus's secure-mode construction), and two
+    secret generators draw different noise."""
+    like = torch.zeros(200_000)
+    a = dp.gaussian_noise(like, 3.0, dp.secret_generator())
+    b = dp.gaussian_noise(like, 3.0, dp.secret_generator())
+    assert not torch.equal(a, b)
+    assert abs(float(a.mean())) < 0.05 and abs(float(a.std()) - 3.0) < 0.03
