@@ -15,7 +15,8 @@ learning rate and seed for every ε.
     Each canary's answer NLL is ranked among --candidates random codes in the same sentence:
     exposure = log2(K + 1) − log2(rank) (rank 1 = the true code is the model's likeliest: the maximum,
     log2(K + 1)), and the Gaussian-fit estimate −log2 Φ((nll_true − μ) / s) over the candidates' NLLs,
-    which extends past K. Chance: rank ≈ K/2, exposure ≈ 1 bit.
+    which extends past K. Chance: a uniform rank gives E[exposure] ≈ log2(e) ≈ 1.44 bits (the base
+    model's row is printed as the reference).
 
 Randomness: the site's split, the canaries and their candidates come from --seed (public: the audit
 must be repeatable); DP's sampling and noise are secret (os.urandom), so finite-ε rows vary run to run.
@@ -90,7 +91,9 @@ def _canary_pair(name: str, code: str) -> tuple[str, str]:
 def _encode(tokenizer: Any, question: str, answer: str, args: argparse.Namespace) -> dict:
     from medmerge.data import encode_pair
 
-    return encode_pair(question, answer, tokenizer, "causal", args.max_prompt_tokens, args.max_answer_tokens)
+    return encode_pair(
+        question, answer, tokenizer, "causal", args.max_prompt_tokens, args.max_answer_tokens, args.system
+    )
 
 
 def _config(args: argparse.Namespace, epsilon: float, spec: str):
@@ -114,6 +117,7 @@ def _config(args: argparse.Namespace, epsilon: float, spec: str):
             "checkpoint_every": 0,
             "threads": args.threads,
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+            "system_prompt": args.system,
             "privacy": privacy,
         },
         TrainConfig,
@@ -143,17 +147,51 @@ def _losses(
     return out
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _suffix_nlls(model: Any, candidates: list[dict], bf16: bool, batch: int = 64) -> list[float]:
+    """Σ NLL (nats) of each candidate's tokens after the candidates' common token prefix, which is run
+    once and its KV cache reused (the prompt and "The lab code of patient NAME is" are shared; only the
+    code, the full stop and eos differ). The prefix's own NLL is the same for every candidate, so ranks
+    are those of the full answers' NLLs."""
+    import copy
+
+    import torch
+
+    from medmerge.train.precision import autocast_context
+
+    ids = [c["input_ids"] for c in candidates]
+    p = min(_common_prefix(ids[0], other) for other in ids[1:])
+    cpu = torch.device("cpu")
+    out: list[float] = []
+    with torch.inference_mode(), autocast_context(bf16, cpu):
+        first = model(input_ids=torch.tensor([ids[0][:p]]), use_cache=True)
+        first_logp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
+        for start in range(0, len(ids), batch):
+            suffixes = [i[p:] for i in ids[start : start + batch]]
+            width = max(len(s) for s in suffixes)
+            x = torch.tensor([s + [0] * (width - len(s)) for s in suffixes])  # right padding: never read
+            cache = copy.deepcopy(first.past_key_values)
+            cache.batch_repeat_interleave(len(suffixes))
+            logp = torch.log_softmax(
+                model(input_ids=x, past_key_values=cache, use_cache=True).logits.float(), -1
+            )
+            for b, s in enumerate(suffixes):
+                nll = -float(first_logp[s[0]]) - sum(float(logp[b, k - 1, s[k]]) for k in range(1, len(s)))
+                out.append(nll)
+    return out
+
+
 def _score(model: Any, data: dict, pad_id: int, bf16: bool) -> dict[str, Any]:
     """Per-pair losses of held-in / held-out pairs and each canary's candidate NLLs (true code first)."""
     held_in = [m for m, _ in _losses(model, data["held_in"], pad_id, bf16)]
     held_out = [m for m, _ in _losses(model, data["held_out"], pad_id, bf16)]
-    sums = [s for _, s in _losses(model, data["canary_candidates"], pad_id, bf16, batch=64)]
-    width = len(sums) // len(data["canaries"])
-    return {
-        "held_in": held_in,
-        "held_out": held_out,
-        "canaries": [sums[k * width : (k + 1) * width] for k in range(len(data["canaries"]))],
-    }
+    model.eval()
+    canaries = [_suffix_nlls(model, candidates, bf16) for candidates in data["canary_candidates"]]
+    model.train()
+    return {"held_in": held_in, "held_out": held_out, "canaries": canaries}
 
 
 def auc_and_tpr(positives: list[float], negatives: list[float], fpr: float = 0.01) -> tuple[float, float]:
@@ -296,7 +334,7 @@ def _plot(rows: list[dict], repeats: list[int], path: Path) -> None:
     ax1.legend(fontsize=8)
     for r, label in zip(rows, labels, strict=True):
         ax2.plot(repeats, [r["summary"]["exposure"][k] for k in repeats], "o-", label=f"ε = {label}")
-    ax2.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="chance (≈ 1 bit)")
+    ax2.axhline(1 / math.log(2), color="grey", linestyle=":", linewidth=1, label="chance (≈ 1.44 bits)")
     ax2.set_xscale("log", base=2)
     ax2.set_xticks(repeats, [str(k) for k in repeats])
     ax2.set_xlabel("canary repetitions (one group)")
@@ -328,6 +366,7 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=48)
     parser.add_argument("--max-answer-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--system", default="Medical Q&A.", help="system prompt (short: fewer tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--measure", type=int, default=0, help="time this many steps per ε only")
     args = parser.parse_args()
