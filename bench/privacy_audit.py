@@ -400,9 +400,8 @@ def main() -> None:
     data["held_out"] = [_encode(tokenizer, p.question, p.answer, args) for p in held_out]
     data["validation"] = [_encode(tokenizer, p.question, p.answer, args) for p in validation]
     data["canary_candidates"] = [
-        _encode(tokenizer, *_canary_pair(c["name"], code), args)
+        [_encode(tokenizer, *_canary_pair(c["name"], code), args) for code in [c["code"], *c["candidates"]]]
         for c in canaries
-        for code in [c["code"], *c["candidates"]]
     ]
     tokens = sum(len(e["input_ids"]) for e in data["train"])
     print(
