@@ -258,7 +258,10 @@ def regmean_from_sums(
             rhs.append(right + sums[key(DELTA, name)].to(torch.float64) * (lam / total_weight))
         stacked = torch.cat(rhs).T  # (in, Σ out)
         factor, info = torch.linalg.cholesky_ex(tilde)
-        solved = torch.cholesky_solve(stacked, factor) if int(info) == 0 else torch.linalg.solve(tilde, stacked)
+        if int(info) == 0:
+            solved = torch.cholesky_solve(stacked, factor)
+        else:
+            solved = torch.linalg.solve(tilde, stacked)
         start = 0
         for name, right in zip(names, rhs, strict=True):
             rows = right.shape[0]
