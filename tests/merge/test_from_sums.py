@@ -64,7 +64,8 @@ def test_regmean_from_exact_sums_equals_regmean_of_each_sites_grams(alpha: float
         assert merged.method[name] == "regmean"
         torch.testing.assert_close(merged.weights[name], expected, rtol=1e-5, atol=1e-6)
     # a weight without a Gram is averaged
-    average = sum(w * (base["norm.weight"] + d["norm.weight"]) for w, (d, _, _) in zip(WEIGHTS, sites, strict=True))
+    norms = [base["norm.weight"] + d["norm.weight"] for d, _, _ in sites]
+    average = sum(w * t for w, t in zip(WEIGHTS, norms, strict=True))
     torch.testing.assert_close(merged.weights["norm.weight"], average / sum(WEIGHTS))
     assert merged.method["norm.weight"] == "linear"
 
