@@ -15,10 +15,12 @@ FisherHooks forward hooks + output-gradient hooks: for a Linear y = x Wᵀ (+ b)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from medmerge.data import IGNORE_INDEX, pad_batch
 from medmerge.errors import MedmergeError
 
 
@@ -32,6 +34,53 @@ class Grams:
 
     def float32(self) -> dict[str, torch.Tensor]:
         return {name: g.float() for name, g in self.sums.items()}
+
+
+def gram_batch(batch: dict[str, torch.Tensor], seq2seq: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    """Seq2seq: one more (masked) encoder column where encoder and decoder lengths are equal."""
+    if seq2seq and batch["input_ids"].shape[1] == batch["labels"].shape[1]:
+        column = torch.full_like(batch["input_ids"][:, :1], pad_id)
+        batch["input_ids"] = torch.cat([batch["input_ids"], column], dim=1)
+        batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros_like(column)], dim=1)
+    return batch
+
+
+def head_free(model: torch.nn.Module, modules: dict[str, torch.nn.Linear]) -> dict[str, int]:
+    """{"logits_to_keep": 1} where the head needs no Gram and the forward takes it (no (B, T, V) logits)."""
+    import inspect
+
+    head = model.get_output_embeddings()
+    if any(m is head for m in modules.values()):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def token_batches(
+    examples: Sequence[Mapping[str, list[int]]], batch_size: int, seq2seq: bool, pad_id: int, device: torch.device
+):
+    """Padded batches of `examples` sorted by length (less padding), their token masks by (B, T) shape,
+    and the token counts they add ({"input": n} or {"encoder": n, "decoder": m})."""
+    ordered = sorted(examples, key=lambda e: (len(e["input_ids"]), len(e["labels"])))
+    for start in range(0, len(ordered), batch_size):
+        batch = gram_batch(pad_batch(ordered[start : start + batch_size], pad_id), seq2seq, pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = batch["attention_mask"].bool()  # (B, T)
+        masks = {tuple(inputs.shape): inputs}
+        counts = {"encoder" if seq2seq else "input": int(inputs.sum())}
+        if seq2seq:
+            answers = batch["labels"] != IGNORE_INDEX  # (B, T_dec): decoder positions that exist
+            masks[tuple(answers.shape)] = answers
+            counts["decoder"] = int(answers.sum())
+        yield batch, masks, counts
+
+
+def add_counts(grams: Grams, counts: dict[str, int]) -> None:
+    for name, n in counts.items():
+        grams.tokens[name] = grams.tokens.get(name, 0) + n
+
+
+def new_grams(seq2seq: bool) -> Grams:
+    return Grams(tokens={"encoder": 0, "decoder": 0} if seq2seq else {"input": 0})
 
 
 class GramHooks:
@@ -127,3 +176,53 @@ class FisherHooks:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+class ClippedGramHooks(GramHooks):
+    """Gram pre-hooks that clip each unit's contribution to the released vector before summing (DP).
+
+    During a forward each stored Linear's masked inputs X_i (example i's rows) are kept, with
+    ‖G_{i,m}‖_F² = ‖X_i X_iᵀ‖_F² (a (T, T) product per example). `finish_batch` then weighs module m by
+    f_m² (medmerge.train.private_stats.module_factors: the released vector holds G_m and ΔW·G_m,
+    ΔW·diag G_m for each weight reading m, whose norms are at most ‖ΔW‖₂·‖G_m‖_F), takes
+    N_i = √(Σ_m f_m² ‖G_{i,m}‖_F²), s_i = min(1, limit / N_i), and adds Σ_i s_i X_iᵀX_i.
+    So every example's share of the whole released vector (all modules together) is at most `limit`.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Linear], grams: Grams, limit: float) -> None:
+        super().__init__(modules, grams)
+        self.limit = limit
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # stored name → (X masked, ‖G_i‖²)
+        self.scales: list[torch.Tensor] = []  # s_i of every example so far, batch by batch
+
+    def _hook(self, name: str):
+        def pre(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            owner = next((stored for t, stored in self.seen if t is x), None)
+            if owner is not None:
+                if self.grams.aliases.setdefault(name, owner) != owner or name in self.grams.sums:
+                    raise MedmergeError(f"{name}: its input is shared differently from batch to batch")
+                return
+            mask = self.masks.get(tuple(x.shape[:-1]))
+            if mask is None or x.dim() != 3:
+                raise MedmergeError(f"{name}: input of shape {tuple(x.shape)} matches no token sequence")
+            rows = x.detach().float() * mask.unsqueeze(-1).float()  # (B, T, in), padding rows zero
+            outer = torch.bmm(rows, rows.transpose(1, 2))  # (B, T, T)
+            self.kept[name] = (rows, outer.square().sum(dim=(1, 2)).double())
+            self.seen.append((x, name))
+
+        return pre
+
+    def finish_batch(self, factors: dict[str, float]) -> torch.Tensor:
+        """Clip and add this batch (module doc); `factors`: f_m² by stored name. Returns s (B,)."""
+        squared = sum(factors[name] * norms for name, (_, norms) in self.kept.items())
+        scale = (self.limit / squared.sqrt().clamp(min=1e-300)).clamp(max=1.0)  # (B,)
+        root = scale.sqrt().float().view(-1, 1, 1)
+        for name, (rows, _) in self.kept.items():
+            scaled = (rows * root).reshape(-1, rows.shape[-1])
+            gram = (scaled.T @ scaled).double()
+            total = self.grams.sums.get(name)
+            self.grams.sums[name] = gram if total is None else total.add_(gram)
+        self.kept.clear()
+        self.scales.append(scale)
+        return scale

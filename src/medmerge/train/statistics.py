@@ -32,13 +32,21 @@ from tqdm.auto import tqdm
 
 from medmerge.config import TrainConfig, validate_config
 from medmerge.config.base import normalised_specs
-from medmerge.data import IGNORE_INDEX, pad_batch
+from medmerge.data import IGNORE_INDEX
 from medmerge.errors import MedmergeError
 from medmerge.loss import token_nll, unpin_forwards
 from medmerge.models import ModelKind, adapter_base, is_adapter, load_model, load_tokenizer, model_kind
 from medmerge.site_stats import KINDS, expert_checksum, has_statistics, write_statistics
 from medmerge.train.examples import Example, prepare_data
-from medmerge.train.stat_hooks import FisherHooks, GramHooks, Grams
+from medmerge.train.stat_hooks import (
+    FisherHooks,
+    GramHooks,
+    Grams,
+    add_counts,
+    head_free,
+    new_grams,
+    token_batches,
+)
 
 GRAM_EXAMPLES = 256
 FISHER_EXAMPLES = 64
@@ -72,64 +80,19 @@ def statistic_linears(model: torch.nn.Module, weight_names: set[str]) -> dict[st
     return found
 
 
-def _gram_batch(batch: dict[str, torch.Tensor], seq2seq: bool, pad_id: int) -> dict[str, torch.Tensor]:
-    """Seq2seq: one more (masked) encoder column where encoder and decoder lengths are equal."""
-    if seq2seq and batch["input_ids"].shape[1] == batch["labels"].shape[1]:
-        column = torch.full_like(batch["input_ids"][:, :1], pad_id)
-        batch["input_ids"] = torch.cat([batch["input_ids"], column], dim=1)
-        batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros_like(column)], dim=1)
-    return batch
-
-
-def _head_free(model: torch.nn.Module, modules: dict[str, torch.nn.Linear]) -> dict[str, int]:
-    """{"logits_to_keep": 1} where the head needs no Gram and the forward takes it (no (B, T, V) logits)."""
-    import inspect
-
-    head = model.get_output_embeddings()
-    if any(m is head for m in modules.values()):
-        return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
-def _batches(examples: Sequence[Example], batch_size: int, seq2seq: bool, pad_id: int, device: torch.device):
-    """Padded batches of `examples` sorted by length (less padding), their token masks by (B, T) shape,
-    and the token counts they add ({"input": n} or {"encoder": n, "decoder": m})."""
-    ordered = sorted(examples, key=lambda e: (len(e["input_ids"]), len(e["labels"])))
-    for start in range(0, len(ordered), batch_size):
-        batch = _gram_batch(pad_batch(ordered[start : start + batch_size], pad_id), seq2seq, pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        inputs = batch["attention_mask"].bool()  # (B, T)
-        masks = {tuple(inputs.shape): inputs}
-        counts = {"encoder" if seq2seq else "input": int(inputs.sum())}
-        if seq2seq:
-            answers = batch["labels"] != IGNORE_INDEX  # (B, T_dec): decoder positions that exist
-            masks[tuple(answers.shape)] = answers
-            counts["decoder"] = int(answers.sum())
-        yield batch, masks, counts
-
-
-def _count(grams: Grams, counts: dict[str, int]) -> None:
-    for name, n in counts.items():
-        grams.tokens[name] = grams.tokens.get(name, 0) + n
-
-
-def _new_grams(seq2seq: bool) -> Grams:
-    return Grams(tokens={"encoder": 0, "decoder": 0} if seq2seq else {"input": 0})
-
-
 def _gram_forwards(model, modules, examples, pad_id, batch_size, progress, grams: Grams) -> None:
     """Add the Grams of `examples` into `grams`: inference-mode forwards, Gram pre-hooks."""
     seq2seq = bool(model.config.is_encoder_decoder)
     device = next(model.parameters()).device
     hooks = GramHooks(modules, grams)
-    keep = _head_free(model, modules)
+    keep = head_free(model, modules)
     total = -(-len(examples) // batch_size)
     try:
         with torch.inference_mode():
-            batches = _batches(examples, batch_size, seq2seq, pad_id, device)
+            batches = token_batches(examples, batch_size, seq2seq, pad_id, device)
             for batch, masks, counts in tqdm(batches, total=total, desc="gram", disable=not progress):
                 hooks.new_batch(masks)
-                _count(grams, counts)
+                add_counts(grams, counts)
                 extra = {"labels": batch["labels"]} if seq2seq else keep
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
                 unpin_forwards(model)
@@ -146,7 +109,7 @@ def collect_grams(
     progress: bool = False,
 ) -> Grams:
     """Gram sums of `modules`' inputs over `examples` (see module doc); model in eval mode."""
-    grams = _new_grams(bool(model.config.is_encoder_decoder))
+    grams = new_grams(bool(model.config.is_encoder_decoder))
     was_training = model.training
     model.eval()
     try:
@@ -199,12 +162,12 @@ def collect_fishers(
     total = -(-len(examples) // batch_size)
     try:
         with torch.enable_grad():
-            batches = _batches(examples, batch_size, seq2seq, pad_id, device)
+            batches = token_batches(examples, batch_size, seq2seq, pad_id, device)
             for batch, masks, counts in tqdm(batches, total=total, desc="fisher", disable=not progress):
                 fisher.masks = masks
                 if gram is not None:
                     gram.new_batch(masks)
-                    _count(grams, counts)
+                    add_counts(grams, counts)
                 fisher.backward(_summed_answer_nll(model, batch, head_hooked))
     finally:
         fisher.remove()
@@ -230,7 +193,7 @@ def collect_statistics(
     the Fisher's forwards (with gradients) also add their examples' Grams where n_fisher ≤ n_gram, and
     the inference-mode Gram pass reads only the rest, picked[n_fisher:n_gram]."""
     seq2seq = bool(model.config.is_encoder_decoder)
-    grams = _new_grams(seq2seq) if n_gram else Grams()
+    grams = new_grams(seq2seq) if n_gram else Grams()
     fused = 0 < n_fisher <= n_gram
     fishers = collect_fishers(
         model, modules, picked[:n_fisher], pad_id, progress, batch_size, grams=grams if fused else None
