@@ -15,7 +15,7 @@ FisherHooks forward hooks + output-gradient hooks: for a Linear y = x Wᵀ (+ b)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +56,11 @@ def head_free(model: torch.nn.Module, modules: dict[str, torch.nn.Linear]) -> di
 
 
 def token_batches(
-    examples: Sequence[Mapping[str, list[int]]], batch_size: int, seq2seq: bool, pad_id: int, device: torch.device
+    examples: Sequence[Mapping[str, list[int]]],
+    batch_size: int,
+    seq2seq: bool,
+    pad_id: int,
+    device: torch.device,
 ):
     """Padded batches of `examples` sorted by length (less padding), their token masks by (B, T) shape,
     and the token counts they add ({"input": n} or {"encoder": n, "decoder": m})."""
