@@ -38,6 +38,7 @@ from medmerge.loss import token_nll, unpin_forwards
 from medmerge.models import ModelKind, adapter_base, is_adapter, load_model, load_tokenizer, model_kind
 from medmerge.site_stats import KINDS, expert_checksum, has_statistics, write_statistics
 from medmerge.train.examples import Example, prepare_data
+from medmerge.train.private_stats import ClipSettings, collect_clipped_grams, spectral_norms, unit_sample
 from medmerge.train.stat_hooks import (
     FisherHooks,
     GramHooks,
@@ -254,6 +255,7 @@ def compute_statistics(
     overwrite: bool = False,
     progress: bool = True,
     device: str | torch.device | None = None,
+    privacy: ClipSettings | None = None,
 ) -> Path:
     """Compute `kinds` statistics of the expert in `expert_dir` on its training questions; write them
     into `out_dir` (default: the expert folder) and return that folder.
@@ -261,6 +263,10 @@ def compute_statistics(
     `specs` default to the SPECs of the expert's manifest. Up to `max_examples` training questions are
     used (default 256 for the Gram, 64 for the Fisher; `fisher_examples` sets the Fisher's apart). They
     are a seeded sample (the config's seed) of the split; the Fisher's are the first of the Gram's.
+
+    `privacy` (statistics: secure+dp; LoRA experts, Gram only): each unit's share of the released vector
+    is clipped (medmerge.train.private_stats) and the units read are a keyed sample at rate
+    min(1, max_examples / units), never a seeded one; statistics.json gets a "privacy" record.
     """
     expert_dir = Path(expert_dir)
     out = Path(out_dir) if out_dir is not None else expert_dir
@@ -278,6 +284,10 @@ def compute_statistics(
     tokenizer = load_tokenizer(expert_dir)
     data = prepare_data(config, tokenizer, kind)
     _check_same_split(data.sources, recorded, expert_dir)
+    if privacy is not None:
+        return _private_statistics(
+            expert_dir, out, kinds, data, tokenizer, privacy, max_examples, batch_size, progress, device
+        )
 
     n_gram = min(len(data.train), max_examples or GRAM_EXAMPLES) if "gram" in kinds else 0
     n_fisher = min(len(data.train), fisher_examples or max_examples or FISHER_EXAMPLES)
@@ -318,4 +328,67 @@ def compute_statistics(
         "tokens_counted": "non-padding input tokens (causal: prompt + answer; seq2seq: encoder + decoder)",
     }
     write_statistics(out, gram_tensors, fishers, info, aliases=grams.aliases)
+    return out
+
+
+def expert_deltas(expert_dir: Path, modules: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
+    """ΔW = W − W₀ of every module: the merged LoRA expert's weight minus its base's (float32)."""
+    from safetensors import safe_open
+
+    from medmerge.models import resolve_model
+
+    if not is_adapter(expert_dir):
+        raise MedmergeError(f"{expert_dir}: clipped (DP) statistics need a LoRA expert (ΔW is its adapter)")
+    wanted, deltas = set(modules), {}
+    for file in sorted(resolve_model(adapter_base(expert_dir)).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in wanted & set(f.keys()):
+                deltas[name] = modules[name].weight.detach().float().cpu() - f.get_tensor(name).float()
+    return deltas
+
+
+def _private_statistics(
+    expert_dir, out, kinds, data, tokenizer, privacy, max_examples, batch_size, progress, device
+):
+    """The clipped Gram statistics (`compute_statistics(..., privacy=...)`)."""
+    import dataclasses
+
+    if kinds != ["gram"]:
+        raise MedmergeError(f"kinds {kinds}: clipped (DP) statistics are Gram only (no DP Fisher)")
+    units = len(data.train)
+    rate = min(1.0, (max_examples or GRAM_EXAMPLES) / max(units, 1))
+    privacy = dataclasses.replace(privacy, rate=rate)
+    groups = getattr(data, "train_groups", None) or None
+    picked = [data.train[i] for i in unit_sample(data.train, groups, privacy)]
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(expert_dir).to(resolved)
+    modules = statistic_linears(model, base_weight_names(expert_dir))
+    spectral = spectral_norms(expert_deltas(expert_dir, modules))
+    grams, scales = collect_clipped_grams(
+        model, modules, picked, tokenizer.pad_token_id, spectral, privacy, batch_size, progress
+    )
+    info = {
+        "examples": len(picked),
+        "tokens": sum(grams.tokens.values()),
+        "per_kind": {"gram": {"examples": len(picked), "tokens": grams.tokens}},
+        "privacy": {
+            "clip": privacy.clip,
+            "unit": privacy.unit,
+            "per_group": privacy.per_group,
+            "rate": rate,
+            "diagonal": privacy.diagonal,
+            "clipped_share": float((scales < 1).double().mean()) if len(scales) else 0.0,
+            "spectral_max": max(spectral.values(), default=0.0),
+            "sample": "keyed (HMAC-SHA256 under a key from os.urandom, never written)",
+        },
+        "model": {
+            "path": str(expert_dir.resolve()),
+            "kind": "causal",
+            "adapter": True,
+            "base_model": adapter_base(expert_dir),
+            "checksum": expert_checksum(expert_dir),
+        },
+        "tokens_counted": "non-padding input tokens (prompt + answer)",
+    }
+    write_statistics(out, grams.float32(), {}, info, aliases=grams.aliases)
     return out
