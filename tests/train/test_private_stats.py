@@ -77,7 +77,9 @@ def _released(grams, deltas, weight: float, scale: float) -> torch.Tensor:
 def test_a_large_clip_changes_nothing(setting) -> None:
     model, modules, deltas, examples, pad = setting
     spectral = spectral_norms(deltas)
-    clipped, scales = collect_clipped_grams(model, modules, examples, pad, spectral, ClipSettings(clip=1e12))
+    clipped, scales, norms = collect_clipped_grams(
+        model, modules, examples, pad, spectral, ClipSettings(clip=1e12)
+    )
     plain = collect_grams(model, modules, examples, pad)
     assert bool((scales == 1).all()) and clipped.aliases == plain.aliases
     for name, total in plain.sums.items():
@@ -98,16 +100,19 @@ def test_one_unit_moves_the_whole_released_vector_by_at_most_w_c_over_d(setting,
             examples[:4],
             examples[4:],
         )
-    without, _ = collect_clipped_grams(model, modules, others, pad, spectral, settings)
-    with_unit, scales = collect_clipped_grams(model, modules, others + unit_examples, pad, spectral, settings)
+    without, _, _ = collect_clipped_grams(model, modules, others, pad, spectral, settings)
+    with_unit, scales, norms = collect_clipped_grams(
+        model, modules, others + unit_examples, pad, spectral, settings
+    )
     assert bool((scales < 1).all())  # the clip is active for every example
+    torch.testing.assert_close(scales, settings.example_limit / norms)
     moved = (_released(with_unit, deltas, weight, scale) - _released(without, deltas, weight, scale)).norm()
     bound = weight * settings.clip / scale
     assert moved <= bound * (1 + 1e-6)
     assert moved > 0.2 * bound  # and the bound is not vacuous
     # without clipping, the same pair moves it far more: the clip is what bounds it
-    free, _ = collect_clipped_grams(model, modules, others, pad, spectral, ClipSettings(clip=1e12))
-    free_unit, _ = collect_clipped_grams(
+    free, _, _ = collect_clipped_grams(model, modules, others, pad, spectral, ClipSettings(clip=1e12))
+    free_unit, _, _ = collect_clipped_grams(
         model, modules, others + unit_examples, pad, spectral, ClipSettings(clip=1e12)
     )
     assert (

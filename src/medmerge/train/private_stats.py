@@ -145,8 +145,9 @@ def collect_clipped_grams(
     settings: ClipSettings,
     batch_size: int = 8,
     progress: bool = False,
-) -> tuple[Grams, torch.Tensor]:
-    """Σ_i s_i G_{i,m} over `examples` for every stored m (module doc), causal models; and every s_i."""
+) -> tuple[Grams, torch.Tensor, torch.Tensor]:
+    """Σ_i s_i G_{i,m} over `examples` for every stored m (module doc), causal models; every s_i and
+    every unclipped N_i (in batch order: examples sorted by length)."""
     if model.config.is_encoder_decoder:
         raise MedmergeError("clipped (DP) statistics: causal models only")
     grams = new_grams(False)
@@ -167,5 +168,6 @@ def collect_clipped_grams(
     finally:
         hooks.remove()
         model.train(was_training)
-    scales = torch.cat(hooks.scales) if hooks.scales else torch.zeros(0, dtype=torch.float64)
-    return grams, scales
+    empty = torch.zeros(0, dtype=torch.float64)
+    scales = torch.cat(hooks.scales) if hooks.scales else empty
+    return grams, scales, torch.cat(hooks.norms) if hooks.norms else empty

@@ -198,6 +198,7 @@ class ClippedGramHooks(GramHooks):
         self.limit = limit
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # stored name → (X masked, ‖G_i‖²)
         self.scales: list[torch.Tensor] = []  # s_i of every example so far, batch by batch
+        self.norms: list[torch.Tensor] = []  # N_i, the unclipped norms
 
     def _hook(self, name: str):
         def pre(module: torch.nn.Module, args: tuple) -> None:
@@ -229,4 +230,5 @@ class ClippedGramHooks(GramHooks):
             self.grams.sums[name] = gram if total is None else total.add_(gram)
         self.kept.clear()
         self.scales.append(scale)
+        self.norms.append(squared.sqrt())
         return scale

@@ -364,7 +364,7 @@ def _private_statistics(
     model = load_model(expert_dir).to(resolved)
     modules = statistic_linears(model, base_weight_names(expert_dir))
     spectral = spectral_norms(expert_deltas(expert_dir, modules))
-    grams, scales = collect_clipped_grams(
+    grams, scales, _ = collect_clipped_grams(
         model, modules, picked, tokenizer.pad_token_id, spectral, privacy, batch_size, progress
     )
     info = {
