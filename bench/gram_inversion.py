@@ -1,0 +1,350 @@
+"""The attack on site statistics, kept as a bench: a site's token counts from layer 0's Gram matrix.
+
+    flock /tmp/medmerge-heavy.lock .venv/bin/python bench/gram_inversion.py \
+        runs/stats/nci runs/stats/genetics runs/stats/chatdoctor --examples 256 --clip C --sigma S
+
+Layer 0's q/k/v input is x_t = RMSNorm(E[v_t])·γ: it depends on the token v_t alone (RoPE comes after the
+projection). So with u_v = RMSNorm(E_v)·γ (576 numbers per vocabulary entry) a site's layer-0 Gram is
+
+    G₀ = Σ_t x_t x_tᵀ = Σ_v c_v u_v u_vᵀ = Uᵀ diag(c) U,      U (V × 576), c ∈ ℕ^V its token counts,
+
+a linear system in c with 576·577/2 = 166,176 equations (the upper triangle) and V = 49,152 unknowns, over
+the FULL vocabulary. The attack is non-negative least squares, min_{c ≥ 0} ‖Uᵀ diag(c) U − G‖_F², solved
+exactly by an active set on the full vocabulary: candidates are the 8,000 tokens of largest normalised
+back-projection u_vᵀ G u_v / ‖u_v‖⁴; on a candidate set S the problem is the quadratic
+½ cᵀQc − bᵀc with Q = (U_S U_Sᵀ)∘(U_S U_Sᵀ) (Hadamard square) and b_v = u_vᵀ G u_v, solved by
+projected accelerated gradient (FISTA, diagonally preconditioned) and polished by a Cholesky solve on its
+support; then the gradient u_vᵀ (Uᵀ diag(c) U − G) u_v is checked on all 49,152 tokens, violators of
+the KKT conditions are added to S, and again, until none is left. The estimate is rounded to integers.
+
+What the coordinator holds, case by case (3 sites, weights 1):
+- plain:          site 1's own G₀ (float32, as `medmerge stats` writes it);
+- secure:         S = G₀¹ + G₀² + G₀³; the estimate of site 1's counts is the NNLS solution of S (the
+                  attacker does not know the others' counts);
+- secure+adapters: S, and RegMean's other sums S_WG = Σ_i ΔW_i G₀ⁱ and S_WD = Σ_i ΔW_i diag(G₀ⁱ) for
+                  layer 0's q, k, v, with the LoRA adapters ΔW_i = s·B_i A_i that the coordinator also
+                  holds: stacking [B_1 B_2 B_3] (out × 3r, full column rank) gives every A_i G₀ⁱ and
+                  diag(G₀ⁱ) by least squares, i.e. 3·3r·576 + 576 linear measurements of site 1's c alone;
+                  NNLS on those (Q_vw = (A u_v·A u_w)(u_v·u_w) + (u_v²·u_w²));
+- secure+dp:      S and the S_WG, S_WD above with N(0, σ²C²) on every coordinate (the sum's distributed
+                  noise; the Grams themselves unclipped, which only helps the attacker);
+- public prior:   no statistics at all: PubMedQA's token frequencies scaled to the site's token count
+                  (chance level for the top-100 precision).
+Scores for site 1: exact-count share (of the tokens it used, how many have their count recovered
+exactly), false tokens (estimated ≥ 1, never used), top-100 precision (its 100 most frequent tokens among
+the estimate's 100 largest), and the L1 error Σ|ĉ − c| / Σc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from medmerge.models import load_model, load_tokenizer, model_kind
+from medmerge.threads import use_threads
+from medmerge.train.examples import prepare_data
+from medmerge.train.statistics import GRAM_EXAMPLES, expert_train_config
+
+CANDIDATES = 8000
+
+
+def token_vectors(expert: Path) -> torch.Tensor:
+    """U (V, hidden) float64: layer 0's input RMSNorm(E_v)·γ of every vocabulary entry."""
+    model = load_model(expert).eval()
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight.float()
+        return model.model.layers[0].input_layernorm(embedding).double()
+
+
+def site_counts(expert: Path, examples: int, vocab: int) -> torch.Tensor:
+    """Token counts (V,) of the questions `medmerge stats` reads for this expert (its seeded sample)."""
+    config, _ = expert_train_config(expert, None)
+    data = prepare_data(config, load_tokenizer(expert), model_kind(expert))
+    n = min(len(data.train), examples)
+    order = random.Random(config.seed).sample(range(len(data.train)), n)
+    ids = torch.tensor([t for i in order for t in data.train[i]["input_ids"]])
+    return torch.bincount(ids, minlength=vocab).double()
+
+
+def public_counts(expert: Path, vocab: int) -> torch.Tensor:
+    """Token counts of PubMedQA's questions and contexts (the public prior)."""
+    from medmerge.data import load_dataset
+
+    tokenizer = load_tokenizer(expert)
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for pair in load_dataset("pubmedqa").pairs:
+        ids = tokenizer(pair.question + " " + pair.answer)["input_ids"]
+        counts += torch.bincount(torch.tensor(ids), minlength=vocab).double()
+    return counts
+
+
+def gram(u: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Uᵀ diag(c) U, rounded to float32 as a stored Gram is (returned as float64)."""
+    used = counts > 0
+    rows = u[used]
+    return ((rows * counts[used, None]).T @ rows).float().double()
+
+
+def _fista(q: torch.Tensor, b: torch.Tensor, iterations: int, start: torch.Tensor | None) -> torch.Tensor:
+    """min ½cᵀQc − bᵀc, c ≥ 0, by FISTA on the unit-diagonal rescaling of Q."""
+    d = q.diagonal().clamp(min=1e-300).rsqrt()
+    qs, bs = q * d[:, None] * d[None, :], b * d
+    v = torch.randn(len(b), dtype=q.dtype, generator=torch.Generator().manual_seed(0))
+    for _ in range(30):
+        v = qs @ v
+        v /= v.norm()
+    step = 1.0 / float(v @ qs @ v)
+    x = (start / d).clamp(min=0) if start is not None else torch.zeros_like(b)
+    y, t = x.clone(), 1.0
+    for _ in range(iterations):
+        x_new = (y - step * (qs @ y - bs)).clamp(min=0)
+        t_new = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        y = x_new + ((t - 1) / t_new) * (x_new - x)
+        x, t = x_new, t_new
+    return x * d
+
+
+def _polish(q: torch.Tensor, b: torch.Tensor, c: torch.Tensor, rounds: int = 20) -> torch.Tensor:
+    """Exact solve on the support (Cholesky), dropping negative entries, while it stays non-negative."""
+    support = c > 1e-3 * max(float(c.max()), 1e-300)
+    for _ in range(rounds):
+        idx = support.nonzero().squeeze(1)
+        if len(idx) == 0:
+            return c
+        sub = q[idx][:, idx]
+        sub = sub + 1e-12 * float(sub.diagonal().mean()) * torch.eye(len(idx), dtype=q.dtype)
+        factor, info = torch.linalg.cholesky_ex(sub)
+        if int(info):
+            return c
+        x = torch.cholesky_solve(b[idx, None], factor).squeeze(1)
+        if bool((x >= 0).all()):
+            out = torch.zeros_like(c)
+            out[idx] = x
+            return out
+        support[idx[x < 0]] = False
+    return c
+
+
+def nnls(
+    score: torch.Tensor,
+    block: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    gradient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    exact: bool,
+    rounds: int = 6,
+) -> tuple[torch.Tensor, dict]:
+    """Active-set NNLS over the whole vocabulary (module doc). `score` (V,) ranks the first candidates;
+    `block(S)` gives (Q_SS, b_S); `gradient(S, c_S)` the full (V,) gradient of ½‖Φc − m‖²."""
+    vocab = len(score)
+    chosen = torch.zeros(vocab, dtype=torch.bool)
+    chosen[score.topk(min(CANDIDATES, vocab)).indices] = True
+    estimate = torch.zeros(vocab, dtype=torch.float64)
+    record = {"rounds": 0, "candidates": []}
+    for _ in range(rounds):
+        idx = chosen.nonzero().squeeze(1)
+        q, b = block(idx)
+        c = _fista(q, b, 3000 if exact else 1500, estimate[idx])
+        if exact:
+            c = _polish(q, b, c)
+        estimate = torch.zeros(vocab, dtype=torch.float64)
+        estimate[idx] = c
+        grad = gradient(idx, c)
+        scale = float(b.abs().max())
+        violators = (~chosen) & (grad < -1e-6 * scale)
+        record["rounds"] += 1
+        record["candidates"].append(len(idx))
+        if not bool(violators.any()):
+            break
+        extra = (-grad).masked_fill(~violators, -float("inf"))
+        chosen[extra.topk(min(CANDIDATES, int(violators.sum()))).indices] = True
+    record["kkt_violators_left"] = int(violators.sum())
+    return estimate, record
+
+
+def attack_gram(u: torch.Tensor, g: torch.Tensor, exact: bool) -> tuple[torch.Tensor, dict]:
+    """NNLS of c from G = Uᵀ diag(c) U (+ noise)."""
+    back = ((u @ g) * u).sum(1)  # u_vᵀ G u_v
+    norms = (u * u).sum(1)
+
+    def block(idx):
+        k = u[idx] @ u[idx].T
+        return k * k, back[idx]
+
+    def gradient(idx, c):
+        residual = (u[idx] * c[:, None]).T @ u[idx] - g
+        return ((u @ residual) * u).sum(1)
+
+    return nnls(back / norms.square(), block, gradient, exact)
+
+
+def attack_projections(
+    u: torch.Tensor, a: torch.Tensor, y: torch.Tensor, diagonal: torch.Tensor, exact: bool
+) -> tuple[torch.Tensor, dict]:
+    """NNLS of c from Y = A Uᵀ diag(c) U (k × hidden) and diag(G) = Σ_v c_v u_v² (hidden)."""
+    au = u @ a.T  # (V, k): A u_v
+    sq = u * u
+    back = ((au @ y) * u).sum(1) + sq @ diagonal
+
+    def block(idx):
+        return (au[idx] @ au[idx].T) * (u[idx] @ u[idx].T) + sq[idx] @ sq[idx].T, back[idx]
+
+    def gradient(idx, c):
+        r_y = (au[idx] * c[:, None]).T @ u[idx] - y
+        r_d = sq[idx].T @ c - diagonal
+        return ((au @ r_y) * u).sum(1) + sq @ r_d
+
+    score = back / (((au * au).sum(1) * (u * u).sum(1)) + (sq * sq).sum(1))
+    return nnls(score, block, gradient, exact)
+
+
+def layer0_adapters(expert: Path) -> dict[str, torch.Tensor]:
+    """ΔW = s·B·A of layer 0's q, k, v from the adapter file (what the coordinator holds)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((expert / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+    tensors = load_file(str(expert / "adapter_model.safetensors"))
+    out = {}
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        stem = f"base_model.model.model.layers.0.self_attn.{proj}"
+        out[proj] = (
+            tensors[f"{stem}.lora_B.weight"].double() * scale,
+            tensors[f"{stem}.lora_A.weight"].double(),
+        )
+    return out
+
+
+def recover_site_terms(
+    adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+    s_wg: dict[str, torch.Tensor],
+    s_wd: dict[str, torch.Tensor],
+    site: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the coordinator solves for from RegMean's sums and the adapters it holds: site's stacked
+    A (3r × hidden), A·G₀ (3r × hidden) and diag(G₀) (hidden), by least squares on [B_1 … B_K]."""
+    rows_a, rows_y, diagonals = [], [], []
+    for proj, total in s_wg.items():
+        b = torch.cat([ad[proj][0] for ad in adapters], dim=1)  # (out, K r)
+        r = adapters[0][proj][0].shape[1]
+        solved = torch.linalg.lstsq(b, total).solution  # (K r, hidden): every A_i G_i
+        mine = slice(site * r, (site + 1) * r)
+        a = adapters[site][proj][1]
+        rows_a.append(a)
+        rows_y.append(solved[mine])
+        solved_d = torch.linalg.lstsq(b, s_wd[proj]).solution[mine]  # A_i diag(G_i)
+        diagonals.append((a * solved_d).sum(0) / (a * a).sum(0))  # column j: A[:, j]·g_j
+    return torch.cat(rows_a), torch.cat(rows_y), torch.stack(diagonals).mean(0)
+
+
+def scores(estimate: torch.Tensor, truth: torch.Tensor) -> dict:
+    rounded = estimate.round().clamp(min=0)
+    used = truth > 0
+    top_true = set(truth.topk(100).indices.tolist())
+    top_est = set(estimate.topk(100).indices.tolist())
+    return {
+        "exact_count_share": float((rounded[used] == truth[used]).double().mean()),
+        "false_tokens": int(((rounded >= 1) & ~used).sum()),
+        "top100_precision": len(top_true & top_est) / 100,
+        "l1_error": float((estimate - truth).abs().sum() / truth.sum()),
+    }
+
+
+def _symmetric_noise(size: int, std: float, generator: torch.Generator) -> torch.Tensor:
+    upper = torch.randn(size, size, dtype=torch.float64, generator=generator).triu() * std
+    return upper + upper.triu(1).T
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "experts", type=Path, nargs=3, help="three LoRA experts (sites); the first is attacked"
+    )
+    parser.add_argument("--examples", type=int, default=GRAM_EXAMPLES, help="questions per site's Gram")
+    parser.add_argument("--clip", type=float, default=None, help="C of secure+dp (noise std σC)")
+    parser.add_argument("--sigma", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--check-statistics", action="store_true", help="compare with the site's statistics file"
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    use_threads(args.threads)
+    started = time.perf_counter()
+    u = token_vectors(args.experts[0])
+    vocab = u.shape[0]
+    counts = [site_counts(e, args.examples, vocab) for e in args.experts]
+    grams = [gram(u, c) for c in counts]
+    truth = counts[0]
+    result: dict = {
+        "vocabulary": vocab,
+        "examples": args.examples,
+        "site_tokens": [int(c.sum()) for c in counts],
+        "site_distinct_tokens": [int((c > 0).sum()) for c in counts],
+        "site1_tokens_no_other_site_uses": float(((counts[1] + counts[2])[truth > 0] == 0).double().mean()),
+        "cases": {},
+    }
+    if args.check_statistics:
+        from medmerge.site_stats import SiteStatistics
+
+        with SiteStatistics.open(args.experts[0]) as stats:
+            stored = stats.read("gram", "model.layers.0.self_attn.q_proj.weight").double()
+        result["model_gram_vs_counts_rel_error"] = float((stored - grams[0]).norm() / stored.norm())
+
+    def run(name: str, attack: Callable[[], tuple[torch.Tensor, dict]]) -> None:
+        t = time.perf_counter()
+        estimate, record = attack()
+        result["cases"][name] = {
+            **scores(estimate, truth),
+            **record,
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+        print(name, json.dumps(result["cases"][name]), flush=True)
+
+    total = grams[0] + grams[1] + grams[2]
+    run("plain", lambda: attack_gram(u, grams[0], exact=True))
+    run("secure", lambda: attack_gram(u, total, exact=True))
+    adapters = [layer0_adapters(e) for e in args.experts]
+    s_wg = {
+        p: sum(ad[p][0] @ ad[p][1] @ g for ad, g in zip(adapters, grams, strict=True)) for p in adapters[0]
+    }
+    s_wd = {
+        p: sum(ad[p][0] @ ad[p][1] * g.diagonal() for ad, g in zip(adapters, grams, strict=True))
+        for p in adapters[0]
+    }
+    a, y, diagonal = recover_site_terms(adapters, s_wg, s_wd, 0)
+    result["adapter_recovery_rel_error"] = float((y - a @ grams[0]).norm() / (a @ grams[0]).norm())
+    run("secure+adapters", lambda: attack_projections(u, a, y, diagonal, exact=True))
+    if args.clip and args.sigma:
+        std = args.sigma * args.clip
+        gen = torch.Generator().manual_seed(1)  # the bench's noise: a stand-in for the sites' secret draws
+        noisy = total + _symmetric_noise(total.shape[0], std, gen)
+        result["noise_std"] = std
+        run("secure+dp", lambda: attack_gram(u, noisy, exact=False))
+        noisy_wg = {
+            p: t + std * torch.randn(t.shape, dtype=torch.float64, generator=gen) for p, t in s_wg.items()
+        }
+        noisy_wd = {
+            p: t + std * torch.randn(t.shape, dtype=torch.float64, generator=gen) for p, t in s_wd.items()
+        }
+        a, y, diagonal = recover_site_terms(adapters, noisy_wg, noisy_wd, 0)
+        run("secure+dp+adapters", lambda: attack_projections(u, a, y, diagonal, exact=False))
+    prior = public_counts(args.experts[0], vocab)
+    prior = prior * (truth.sum() / prior.sum())
+    result["cases"]["public prior"] = scores(prior, truth)
+    print("public prior", json.dumps(result["cases"]["public prior"]))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["load"] = Path("/proc/loadavg").read_text().split()[:3]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
