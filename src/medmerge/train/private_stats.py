@@ -36,14 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from medmerge.errors import MedmergeError
-from medmerge.train.stat_hooks import (
-    ClippedGramHooks,
-    Grams,
-    add_counts,
-    head_free,
-    new_grams,
-    token_batches,
-)
+from medmerge.train import stat_hooks
+from medmerge.train.stat_hooks import ClippedGramHooks, Grams
 
 Unit = Literal["pair", "group"]
 
@@ -150,18 +144,18 @@ def collect_clipped_grams(
     every unclipped N_i (in batch order: examples sorted by length)."""
     if model.config.is_encoder_decoder:
         raise MedmergeError("clipped (DP) statistics: causal models only")
-    grams = new_grams(False)
+    grams = stat_hooks.new_grams(False)
     hooks = ClippedGramHooks(modules, grams, settings.example_limit)
-    keep = head_free(model, modules)
+    keep = stat_hooks.head_free(model, modules)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         total = -(-len(examples) // batch_size)
-        batches = token_batches(examples, batch_size, False, pad_id, device)
+        batches = stat_hooks.token_batches(examples, batch_size, False, pad_id, device)
         for batch, masks, counts in tqdm(batches, total=total, desc="gram (clipped)", disable=not progress):
             hooks.new_batch(masks)
-            add_counts(grams, counts)
+            stat_hooks.add_counts(grams, counts)
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **keep)
             factors = module_factors(list(hooks.kept), grams.aliases, spectral, settings.diagonal)
             hooks.finish_batch(factors)

@@ -91,14 +91,12 @@ class GramHooks:
     """Forward pre-hooks adding XᵀX of each Linear's non-padding input rows into float64 sums.
 
     Rows are picked with the mask of the token sequence the input belongs to, found by its (B, T) shape
-    (the caller makes encoder and decoder lengths differ). `row_scale` (B,), where set, multiplies
-    example i's rows by √s_i, so that example's XᵀX counts s_i times (DP clipping).
+    (the caller makes encoder and decoder lengths differ).
     """
 
     def __init__(self, modules: dict[str, torch.nn.Linear], grams: Grams) -> None:
         self.grams = grams
         self.masks: dict[tuple[int, ...], torch.Tensor] = {}
-        self.row_scale: torch.Tensor | None = None
         self.seen: list[tuple[torch.Tensor, str]] = []
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
@@ -115,16 +113,19 @@ class GramHooks:
             mask = self.masks.get(tuple(x.shape[:-1]))
             if mask is None:
                 raise MedmergeError(f"{name}: input of shape {tuple(x.shape)} matches no token sequence")
-            x_ = x.detach()
-            if self.row_scale is not None:
-                x_ = x_ * self.row_scale.to(x_.dtype).sqrt().view(-1, *([1] * (x_.dim() - 1)))
-            rows = x_[mask].float()  # (N, in)
-            gram = (rows.T @ rows).double()
-            total = self.grams.sums.get(name)
-            self.grams.sums[name] = gram if total is None else total.add_(gram)
+            self._add(name, x.detach(), mask)
             self.seen.append((x, name))
 
         return pre
+
+    def _add(self, name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+        rows = x[mask].float()  # (N, in)
+        self._accumulate(name, rows)
+
+    def _accumulate(self, name: str, rows: torch.Tensor) -> None:
+        gram = (rows.T @ rows).double()
+        total = self.grams.sums.get(name)
+        self.grams.sums[name] = gram if total is None else total.add_(gram)
 
     def new_batch(self, masks: dict[tuple[int, ...], torch.Tensor]) -> None:
         self.masks = masks
@@ -200,23 +201,12 @@ class ClippedGramHooks(GramHooks):
         self.scales: list[torch.Tensor] = []  # s_i of every example so far, batch by batch
         self.norms: list[torch.Tensor] = []  # N_i, the unclipped norms
 
-    def _hook(self, name: str):
-        def pre(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
-            owner = next((stored for t, stored in self.seen if t is x), None)
-            if owner is not None:
-                if self.grams.aliases.setdefault(name, owner) != owner or name in self.grams.sums:
-                    raise MedmergeError(f"{name}: its input is shared differently from batch to batch")
-                return
-            mask = self.masks.get(tuple(x.shape[:-1]))
-            if mask is None or x.dim() != 3:
-                raise MedmergeError(f"{name}: input of shape {tuple(x.shape)} matches no token sequence")
-            rows = x.detach().float() * mask.unsqueeze(-1).float()  # (B, T, in), padding rows zero
-            outer = torch.bmm(rows, rows.transpose(1, 2))  # (B, T, T)
-            self.kept[name] = (rows, outer.square().sum(dim=(1, 2)).double())
-            self.seen.append((x, name))
-
-        return pre
+    def _add(self, name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+        if x.dim() != 3:
+            raise MedmergeError(f"{name}: input of shape {tuple(x.shape)} (clipping needs (B, T, in))")
+        rows = x.float() * mask.unsqueeze(-1).float()  # (B, T, in), padding rows zero
+        outer = torch.bmm(rows, rows.transpose(1, 2))  # (B, T, T)
+        self.kept[name] = (rows, outer.square().sum(dim=(1, 2)).double())
 
     def finish_batch(self, factors: dict[str, float]) -> torch.Tensor:
         """Clip and add this batch (module doc); `factors`: f_m² by stored name. Returns s (B,)."""
@@ -224,10 +214,7 @@ class ClippedGramHooks(GramHooks):
         scale = (self.limit / squared.sqrt().clamp(min=1e-300)).clamp(max=1.0)  # (B,)
         root = scale.sqrt().float().view(-1, 1, 1)
         for name, (rows, _) in self.kept.items():
-            scaled = (rows * root).reshape(-1, rows.shape[-1])
-            gram = (scaled.T @ scaled).double()
-            total = self.grams.sums.get(name)
-            self.grams.sums[name] = gram if total is None else total.add_(gram)
+            self._accumulate(name, (rows * root).reshape(-1, rows.shape[-1]))
         self.kept.clear()
         self.scales.append(scale)
         self.norms.append(squared.sqrt())
