@@ -143,6 +143,7 @@ class FisherHooks:
         self.sums = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in modules.items()}
         self.masks: dict[tuple[int, ...], torch.Tensor] = {}
         self.embedded: list[torch.Tensor] = []
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, its masked float32 rows)
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
         self.handles.append(model.get_input_embeddings().register_forward_hook(self._embedded))
 
@@ -159,10 +160,13 @@ class FisherHooks:
             if x.dim() != 3:
                 shape = tuple(x.shape)
                 raise MedmergeError(f"{name}: input of shape {shape} (per-example Fisher needs (B, T, in))")
-            mask = self.masks.get(tuple(x.shape[:-1]))
-            rows = x.detach().float()
-            if mask is not None:  # padding rows carry no gradient; zero them all the same
-                rows = rows * mask.unsqueeze(-1).to(rows.dtype)
+            rows = next((r for t, r in self.rows if t is x), None)  # q/k/v read one tensor
+            if rows is None:
+                mask = self.masks.get(tuple(x.shape[:-1]))
+                rows = x.detach().float()
+                if mask is not None:  # padding rows carry no gradient; zero them all the same
+                    rows = rows * mask.unsqueeze(-1).to(rows.dtype)
+                self.rows.append((x, rows))
             total = self.sums[name]
 
             def on_grad(delta: torch.Tensor) -> None:
@@ -176,7 +180,10 @@ class FisherHooks:
     def backward(self, loss: torch.Tensor) -> None:
         """One backward pass of the batch's summed loss, down to the input embeddings' output."""
         inputs, self.embedded = self.embedded, []
-        torch.autograd.grad(loss, inputs, allow_unused=True)
+        try:
+            torch.autograd.grad(loss, inputs, allow_unused=True)
+        finally:
+            self.rows.clear()
 
     def remove(self) -> None:
         for handle in self.handles:
