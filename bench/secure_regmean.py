@@ -141,7 +141,7 @@ def merge_through_sums(
         floor = 0.0
         if noise is not None:
             size = sites[0]["grams"][m].shape[0]
-            floor = 2 * noise["sigma"] * noise["clip"] * noise["w_max"] / noise["divisor"] * math.sqrt(size)
+            floor = 2 * noise["sigma"] * noise["clip"] * noise["w_max"] / layout.scale * math.sqrt(size)
         out = regmean_from_sums(sums, base, total, ALPHA, aliases=contributions[0].aliases, ridge_floor=floor)
         merged.update({k: v for k, v in out.weights.items() if k in readers})
     return merged
@@ -297,7 +297,7 @@ def dp_rows(args, model, modules, base, sites, batches, result, budget) -> list[
     units = max(s["units"] for s in noisy_sites)
     rows = []
     for sigma in args.sigmas:
-        noise = {"sigma": sigma, "clip": clip, "w_max": w, "divisor": budget, "noised_sites": len(sites)}
+        noise = {"sigma": sigma, "clip": clip, "w_max": w, "layout": layout, "noised_sites": len(sites)}
         limit = (units + 6 * sigma) * clip * w / budget  # public: every entry of every term is below it
 
         def limit_of(name: str, limit: float = limit) -> float:

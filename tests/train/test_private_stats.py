@@ -145,7 +145,7 @@ def test_the_noised_release_is_charged_first_secret_and_of_the_stated_scale() ->
 
     contribution = Contribution(tensors=tensors, weight=0.5)
     charged: list[NoiseRelease] = []
-    args = {"sigma": 2.0, "clip": 3.0, "w_max": 0.5, "divisor": 10.0, "noised_sites": 4}
+    args = {"sigma": 2.0, "clip": 3.0, "w_max": 0.5, "layout": SumLayout(scale=10.0), "noised_sites": 4}
     a = noised_contribution(contribution, charge=charged.append, **args)
     b = noised_contribution(contribution, charge=charged.append, **args)
     assert [r.sigma for r in charged] == [2.0, 2.0] and charged[0].sample_rate == 1.0
@@ -162,6 +162,11 @@ def test_the_noised_release_is_charged_first_secret_and_of_the_stated_scale() ->
         noised_contribution(contribution, charge=refuse, **args)
     with pytest.raises(MedmergeError, match="w_max"):
         noised_contribution(contribution, charge=charged.append, **{**args, "w_max": 0.1})
+    with pytest.raises(MedmergeError, match="token count is data"):
+        noised_contribution(
+            contribution, charge=charged.append, **{**args, "layout": SumLayout(normalise="tokens")}
+        )
+    assert len(charged) == 2  # nothing refused was charged
 
 
 def test_compute_statistics_with_privacy_writes_clipped_grams(expert: Path, tmp_path: Path) -> None:

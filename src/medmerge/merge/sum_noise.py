@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from medmerge.errors import MedmergeError
-from medmerge.merge.from_sums import DELTA, SEP, Contribution
+from medmerge.merge.from_sums import DELTA, SEP, Contribution, SumLayout
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,20 @@ def noised_contribution(
     sigma: float,
     clip: float,
     w_max: float,
-    divisor: float,
+    layout: SumLayout,
     noised_sites: int,
     charge: Charge,
     unit: str = "pair",
     what: str = "statistics gram (secure sum)",
     generator: torch.Generator | None = None,
 ) -> Contribution:
-    """`contribution` with this site's share of the noise on every statistic coordinate, after charging
-    the ledger. `generator` is for tests only: by default a fresh one seeded from os.urandom."""
+    """`contribution` (made with `layout`) with this site's share of the noise on every statistic
+    coordinate, after charging the ledger. The divisor d is the layout's public scale: a site's own
+    token count (normalise="tokens") depends on its data and is refused. `generator` is for tests only:
+    by default a fresh one seeded from os.urandom."""
+    if layout.normalise != "none":
+        raise MedmergeError("noise: normalise must be 'none' (a public scale); a site's token count is data")
+    divisor = layout.scale
     if abs(contribution.weight) > w_max * (1 + 1e-12):
         raise MedmergeError(f"noise: site weight {contribution.weight} above the round's w_max {w_max}")
     std = site_noise_std(sigma, clip, w_max, divisor, noised_sites)
