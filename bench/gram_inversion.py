@@ -53,6 +53,7 @@ from medmerge.train.examples import prepare_data
 from medmerge.train.statistics import GRAM_EXAMPLES, expert_train_config
 
 CANDIDATES = 8000
+MAX_CANDIDATES = 14000  # Q_SS in float64: 1.6 GB
 
 
 def token_vectors(expert: Path) -> torch.Tensor:
@@ -96,7 +97,7 @@ def _fista(q: torch.Tensor, b: torch.Tensor, iterations: int, start: torch.Tenso
     """min ½cᵀQc − bᵀc, c ≥ 0, by FISTA on the unit-diagonal rescaling of Q."""
     d = q.diagonal().clamp(min=1e-300).rsqrt()
     qs, bs = q * d[:, None] * d[None, :], b * d
-    v = torch.randn(len(b), dtype=q.dtype, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(len(b), generator=torch.Generator().manual_seed(0)).to(q.dtype)
     for _ in range(30):
         v = qs @ v
         v /= v.norm()
@@ -111,25 +112,27 @@ def _fista(q: torch.Tensor, b: torch.Tensor, iterations: int, start: torch.Tenso
     return x * d
 
 
-def _polish(q: torch.Tensor, b: torch.Tensor, c: torch.Tensor, rounds: int = 20) -> torch.Tensor:
-    """Exact solve on the support (Cholesky), dropping negative entries, while it stays non-negative."""
-    support = c > 1e-3 * max(float(c.max()), 1e-300)
+def _polish(q: torch.Tensor, b: torch.Tensor, support: torch.Tensor, rounds: int = 30) -> torch.Tensor | None:
+    """Active set from `support`: the exact least-squares solution on it (Cholesky), dropping the
+    negative entries and solving again, until it is non-negative (None where the factor fails)."""
+    support = support.clone()
+    out = torch.zeros_like(b)
     for _ in range(rounds):
         idx = support.nonzero().squeeze(1)
         if len(idx) == 0:
-            return c
+            return out
         sub = q[idx][:, idx]
-        sub = sub + 1e-12 * float(sub.diagonal().mean()) * torch.eye(len(idx), dtype=q.dtype)
+        sub = sub + 1e-13 * float(sub.diagonal().mean()) * torch.eye(len(idx), dtype=q.dtype)
         factor, info = torch.linalg.cholesky_ex(sub)
         if int(info):
-            return c
+            return None
         x = torch.cholesky_solve(b[idx, None], factor).squeeze(1)
-        if bool((x >= 0).all()):
-            out = torch.zeros_like(c)
+        negative = x < 0
+        if not bool(negative.any()):
             out[idx] = x
             return out
-        support[idx[x < 0]] = False
-    return c
+        support[idx[negative]] = False
+    return None
 
 
 def nnls(
@@ -137,21 +140,27 @@ def nnls(
     block: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     gradient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     exact: bool,
+    equations: int,
     rounds: int = 6,
 ) -> tuple[torch.Tensor, dict]:
     """Active-set NNLS over the whole vocabulary (module doc). `score` (V,) ranks the first candidates;
-    `block(S)` gives (Q_SS, b_S); `gradient(S, c_S)` the full (V,) gradient of ½‖Φc − m‖²."""
+    `block(S)` gives (Q_SS, b_S); `gradient(S, c_S)` the full (V,) gradient of ½‖Φc − m‖². Where the
+    candidates are fewer than the independent measurements (`equations`), least squares on all of them
+    is unique, and the active set starts there; else it starts from FISTA's support."""
     vocab = len(score)
     chosen = torch.zeros(vocab, dtype=torch.bool)
     chosen[score.topk(min(CANDIDATES, vocab)).indices] = True
     estimate = torch.zeros(vocab, dtype=torch.float64)
     record = {"rounds": 0, "candidates": []}
-    for _ in range(rounds):
+    for _ in range(rounds if exact else 2):
         idx = chosen.nonzero().squeeze(1)
         q, b = block(idx)
-        c = _fista(q, b, 3000 if exact else 1500, estimate[idx])
-        if exact:
-            c = _polish(q, b, c)
+        unique = exact and len(idx) < equations
+        c = _polish(q, b, torch.ones(len(idx), dtype=torch.bool)) if unique else None
+        if c is None:  # projected gradient, then (exact sums) the active set from its support
+            c = _fista(q.float(), b.float(), 1000, estimate[idx].float()).double()
+            polished = _polish(q, b, c > 1e-3 * max(float(c.max()), 1e-300)) if exact else None
+            c = polished if polished is not None else c
         estimate = torch.zeros(vocab, dtype=torch.float64)
         estimate[idx] = c
         grad = gradient(idx, c)
@@ -161,8 +170,11 @@ def nnls(
         record["candidates"].append(len(idx))
         if not bool(violators.any()):
             break
+        room = MAX_CANDIDATES - int(chosen.sum())
+        if room <= 0:
+            break
         extra = (-grad).masked_fill(~violators, -float("inf"))
-        chosen[extra.topk(min(CANDIDATES, int(violators.sum()))).indices] = True
+        chosen[extra.topk(min(CANDIDATES, room, int(violators.sum()))).indices] = True
     record["kkt_violators_left"] = int(violators.sum())
     return estimate, record
 
@@ -180,7 +192,8 @@ def attack_gram(u: torch.Tensor, g: torch.Tensor, exact: bool) -> tuple[torch.Te
         residual = (u[idx] * c[:, None]).T @ u[idx] - g
         return ((u @ residual) * u).sum(1)
 
-    return nnls(back / norms.square(), block, gradient, exact)
+    size = u.shape[1]
+    return nnls(back / norms.square(), block, gradient, exact, size * (size + 1) // 2)
 
 
 def attack_projections(
@@ -200,7 +213,7 @@ def attack_projections(
         return ((au @ r_y) * u).sum(1) + sq @ r_d
 
     score = back / (((au * au).sum(1) * (u * u).sum(1)) + (sq * sq).sum(1))
-    return nnls(score, block, gradient, exact)
+    return nnls(score, block, gradient, exact, (a.shape[0] + 1) * u.shape[1])
 
 
 def layer0_adapters(expert: Path) -> dict[str, torch.Tensor]:
