@@ -19,6 +19,7 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from medmerge.models import load_model, load_tokenizer, model_kind
+from medmerge.site_stats import write_statistics
 from medmerge.threads import use_threads
 from medmerge.train.examples import prepare_data
 from medmerge.train.statistics import (
@@ -44,6 +46,7 @@ def _old_module(revision: str) -> types.ModuleType:
         text=True,
     ).stdout
     module = types.ModuleType("medmerge_statistics_before")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(source, f"{revision}:statistics.py", "exec"), module.__dict__)
     return module
 
@@ -89,6 +92,10 @@ def main() -> None:
         model, modules, picked, args.examples, args.fisher_examples, pad, args.batch_size
     )
     timings["after"] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory(dir=args.expert.parent) as scratch:
+        t = time.perf_counter()
+        write_statistics(scratch, grams.float32(), fishers, {"examples": n}, aliases=grams.aliases)
+        timings["write"] = time.perf_counter() - t
     result: dict = {"examples": args.examples, "fisher_examples": args.fisher_examples, "tokens": tokens}
     if args.before:
         old = _old_module(args.before)
@@ -107,6 +114,9 @@ def main() -> None:
     result["train_steps"] = metrics.get("steps")
     result["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     result["after_over_training"] = timings["after"] / result["train_loop_s"]
+    step = timings["data"] + timings["model"] + timings["after"] + timings["write"]
+    result["after_whole_step_s"] = round(step, 2)
+    result["after_whole_step_over_training"] = step / result["train_loop_s"]
     if args.before:
         result["before_over_training"] = timings["before"] / result["train_loop_s"]
     result["load"] = Path("/proc/loadavg").read_text().split()[:3]
