@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("experts", type=Path, nargs="+")
     parser.add_argument("--examples", type=int, default=128)
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 12, 16, 20, 24])
+    parser.add_argument("--token-bits", type=int, nargs="*", default=None, help="bits for normalise=tokens")
     parser.add_argument("--sigmas", type=float, nargs="*", default=[])
     parser.add_argument("--dp-bits", type=int, default=16)
     parser.add_argument("--validation", type=int, default=24, help="validation questions per site")
@@ -217,7 +218,7 @@ def main() -> None:
         layout = SumLayout(scale=budget, normalise=normalise)
         exact = merge_through_sums(sites, base, layout, None)
         rows.append({"normalise": normalise, "bits": "exact", "weight_error": _rel(exact, ref, base)})
-        for bits in args.bits:
+        for bits in args.bits if normalise == "none" or args.token_bits is None else args.token_bits:
             t = time.perf_counter()
             merged = merge_through_sums(sites, base, layout, bits)
             loss = loss_of(model, base, merged, batches)
