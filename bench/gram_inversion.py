@@ -280,7 +280,7 @@ def main() -> None:
     )
     parser.add_argument("--examples", type=int, default=GRAM_EXAMPLES, help="questions per site's Gram")
     parser.add_argument("--clip", type=float, default=None, help="C of secure+dp (noise std σC)")
-    parser.add_argument("--sigma", type=float, default=None)
+    parser.add_argument("--sigmas", type=float, nargs="*", default=[])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--check-statistics", action="store_true", help="compare with the site's statistics file"
@@ -333,12 +333,12 @@ def main() -> None:
     a, y, diagonal = recover_site_terms(adapters, s_wg, s_wd, 0)
     result["adapter_recovery_rel_error"] = float((y - a @ grams[0]).norm() / (a @ grams[0]).norm())
     run("secure+adapters", lambda: attack_projections(u, a, y, diagonal, exact=True))
-    if args.clip and args.sigma:
-        std = args.sigma * args.clip
-        gen = torch.Generator().manual_seed(1)  # the bench's noise: a stand-in for the sites' secret draws
+    gen = torch.Generator().manual_seed(1)  # the bench's noise: a stand-in for the sites' secret draws
+    for sigma in args.sigmas if args.clip else []:
+        std = sigma * args.clip
         noisy = total + _symmetric_noise(total.shape[0], std, gen)
-        result["noise_std"] = std
-        run("secure+dp", lambda: attack_gram(u, noisy, exact=False))
+        result.setdefault("noise_std", {})[str(sigma)] = std
+        run(f"secure+dp σ={sigma:g}", lambda noisy=noisy: attack_gram(u, noisy, exact=False))
         noisy_wg = {
             p: t + std * torch.randn(t.shape, dtype=torch.float64, generator=gen) for p, t in s_wg.items()
         }
@@ -346,7 +346,10 @@ def main() -> None:
             p: t + std * torch.randn(t.shape, dtype=torch.float64, generator=gen) for p, t in s_wd.items()
         }
         a, y, diagonal = recover_site_terms(adapters, noisy_wg, noisy_wd, 0)
-        run("secure+dp+adapters", lambda: attack_projections(u, a, y, diagonal, exact=False))
+        run(
+            f"secure+dp+adapters σ={sigma:g}",
+            lambda a=a, y=y, diagonal=diagonal: attack_projections(u, a, y, diagonal, exact=False),
+        )
     prior = public_counts(args.experts[0], vocab)
     prior = prior * (truth.sum() / prior.sum())
     result["cases"]["public prior"] = scores(prior, truth)
