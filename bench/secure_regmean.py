@@ -21,7 +21,7 @@ minus the reference's. Normalisations: "none" (today's merge, d = a public token
 DP (`--sigmas`): the sites' clipped statistics (compute_statistics(privacy=ClipSettings(C))), C the
 median per-example norm N_i of the whole released vector, measured here; each site adds its share of
 N(0, σ²C²w²/d²) (medmerge.merge.sum_noise, n = 3), quantized at the chosen width with the public range
-R = n·C·w/d + 6σCw/d; merged with an absolute ridge floor 2σ(Cw/d)√in (the noise's spectral scale).
+R = n·C·w/d + 6σCw/d; merged with from_sums' noise ridge (noise_std = σCw/d).
 ε per release and after 12 releases (a search's trials) from Opacus's RDP accountant at δ = 1e-6.
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -54,9 +53,11 @@ from medmerge.train.examples import prepare_data
 from medmerge.train.private_stats import ClipSettings, collect_clipped_grams, spectral_norms, unit_sample
 from medmerge.train.statistics import (
     base_weight_names,
+    collect_grams,
     compute_statistics,
     expert_deltas,
     expert_train_config,
+    input_scales,
     statistic_linears,
 )
 
@@ -77,6 +78,16 @@ def quantized_sum(tensors: list[torch.Tensor], bits: int, limit: float | None = 
         total = (total + q.astype(np.int64)) % MODULUS
     (summed,) = dequantize([total], limit, levels)
     return torch.from_numpy(summed - (len(arrays) - 1) * limit)
+
+
+def public_scales(model: torch.nn.Module, modules: dict, tokenizer, examples: int) -> dict[str, torch.Tensor]:
+    """The layout's public input scales D: √(diag G / tokens) of the BASE model's Linear inputs over
+    PubMedQA questions with their long answers (public text; the sites' encoding, 64 + 64 tokens)."""
+    from medmerge.data import encode_pair, load_dataset
+
+    pairs = load_dataset("pubmedqa").pairs[:examples]
+    encoded = [encode_pair(p.question, p.answer, tokenizer, "causal", 64, 64) for p in pairs]
+    return input_scales(collect_grams(model, modules, encoded, tokenizer.pad_token_id))
 
 
 def validation_batches(experts: list[Path], per_site: int) -> list[dict]:
@@ -138,11 +149,18 @@ def merge_through_sums(
             for name in contributions[0].tensors:
                 limit = limit_of(name) if limit_of is not None else None
                 sums[name] = quantized_sum([c.tensors[name] for c in contributions], bits, limit)
-        floor = 0.0
+        std = 0.0
         if noise is not None:
-            size = sites[0]["grams"][m].shape[0]
-            floor = 2 * noise["sigma"] * noise["clip"] * noise["w_max"] / layout.scale * math.sqrt(size)
-        out = regmean_from_sums(sums, base, total, ALPHA, aliases=contributions[0].aliases, ridge_floor=floor)
+            std = noise["sigma"] * noise["clip"] * noise["w_max"] / layout.scale
+        out = regmean_from_sums(
+            sums,
+            base,
+            total,
+            ALPHA,
+            aliases=contributions[0].aliases,
+            noise_std=std,
+            input_scales=layout.input_scales,
+        )
         merged.update({k: v for k, v in out.weights.items() if k in readers})
     return merged
 
@@ -164,6 +182,8 @@ def main() -> None:
     parser.add_argument("--sigmas", type=float, nargs="*", default=[])
     parser.add_argument("--dp-bits", type=int, default=16)
     parser.add_argument("--validation", type=int, default=24, help="validation questions per site")
+    parser.add_argument("--public", type=int, default=32, help="PubMedQA questions for the input scales")
+    parser.add_argument("--unscaled-bits", type=int, nargs="*", default=[], help="also without input scales")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -196,6 +216,9 @@ def main() -> None:
                 }
             )
     batches = validation_batches(args.experts, args.validation)
+    t = time.perf_counter()
+    scales = public_scales(model, modules, load_tokenizer(args.experts[0]), args.public)
+    result["public_scales_seconds"] = round(time.perf_counter() - t, 1)
     weights = [1.0 / len(sites)] * len(sites)
 
     def reference(normalise: str) -> dict[str, torch.Tensor]:
@@ -215,15 +238,20 @@ def main() -> None:
         ref = reference(normalise)
         ref_loss = loss_of(model, base, ref, batches)
         result[f"loss_regmean_{normalise}"] = ref_loss
-        layout = SumLayout(scale=budget, normalise=normalise)
+        layout = SumLayout(scale=budget, normalise=normalise, input_scales=scales)
         exact = merge_through_sums(sites, base, layout, None)
         rows.append({"normalise": normalise, "bits": "exact", "weight_error": _rel(exact, ref, base)})
-        for bits in args.bits if normalise == "none" or args.token_bits is None else args.token_bits:
+        widths = args.bits if normalise == "none" or args.token_bits is None else args.token_bits
+        runs = [(b, layout) for b in widths]
+        if normalise == "none":
+            runs += [(b, SumLayout(scale=budget)) for b in args.unscaled_bits]
+        for bits, chosen in runs:
             t = time.perf_counter()
-            merged = merge_through_sums(sites, base, layout, bits)
+            merged = merge_through_sums(sites, base, chosen, bits)
             loss = loss_of(model, base, merged, batches)
             row = {
                 "normalise": normalise,
+                "input_scales": chosen.input_scales is not None,
                 "bits": bits,
                 "weight_error": _rel(merged, ref, base),
                 "loss": loss,
@@ -243,7 +271,7 @@ def main() -> None:
     result["bytes_per_site_int32"] = 4 * values
 
     if args.sigmas:
-        result["dp"] = dp_rows(args, model, modules, base, sites, batches, result, budget)
+        result["dp"] = dp_rows(args, model, modules, base, sites, batches, result, budget, scales)
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["load"] = Path("/proc/loadavg").read_text().split()[:3]
     text = json.dumps(result, indent=2)
@@ -252,7 +280,7 @@ def main() -> None:
         args.json.write_text(text + "\n")
 
 
-def dp_rows(args, model, modules, base, sites, batches, result, budget) -> list[dict]:
+def dp_rows(args, model, modules, base, sites, batches, result, budget, scales) -> list[dict]:
     """Clipped statistics per site, C the median N_i over all sites, then the noised, quantized merge
     per σ. Two passes per site (the norms, then the clipped sums), one expert model in memory at a time."""
     samples, norms = [], []
@@ -264,11 +292,17 @@ def dp_rows(args, model, modules, base, sites, batches, result, budget) -> list[
         picked = [data.train[i] for i in unit_sample(data.train, None, ClipSettings(clip=1.0, rate=rate))]
         expert_model = load_model(expert).eval()
         mods = statistic_linears(expert_model, set(modules))
-        site["spectral"] = spectral_norms(site["deltas"])
+        site["spectral"] = spectral_norms(site["deltas"], scales)
         t = time.perf_counter()
         unlimited = ClipSettings(clip=1e30)
         _, _, n_i = collect_clipped_grams(
-            expert_model, mods, picked, tokenizer.pad_token_id, site["spectral"], unlimited
+            expert_model,
+            mods,
+            picked,
+            tokenizer.pad_token_id,
+            site["spectral"],
+            unlimited,
+            input_scales=scales,
         )
         result.setdefault("norm_pass_seconds", []).append(round(time.perf_counter() - t, 1))
         norms.append(n_i)
@@ -286,13 +320,13 @@ def dp_rows(args, model, modules, base, sites, batches, result, budget) -> list[
         expert_model = load_model(expert).eval()
         mods = statistic_linears(expert_model, set(modules))
         grams, _, _ = collect_clipped_grams(
-            expert_model, mods, picked, pad, site["spectral"], ClipSettings(clip=clip)
+            expert_model, mods, picked, pad, site["spectral"], ClipSettings(clip=clip), input_scales=scales
         )
         noisy_sites.append({**site, "grams": dict(grams.sums), "units": len(picked)})
         del expert_model, mods
     ref_loss = result["loss_regmean_none"]
     w = 1.0 / len(sites)
-    layout = SumLayout(scale=budget)
+    layout = SumLayout(scale=budget, input_scales=scales)
     clipped_exact = merge_through_sums(noisy_sites, base, layout, None)
     result["loss_clipped_exact"] = loss_of(model, base, clipped_exact, batches)
     units = max(s["units"] for s in noisy_sites)

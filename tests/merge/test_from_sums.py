@@ -107,7 +107,7 @@ def test_a_noised_sum_is_projected_to_psd_before_the_solve() -> None:
     sums, total = add_contributions(_contributions(base, sites))
     g = torch.Generator().manual_seed(0)
     noisy = {k: t + 50.0 * torch.randn(t.shape, generator=g, dtype=t.dtype) for k, t in sums.items()}
-    merged = regmean_from_sums(noisy, base, total, 1.0, aliases=ALIASES, ridge_floor=1.0)
+    merged = regmean_from_sums(noisy, base, total, 1.0, aliases=ALIASES, noise_std=50.0)
     assert "q.weight" in merged.projected  # eigenvalues below 0 after the noise
     for t in merged.weights.values():
         assert torch.isfinite(t).all()
@@ -134,3 +134,53 @@ def test_packing_round_trips_and_bad_sums_are_refused() -> None:
     sums, total = add_contributions(_contributions(base, sites, SumLayout(diagonal=False)))
     with pytest.raises(MedmergeError, match="wd:: sum"):
         regmean_from_sums(sums, base, total, 0.5, aliases=ALIASES)
+
+
+def _quantized(sums_of: list[dict[str, torch.Tensor]], bits: int) -> dict[str, torch.Tensor]:
+    """Σ over sites through SecAgg+'s quantization (Flower's quantize/dequantize, one range per tensor)."""
+    import numpy as np
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    np.random.seed(0)
+    out = {}
+    for name in sums_of[0]:
+        arrays = [s[name].numpy() for s in sums_of]
+        limit = float(sum(np.abs(a).max() for a in arrays))
+        total = sum(q.astype(np.int64) for q in quantize(arrays, limit, 2**bits)) % 2**32
+        (summed,) = dequantize([total], limit, 2**bits)
+        out[name] = torch.from_numpy(summed - (len(arrays) - 1) * limit)
+    return out
+
+
+def test_public_input_scales_keep_a_quantized_sum_precise_where_one_dimension_dominates() -> None:
+    """Real activations have a few dimensions 10³–10⁴ times larger than the rest (a 'massive' one here):
+    with one quantization range per tensor, the small dimensions' entries are lost unless the terms
+    travel in the coordinates x / D."""
+    base, sites = _sites(4)
+    for _, grams, _ in sites:
+        for name, g in grams.items():
+            scale = torch.ones(g.shape[0], dtype=g.dtype)
+            scale[0] = 3e3  # dimension 0 is massive
+            grams[name] = g * scale[:, None] * scale[None, :]
+    exact, total = add_contributions(_contributions(base, sites))
+    reference = regmean_from_sums(exact, base, total, 0.9, aliases=ALIASES).weights
+    d = {"q.weight": torch.ones(IN, dtype=torch.float64), "down.weight": torch.ones(OUT, dtype=torch.float64)}
+    for t in d.values():
+        t[0] = 3e3
+    layout = SumLayout(input_scales=d)
+    scaled, _ = add_contributions(_contributions(base, sites, layout))
+    # exact sums in the scaled coordinates: the same merge
+    same = regmean_from_sums(scaled, base, total, 0.9, aliases=ALIASES, input_scales=d).weights
+    for name in reference:
+        torch.testing.assert_close(same[name], reference[name], rtol=1e-5, atol=1e-6)
+
+    def error(merged):
+        names = ("q.weight", "v.weight", "down.weight")
+        return max(float((merged[n] - reference[n]).norm() / (reference[n] - base[n]).norm()) for n in names)
+
+    contributions = [c.tensors for c in _contributions(base, sites)]
+    plain = regmean_from_sums(_quantized(contributions, 16), base, total, 0.9, aliases=ALIASES).weights
+    contributions = [c.tensors for c in _contributions(base, sites, layout)]
+    sums = _quantized(contributions, 16)
+    equilibrated = regmean_from_sums(sums, base, total, 0.9, aliases=ALIASES, input_scales=d).weights
+    assert error(equilibrated) < 1e-3 < 10 * error(equilibrated) < error(plain)

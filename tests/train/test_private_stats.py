@@ -27,6 +27,7 @@ from medmerge.train.statistics import (
     collect_grams,
     compute_statistics,
     expert_deltas,
+    input_scales,
     statistic_linears,
 )
 from tests.train.helpers import tiny_config
@@ -67,8 +68,8 @@ def setting(expert: Path):
     return model, modules, deltas, examples, tokenizer.pad_token_id
 
 
-def _released(grams, deltas, weight: float, scale: float) -> torch.Tensor:
-    layout = SumLayout(diagonal=True, scale=scale)
+def _released(grams, deltas, weight: float, scale: float, scales=None) -> torch.Tensor:
+    layout = SumLayout(diagonal=True, scale=scale, input_scales=scales)
     contribution = site_contribution(deltas, weight, grams=grams.sums, aliases=grams.aliases, layout=layout)
     parts = [t.flatten() for k, t in sorted(contribution.tensors.items()) if k.partition(SEP)[0] != DELTA]
     return torch.cat(parts)
@@ -86,38 +87,41 @@ def test_a_large_clip_changes_nothing(setting) -> None:
         assert float((clipped.sums[name] - total).norm() / total.norm()) < 1e-6  # float32 products
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("unit", ["pair", "group"])
-def test_one_unit_moves_the_whole_released_vector_by_at_most_w_c_over_d(setting, unit) -> None:
+def test_one_unit_moves_the_whole_released_vector_by_at_most_w_c_over_d(setting, unit, scaled) -> None:
     model, modules, deltas, examples, pad = setting
-    spectral = spectral_norms(deltas)
+    scales = None
+    if scaled:  # public input scales D (from other text): the release travels in x / D
+        scales = input_scales(collect_grams(model, modules, examples[::-1][:3], pad))
+    spectral = spectral_norms(deltas, scales)
     assert max(spectral.values()) > 0  # a trained adapter: the ΔW terms count
     weight, scale = 0.7, 3.0
     if unit == "pair":
         settings, others, unit_examples = ClipSettings(clip=5.0), examples[:-1], examples[-1:]
     else:  # a group of three pairs, at most per_group = 3 read, each clipped at C / 3
-        settings, others, unit_examples = (
-            ClipSettings(clip=5.0, unit="group", per_group=3),
-            examples[:4],
-            examples[4:],
+        settings = ClipSettings(clip=5.0, unit="group", per_group=3)
+        others, unit_examples = examples[:4], examples[4:]
+    if scaled:
+        settings = ClipSettings(clip=0.05, unit=settings.unit, per_group=settings.per_group)
+
+    def clipped(chosen, setting):
+        grams, s, n = collect_clipped_grams(
+            model, modules, chosen, pad, spectral, setting, input_scales=scales
         )
-    without, _, _ = collect_clipped_grams(model, modules, others, pad, spectral, settings)
-    with_unit, scales, norms = collect_clipped_grams(
-        model, modules, others + unit_examples, pad, spectral, settings
-    )
-    assert bool((scales < 1).all())  # the clip is active for every example
-    torch.testing.assert_close(scales, settings.example_limit / norms)
-    moved = (_released(with_unit, deltas, weight, scale) - _released(without, deltas, weight, scale)).norm()
+        return _released(grams, deltas, weight, scale, scales), s, n
+
+    without, _, _ = clipped(others, settings)
+    with_unit, scales_i, norms = clipped(others + unit_examples, settings)
+    assert bool((scales_i < 1).all())  # the clip is active for every example
+    torch.testing.assert_close(scales_i, settings.example_limit / norms)
+    moved = (with_unit - without).norm()
     bound = weight * settings.clip / scale
     assert moved <= bound * (1 + 1e-6)
     assert moved > 0.2 * bound  # and the bound is not vacuous
     # without clipping, the same pair moves it far more: the clip is what bounds it
-    free, _, _ = collect_clipped_grams(model, modules, others, pad, spectral, ClipSettings(clip=1e12))
-    free_unit, _, _ = collect_clipped_grams(
-        model, modules, others + unit_examples, pad, spectral, ClipSettings(clip=1e12)
-    )
-    assert (
-        _released(free_unit, deltas, weight, scale) - _released(free, deltas, weight, scale)
-    ).norm() > 2 * bound
+    unlimited = ClipSettings(clip=1e12)
+    assert (clipped(others + unit_examples, unlimited)[0] - clipped(others, unlimited)[0]).norm() > 2 * bound
 
 
 def test_the_keyed_sample_decides_each_unit_alone() -> None:

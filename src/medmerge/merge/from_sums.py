@@ -76,11 +76,16 @@ class SumLayout:
     diagonal: add S_WD (needed for α < 1; without it only α = 1 can be merged).
     scale: public divisor of every statistic term. normalise: "none" (today's RegMean) or "tokens"
     (each site divides by its own token count instead of `scale`).
+    input_scales: public D_m (in,) per stored Gram name: the terms travel in the coordinates x' = x / D,
+    i.e. D⁻¹GD⁻¹, ΔW·G·D⁻¹ and ΔW·diag(G)·D⁻¹ (the coordinator multiplies D back). Real activations
+    have a few dimensions 10³–10⁴ times larger than the rest; without this a quantized sum (one range
+    per tensor) keeps nothing of the small ones (bench/secure_regmean.py).
     """
 
     diagonal: bool = True
     scale: float = 1.0
     normalise: Normalise = "none"
+    input_scales: Mapping[str, torch.Tensor] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.scale > 0:
@@ -97,21 +102,28 @@ class SumLayout:
 
 
 def regmean_terms(
-    gram: torch.Tensor, deltas: Mapping[str, torch.Tensor], weight: float, divisor: float, diagonal: bool
+    gram: torch.Tensor,
+    deltas: Mapping[str, torch.Tensor],
+    weight: float,
+    divisor: float,
+    diagonal: bool,
+    scale: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One stored Gram's terms: gram:: (packed) and, for each weight reading it, wg:: (and wd::).
 
     `gram` (in, in) is the site's G of the stored name; `deltas` maps each weight reading that input
-    (the stored name and its aliases) to its ΔW (out, in). `gram` may be a noised Gram (secure+dp): the
-    terms are then functions of the released Gram and the site's own weights only.
+    (the stored name and its aliases) to its ΔW (out, in); `scale` the public D of that input (or None).
     """
     g = gram.to(torch.float64) * (weight / divisor)
+    inverse = 1.0 / scale.to(torch.float64) if scale is not None else None
     terms: dict[str, torch.Tensor] = {}
+    packed = g * inverse[:, None] * inverse[None, :] if inverse is not None else g
+    terms[key(GRAM, "")] = pack_symmetric(packed)
     for name, delta in deltas.items():
         d = delta.to(torch.float64)
-        terms[key(WG, name)] = d @ g
+        terms[key(WG, name)] = d @ g if inverse is None else (d @ g) * inverse
         if diagonal:
-            terms[key(WD, name)] = d * g.diagonal()
+            terms[key(WD, name)] = d * (g.diagonal() if inverse is None else g.diagonal() * inverse)
     return terms
 
 
@@ -153,11 +165,15 @@ def site_contribution(
         stored = aliases.get(name, name)
         if grams is not None and stored in grams and delta.dim() == 2:
             readers.setdefault(stored, {})[name] = delta
+    scales = layout.input_scales or {}
     for stored, gram in (grams or {}).items():
         if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
             raise MedmergeError(f"gram of {stored}: shape {tuple(gram.shape)} (expected a square matrix)")
-        out.tensors[key(GRAM, stored)] = pack_symmetric(gram.to(torch.float64) * (weight / divisor))
-        out.tensors.update(regmean_terms(gram, readers.get(stored, {}), weight, divisor, layout.diagonal))
+        terms = regmean_terms(
+            gram, readers.get(stored, {}), weight, divisor, layout.diagonal, scales.get(stored)
+        )
+        out.tensors[key(GRAM, stored)] = terms.pop(key(GRAM, ""))
+        out.tensors.update(terms)
     for name, fisher in (fishers or {}).items():
         if name not in deltas:
             continue  # a weight no expert changes: nothing to weigh
@@ -217,13 +233,20 @@ def regmean_from_sums(
     *,
     aliases: Mapping[str, str] | None = None,
     ridge: float = RIDGE,
-    ridge_floor: float = 0.0,
+    noise_std: float = 0.0,
+    input_scales: Mapping[str, torch.Tensor] | None = None,
 ) -> SumsMerge:
-    """RegMean at `alpha` from the sums (module doc); W₀ from `base` (weight name → tensor).
+    """RegMean at `alpha` from the sums (module doc); W₀ from `base` (weight name → tensor);
+    `input_scales` the layout's public D (S_G = D S_G' D, S_WG = S_WG' D, S_WD = S_WD' D).
 
-    λ = max(ridge · mean diag S̃, ridge_floor): a noised sum wants an absolute floor of the order of the
-    noise's spectral norm (about 2σC√in for N(0, σ²C²) entries), so that noise directions stay near the
-    average. Weights with a delta:: but no wg:: get the average W₀ + S_Δ / Σ w_i.
+    The ridge is λ_rel·I + λ_n·D² (D = 1 without scales), λ_rel = ridge · mean diag S̃ as today. For a
+    noised sum, `noise_std` s is the sum's noise per released coordinate (σ·C·w_max/d, public), and in
+    the released coordinates x / D, where that noise is isotropic, λ_n = max(2s√in, 10 s√(out·in) /
+    ‖ΔW̄·D‖_F) (out: the rows of every weight reading the input): the first is the noise Gram's spectral
+    norm, the second keeps the noise the W·G sums carry into the solution, at most ‖N‖_F / λ_n, under a
+    tenth of the average delta ΔW̄ = S_Δ / Σw — so under heavy noise the merge tends to the average, not
+    to noise. The PSD projection is made in those coordinates too. Weights with a delta:: but no wg::
+    get the average W₀ + S_Δ / Σ w_i.
     """
     if total_weight == 0:
         raise MedmergeError("regmean from sums: the weights sum to 0")
@@ -237,17 +260,27 @@ def regmean_from_sums(
             out.weights[name] = (base[name].to(torch.float64) + s_delta / total_weight).float()
             out.method[name] = "linear"
     for stored, names in sorted(_readers(sums, aliases).items()):
-        s_g = unpack_symmetric(sums[key(GRAM, stored)].to(torch.float64))
-        diagonal = s_g.diagonal().clone()
-        tilde = s_g.mul_(alpha)
+        released = unpack_symmetric(sums[key(GRAM, stored)].to(torch.float64))  # S_G' (D⁻¹ S_G D⁻¹)
+        size = released.shape[0]
+        scale = (input_scales or {}).get(stored)
+        d = scale.to(torch.float64) if scale is not None else torch.ones(size, dtype=torch.float64)
+        diagonal = released.diagonal().clone()
+        tilde = released.mul_(alpha)
         tilde.diagonal().copy_(diagonal)
         tilde, changed = project_psd(tilde)
         if changed:
             out.projected.append(stored)
-        lam = max(ridge * float(tilde.diagonal().mean()), ridge_floor)
-        if not lam > 0:
+        tilde = tilde * d[:, None] * d[None, :]
+        floor = 0.0
+        if noise_std > 0:
+            averages = torch.cat([sums[key(DELTA, n)].to(torch.float64) for n in names]) / total_weight
+            spread = float((averages * d).norm()) or 1.0
+            rows = averages.shape[0]
+            floor = max(2 * noise_std * size**0.5, 10 * noise_std * (rows * size) ** 0.5 / spread)
+        ridge_diagonal = ridge * float(tilde.diagonal().mean()) + floor * d * d  # (in,)
+        if not float(ridge_diagonal.max()) > 0:
             continue  # no site saw any input: the average stays
-        tilde = tilde + lam * torch.eye(tilde.shape[0], dtype=torch.float64)
+        tilde.diagonal().add_(ridge_diagonal)
         rhs = []
         for name in names:
             right = sums[key(WG, name)].to(torch.float64) * alpha
@@ -255,7 +288,9 @@ def regmean_from_sums(
                 if key(WD, name) not in sums:
                     raise MedmergeError(f"{name}: α = {alpha} needs the wd:: sum (layout diagonal=True)")
                 right = right + sums[key(WD, name)].to(torch.float64) * (1.0 - alpha)
-            rhs.append(right + sums[key(DELTA, name)].to(torch.float64) * (lam / total_weight))
+            right = right * d
+            average = sums[key(DELTA, name)].to(torch.float64) / total_weight
+            rhs.append(right + average * ridge_diagonal)
         stacked = torch.cat(rhs).T  # (in, Σ out)
         factor, info = torch.linalg.cholesky_ex(tilde)
         if int(info) == 0:

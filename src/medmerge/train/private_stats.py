@@ -110,11 +110,20 @@ def unit_sample(
     return sorted(picked)
 
 
-def spectral_norms(deltas: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """‖ΔW‖₂ (the largest singular value) of each 2-D delta."""
-    return {
-        name: float(torch.linalg.matrix_norm(d.double(), ord=2)) for name, d in deltas.items() if d.dim() == 2
-    }
+def spectral_norms(
+    deltas: Mapping[str, torch.Tensor], input_scales: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, float]:
+    """‖ΔW·D‖₂ (the largest singular value) of each 2-D delta, D its input's public scale (1: none):
+    the bound on ‖ΔW·G·D⁻¹‖_F / ‖D⁻¹GD⁻¹‖_F, since ΔW·G·D⁻¹ = (ΔW·D)(D⁻¹GD⁻¹)."""
+    scales = input_scales or {}
+    out = {}
+    for name, d in deltas.items():
+        if d.dim() != 2:
+            continue
+        scale = scales.get(name)
+        matrix = d.double() * scale.double() if scale is not None else d.double()
+        out[name] = float(torch.linalg.matrix_norm(matrix, ord=2))
+    return out
 
 
 def module_factors(
@@ -139,13 +148,16 @@ def collect_clipped_grams(
     settings: ClipSettings,
     batch_size: int = 8,
     progress: bool = False,
+    input_scales: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[Grams, torch.Tensor, torch.Tensor]:
     """Σ_i s_i G_{i,m} over `examples` for every stored m (module doc), causal models; every s_i and
-    every unclipped N_i (in batch order: examples sorted by length)."""
+    every unclipped N_i (in batch order: examples sorted by length). `input_scales` (by weight name: the
+    layout's public D of that weight's input) and `spectral` (spectral_norms(deltas, input_scales)) must
+    be those the release uses."""
     if model.config.is_encoder_decoder:
         raise MedmergeError("clipped (DP) statistics: causal models only")
     grams = stat_hooks.new_grams(False)
-    hooks = ClippedGramHooks(modules, grams, settings.example_limit)
+    hooks = ClippedGramHooks(modules, grams, settings.example_limit, input_scales)
     keep = stat_hooks.head_free(model, modules)
     device = next(model.parameters()).device
     was_training = model.training

@@ -194,17 +194,24 @@ class ClippedGramHooks(GramHooks):
     """Gram pre-hooks that clip each unit's contribution to the released vector before summing (DP).
 
     During a forward each stored Linear's masked inputs X_i (example i's rows) are kept, with
-    ‖G_{i,m}‖_F² = ‖X_i X_iᵀ‖_F² (a (T, T) product per example). `finish_batch` then weighs module m by
-    f_m² (medmerge.train.private_stats.module_factors: the released vector holds G_m and ΔW·G_m,
-    ΔW·diag G_m for each weight reading m, whose norms are at most ‖ΔW‖₂·‖G_m‖_F), takes
-    N_i = √(Σ_m f_m² ‖G_{i,m}‖_F²), s_i = min(1, limit / N_i), and adds Σ_i s_i X_iᵀX_i.
-    So every example's share of the whole released vector (all modules together) is at most `limit`.
+    ‖G'_{i,m}‖_F² = ‖X'_i X'_iᵀ‖_F², X' = X / D_m the rows in the released coordinates (D_m the layout's
+    public input scale, 1 where none; a (T, T) product per example). `finish_batch` then weighs module m
+    by f_m² (medmerge.train.private_stats.module_factors), takes N_i = √(Σ_m f_m² ‖G'_{i,m}‖_F²),
+    s_i = min(1, limit / N_i), and adds Σ_i s_i X_iᵀX_i: every example's share of the whole released
+    vector (all modules together) is at most `limit`.
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Linear], grams: Grams, limit: float) -> None:
+    def __init__(
+        self,
+        modules: dict[str, torch.nn.Linear],
+        grams: Grams,
+        limit: float,
+        input_scales: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__(modules, grams)
         self.limit = limit
-        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # stored name → (X masked, ‖G_i‖²)
+        self.input_scales = dict(input_scales or {})
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # stored name → (X masked, ‖G'_i‖²)
         self.scales: list[torch.Tensor] = []  # s_i of every example so far, batch by batch
         self.norms: list[torch.Tensor] = []  # N_i, the unclipped norms
 
@@ -212,11 +219,13 @@ class ClippedGramHooks(GramHooks):
         if x.dim() != 3:
             raise MedmergeError(f"{name}: input of shape {tuple(x.shape)} (clipping needs (B, T, in))")
         rows = x.float() * mask.unsqueeze(-1).float()  # (B, T, in), padding rows zero
-        outer = torch.bmm(rows, rows.transpose(1, 2))  # (B, T, T)
-        self.kept[name] = (rows, outer.square().sum(dim=(1, 2)).double())
+        scale = self.input_scales.get(name)
+        released = rows / scale.to(rows) if scale is not None else rows
+        outer = torch.bmm(released, released.transpose(1, 2))  # (B, T, T)
+        self.kept[name] = (rows, outer.double().square().sum(dim=(1, 2)))
 
     def finish_batch(self, factors: dict[str, float]) -> torch.Tensor:
-        """Clip and add this batch (module doc); `factors`: f_m² by stored name. Returns s (B,)."""
+        """Clip and add this batch (class doc); `factors`: f_m² by stored name. Returns s (B,)."""
         squared = sum(factors[name] * norms for name, (_, norms) in self.kept.items())
         scale = (self.limit / squared.sqrt().clamp(min=1e-300)).clamp(max=1.0)  # (B,)
         root = scale.sqrt().float().view(-1, 1, 1)

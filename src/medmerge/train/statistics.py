@@ -180,6 +180,18 @@ def collect_fishers(
     return {name: total / len(examples) for name, total in fisher.sums.items()}
 
 
+def input_scales(grams: Grams, floor: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Per-input scales D = √(diag G / tokens) of every Linear (by weight name; aliases share their
+    stored Gram's), clamped at `floor` × their largest: from Grams of PUBLIC text through the BASE model,
+    they are the public `SumLayout.input_scales` of a secure sum (medmerge.merge.from_sums)."""
+    tokens = max(sum(grams.tokens.values()), 1)
+    stored = {}
+    for name, gram in grams.sums.items():
+        d = (gram.diagonal().double() / tokens).clamp(min=0).sqrt()
+        stored[name] = d.clamp(min=floor * float(d.max()) if float(d.max()) > 0 else 1.0)
+    return {**stored, **{alias: stored[target] for alias, target in grams.aliases.items()}}
+
+
 def collect_statistics(
     model: torch.nn.Module,
     modules: dict[str, torch.nn.Linear],
@@ -256,6 +268,7 @@ def compute_statistics(
     progress: bool = True,
     device: str | torch.device | None = None,
     privacy: ClipSettings | None = None,
+    input_scales: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Compute `kinds` statistics of the expert in `expert_dir` on its training questions; write them
     into `out_dir` (default: the expert folder) and return that folder.
@@ -267,6 +280,8 @@ def compute_statistics(
     `privacy` (statistics: secure+dp; LoRA experts, Gram only): each unit's share of the released vector
     is clipped (medmerge.train.private_stats) and the units read are a keyed sample at rate
     min(1, max_examples / units), never a seeded one; statistics.json gets a "privacy" record.
+    `input_scales` are the secure sum's public D (SumLayout.input_scales): the clip is of the released
+    coordinates x / D.
     """
     expert_dir = Path(expert_dir)
     out = Path(out_dir) if out_dir is not None else expert_dir
@@ -286,7 +301,17 @@ def compute_statistics(
     _check_same_split(data.sources, recorded, expert_dir)
     if privacy is not None:
         return _private_statistics(
-            expert_dir, out, kinds, data, tokenizer, privacy, max_examples, batch_size, progress, device
+            expert_dir,
+            out,
+            kinds,
+            data,
+            tokenizer,
+            privacy,
+            max_examples,
+            batch_size,
+            progress,
+            device,
+            input_scales,
         )
 
     n_gram = min(len(data.train), max_examples or GRAM_EXAMPLES) if "gram" in kinds else 0
@@ -348,7 +373,7 @@ def expert_deltas(expert_dir: Path, modules: dict[str, torch.nn.Linear]) -> dict
 
 
 def _private_statistics(
-    expert_dir, out, kinds, data, tokenizer, privacy, max_examples, batch_size, progress, device
+    expert_dir, out, kinds, data, tokenizer, privacy, max_examples, batch_size, progress, device, input_scales
 ):
     """The clipped Gram statistics (`compute_statistics(..., privacy=...)`)."""
     import dataclasses
@@ -363,9 +388,9 @@ def _private_statistics(
     resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(expert_dir).to(resolved)
     modules = statistic_linears(model, base_weight_names(expert_dir))
-    spectral = spectral_norms(expert_deltas(expert_dir, modules))
+    spectral = spectral_norms(expert_deltas(expert_dir, modules), input_scales)
     grams, scales, _ = collect_clipped_grams(
-        model, modules, picked, tokenizer.pad_token_id, spectral, privacy, batch_size, progress
+        model, modules, picked, tokenizer.pad_token_id, spectral, privacy, batch_size, progress, input_scales
     )
     info = {
         "examples": len(picked),
@@ -380,6 +405,7 @@ def _private_statistics(
             "clipped_share": float((scales < 1).double().mean()) if len(scales) else 0.0,
             "spectral_max": max(spectral.values(), default=0.0),
             "sample": "keyed (HMAC-SHA256 under a key from os.urandom, never written)",
+            "input_scales": input_scales is not None,
         },
         "model": {
             "path": str(expert_dir.resolve()),
