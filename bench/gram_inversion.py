@@ -26,8 +26,9 @@ What the coordinator holds, case by case (3 sites, weights 1):
                   holds: stacking [B_1 B_2 B_3] (out × 3r, full column rank) gives every A_i G₀ⁱ and
                   diag(G₀ⁱ) by least squares, i.e. 3·3r·576 + 576 linear measurements of site 1's c alone;
                   NNLS on those (Q_vw = (A u_v·A u_w)(u_v·u_w) + (u_v²·u_w²));
-- secure+dp:      S and the S_WG, S_WD above with N(0, σ²C²) on every coordinate (the sum's distributed
-                  noise; the Grams themselves unclipped, which only helps the attacker);
+- secure+dp:      S and the S_WG, S_WD above with N(0, σ²C²) on every released coordinate (the sum's
+                  distributed noise, in the coordinates x / D of the public input scale D: D N D on S,
+                  N D on the W·G sums; the Grams themselves unclipped, which only helps the attacker);
 - public prior:   no statistics at all: PubMedQA's token frequencies scaled to the site's token count
                   (chance level for the top-100 precision).
 Scores for site 1: exact-count share (of the tokens it used, how many have their count recovered
@@ -84,6 +85,21 @@ def public_counts(expert: Path, vocab: int) -> torch.Tensor:
         ids = tokenizer(pair.question + " " + pair.answer)["input_ids"]
         counts += torch.bincount(torch.tensor(ids), minlength=vocab).double()
     return counts
+
+
+def public_scale(expert: Path, u: torch.Tensor, examples: int = 32) -> torch.Tensor:
+    """Layer 0's public input scale D (bench/secure_regmean.py's, train.statistics.input_scales): from
+    the first PubMedQA questions with their long answers, encoded as the sites encode (64 + 64 tokens)."""
+    from medmerge.data import encode_pair, load_dataset
+
+    tokenizer = load_tokenizer(expert)
+    pairs = load_dataset("pubmedqa").pairs[:examples]
+    ids = [
+        t for p in pairs for t in encode_pair(p.question, p.answer, tokenizer, "causal", 64, 64)["input_ids"]
+    ]
+    counts = torch.bincount(torch.tensor(ids), minlength=u.shape[0]).double()
+    d = ((counts[:, None] * u * u).sum(0) / counts.sum()).sqrt()
+    return d.clamp(min=1e-3 * float(d.max()))
 
 
 def gram(u: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -334,16 +350,17 @@ def main() -> None:
     result["adapter_recovery_rel_error"] = float((y - a @ grams[0]).norm() / (a @ grams[0]).norm())
     run("secure+adapters", lambda: attack_projections(u, a, y, diagonal, exact=True))
     gen = torch.Generator().manual_seed(1)  # the bench's noise: a stand-in for the sites' secret draws
+    d = public_scale(args.experts[0], u) if args.clip else None
     for sigma in args.sigmas if args.clip else []:
-        std = sigma * args.clip
-        noisy = total + _symmetric_noise(total.shape[0], std, gen)
+        std = sigma * args.clip  # per released coordinate: x / D
+        noisy = total + _symmetric_noise(total.shape[0], std, gen) * d[:, None] * d[None, :]
         result.setdefault("noise_std", {})[str(sigma)] = std
         run(f"secure+dp σ={sigma:g}", lambda noisy=noisy: attack_gram(u, noisy, exact=False))
         noisy_wg = {
-            p: t + std * torch.randn(t.shape, dtype=torch.float64, generator=gen) for p, t in s_wg.items()
+            p: t + std * torch.randn(t.shape, dtype=torch.float64, generator=gen) * d for p, t in s_wg.items()
         }
         noisy_wd = {
-            p: t + std * torch.randn(t.shape, dtype=torch.float64, generator=gen) for p, t in s_wd.items()
+            p: t + std * torch.randn(t.shape, dtype=torch.float64, generator=gen) * d for p, t in s_wd.items()
         }
         a, y, diagonal = recover_site_terms(adapters, noisy_wg, noisy_wd, 0)
         run(
