@@ -9,13 +9,14 @@ projection). So with u_v = RMSNorm(E_v)·γ (576 numbers per vocabulary entry) a
     G₀ = Σ_t x_t x_tᵀ = Σ_v c_v u_v u_vᵀ = Uᵀ diag(c) U,      U (V × 576), c ∈ ℕ^V its token counts,
 
 a linear system in c with 576·577/2 = 166,176 equations (the upper triangle) and V = 49,152 unknowns, over
-the FULL vocabulary. The attack is non-negative least squares, min_{c ≥ 0} ‖Uᵀ diag(c) U − G‖_F², solved
-exactly by an active set on the full vocabulary: candidates are the 8,000 tokens of largest normalised
-back-projection u_vᵀ G u_v / ‖u_v‖⁴; on a candidate set S the problem is the quadratic
-½ cᵀQc − bᵀc with Q = (U_S U_Sᵀ)∘(U_S U_Sᵀ) (Hadamard square) and b_v = u_vᵀ G u_v, solved by
-projected accelerated gradient (FISTA, diagonally preconditioned) and polished by a Cholesky solve on its
-support; then the gradient u_vᵀ (Uᵀ diag(c) U − G) u_v is checked on all 49,152 tokens, violators of
-the KKT conditions are added to S, and again, until none is left. The estimate is rounded to integers.
+the FULL vocabulary. The attack is non-negative least squares, min_{c ≥ 0} ‖P(Uᵀ diag(c) U − G)P‖_F²
+(P = M^(-1/2), M = UᵀU / V: whitening, so that the tokens' vectors are nearly orthogonal on average; the
+exact solution is the same), by a block Lawson–Hanson active set over all 49,152 tokens: the gradient
+g_v = ũ_vᵀ (Ũᵀ diag(c) Ũ − P G P) ũ_v (ũ = P u) is computed for every token, the 300 most negative
+(scaled by ‖ũ_v‖²) join the active set S, the quadratic ½ c_Sᵀ Q c_S − b_Sᵀ c_S with
+Q = (Ũ_S Ũ_Sᵀ)∘(Ũ_S Ũ_Sᵀ) (Hadamard square), b_v = ũ_vᵀ PGP ũ_v is solved exactly (Cholesky) on S with
+negative entries dropped, and again, until no token violates the KKT conditions (or 60 rounds / 6,000
+active tokens). The estimate is rounded to integers.
 
 What the coordinator holds, case by case (3 sites, weights 1):
 - plain:          site 1's own G₀ (float32, as `medmerge stats` writes it);
@@ -52,9 +53,6 @@ from medmerge.models import load_model, load_tokenizer, model_kind
 from medmerge.threads import use_threads
 from medmerge.train.examples import prepare_data
 from medmerge.train.statistics import GRAM_EXAMPLES, expert_train_config
-
-CANDIDATES = 8000
-MAX_CANDIDATES = 14000  # Q_SS in float64: 1.6 GB
 
 
 def token_vectors(expert: Path) -> torch.Tensor:
@@ -109,127 +107,110 @@ def gram(u: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return ((rows * counts[used, None]).T @ rows).float().double()
 
 
-def _fista(q: torch.Tensor, b: torch.Tensor, iterations: int, start: torch.Tensor | None) -> torch.Tensor:
-    """min ½cᵀQc − bᵀc, c ≥ 0, by FISTA on the unit-diagonal rescaling of Q."""
-    d = q.diagonal().clamp(min=1e-300).rsqrt()
-    qs, bs = q * d[:, None] * d[None, :], b * d
-    v = torch.randn(len(b), generator=torch.Generator().manual_seed(0)).to(q.dtype)
-    for _ in range(30):
-        v = qs @ v
-        v /= v.norm()
-    step = 1.0 / float(v @ qs @ v)
-    x = (start / d).clamp(min=0) if start is not None else torch.zeros_like(b)
-    y, t = x.clone(), 1.0
-    for _ in range(iterations):
-        x_new = (y - step * (qs @ y - bs)).clamp(min=0)
-        t_new = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        y = x_new + ((t - 1) / t_new) * (x_new - x)
-        x, t = x_new, t_new
-    return x * d
-
-
-def _polish(q: torch.Tensor, b: torch.Tensor, support: torch.Tensor, rounds: int = 30) -> torch.Tensor | None:
-    """Active set from `support`: the exact least-squares solution on it (Cholesky), dropping the
-    negative entries and solving again, until it is non-negative (None where the factor fails)."""
-    support = support.clone()
+def _polish(q: torch.Tensor, b: torch.Tensor, rounds: int = 50) -> torch.Tensor:
+    """min ½xᵀQx − bᵀx over the active set, non-negative: the least-squares solution (Cholesky), its
+    negative entries dropped and solved again until none is left (0 where dropped)."""
+    support = torch.ones(len(b), dtype=torch.bool)
     out = torch.zeros_like(b)
     for _ in range(rounds):
         idx = support.nonzero().squeeze(1)
         if len(idx) == 0:
-            return out
+            break
         sub = q[idx][:, idx]
-        sub = sub + 1e-13 * float(sub.diagonal().mean()) * torch.eye(len(idx), dtype=q.dtype)
+        sub = sub + 1e-12 * float(sub.diagonal().mean()) * torch.eye(len(idx), dtype=q.dtype)
         factor, info = torch.linalg.cholesky_ex(sub)
-        if int(info):
-            return None
-        x = torch.cholesky_solve(b[idx, None], factor).squeeze(1)
+        x = torch.cholesky_solve(b[idx, None], factor).squeeze(1) if int(info) == 0 else None
+        if x is None:
+            x = torch.linalg.lstsq(sub, b[idx, None]).solution.squeeze(1)
         negative = x < 0
         if not bool(negative.any()):
             out[idx] = x
             return out
         support[idx[negative]] = False
-    return None
+    return out
 
 
 def nnls(
-    score: torch.Tensor,
     block: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     gradient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    exact: bool,
-    equations: int,
-    rounds: int = 6,
+    column_norms: torch.Tensor,
+    add: int = 300,
+    rounds: int = 60,
+    max_active: int = 6000,
 ) -> tuple[torch.Tensor, dict]:
-    """Active-set NNLS over the whole vocabulary (module doc). `score` (V,) ranks the first candidates;
-    `block(S)` gives (Q_SS, b_S); `gradient(S, c_S)` the full (V,) gradient of ½‖Φc − m‖². Where the
-    candidates are fewer than the independent measurements (`equations`), least squares on all of them
-    is unique, and the active set starts there; else it starts from FISTA's support."""
-    vocab = len(score)
-    chosen = torch.zeros(vocab, dtype=torch.bool)
-    chosen[score.topk(min(CANDIDATES, vocab)).indices] = True
+    """Non-negative least squares over the whole vocabulary by a block active set (Lawson–Hanson,
+    `add` variables at a time): add the tokens whose gradient is most negative (scaled by their
+    column's norm), solve on the active set (`_polish`), keep the positive ones, recompute the gradient
+    on every token; stop when no token violates the KKT conditions (gradient ≥ −tol where c = 0).
+    `block(S)` gives (Q_SS, b_S), `gradient(S, c_S)` the (V,) gradient of ½‖Φc − m‖²."""
+    vocab = len(column_norms)
     estimate = torch.zeros(vocab, dtype=torch.float64)
-    record = {"rounds": 0, "candidates": []}
-    for _ in range(rounds if exact else 2):
-        idx = chosen.nonzero().squeeze(1)
+    active = torch.zeros(vocab, dtype=torch.bool)
+    grad = gradient(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
+    tol = 1e-7 * float((-grad).max())
+    record = {"rounds": 0}
+    for _ in range(rounds):
+        violators = (~active) & (grad < -tol)
+        if not bool(violators.any()) or int(active.sum()) >= max_active:
+            break
+        score = (-grad / column_norms).masked_fill(~violators, -float("inf"))
+        active[score.topk(min(add, int(violators.sum()))).indices] = True
+        idx = active.nonzero().squeeze(1)
         q, b = block(idx)
-        unique = exact and len(idx) < equations
-        c = _polish(q, b, torch.ones(len(idx), dtype=torch.bool)) if unique else None
-        if c is None:  # projected gradient, then (exact sums) the active set from its support
-            c = _fista(q.float(), b.float(), 1000, estimate[idx].float()).double()
-            polished = _polish(q, b, c > 1e-3 * max(float(c.max()), 1e-300)) if exact else None
-            c = polished if polished is not None else c
         estimate = torch.zeros(vocab, dtype=torch.float64)
-        estimate[idx] = c
-        grad = gradient(idx, c)
-        scale = float(b.abs().max())
-        violators = (~chosen) & (grad < -1e-6 * scale)
+        estimate[idx] = _polish(q, b)
+        active = estimate > 0
+        idx = active.nonzero().squeeze(1)
+        grad = gradient(idx, estimate[idx])
         record["rounds"] += 1
-        record["candidates"].append(len(idx))
-        if not bool(violators.any()):
-            break
-        room = MAX_CANDIDATES - int(chosen.sum())
-        if room <= 0:
-            break
-        extra = (-grad).masked_fill(~violators, -float("inf"))
-        chosen[extra.topk(min(CANDIDATES, room, int(violators.sum()))).indices] = True
-    record["kkt_violators_left"] = int(violators.sum())
+    record["active"] = int(active.sum())
+    record["kkt_violators_left"] = int(((~active) & (grad < -tol)).sum())
     return estimate, record
 
 
-def attack_gram(u: torch.Tensor, g: torch.Tensor, exact: bool) -> tuple[torch.Tensor, dict]:
-    """NNLS of c from G = Uᵀ diag(c) U (+ noise)."""
-    back = ((u @ g) * u).sum(1)  # u_vᵀ G u_v
-    norms = (u * u).sum(1)
+def whitening(u: torch.Tensor) -> torch.Tensor:
+    """P = M^(-1/2), M = Σ_v u_v u_vᵀ / V: P u_v are nearly orthogonal on average, which makes the
+    gradient single out the tokens that occur (the solution is the same; the residual is weighed by P)."""
+    values, vectors = torch.linalg.eigh(u.T @ u / u.shape[0])
+    return (vectors * values.clamp(min=1e-12 * float(values.max())).rsqrt()) @ vectors.T
+
+
+def attack_gram(u: torch.Tensor, g: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """NNLS of c from G = Uᵀ diag(c) U (+ noise), in whitened coordinates: P G P = Σ c_v (Pu_v)(Pu_v)ᵀ."""
+    uw, gw = u @ p, p @ g @ p
 
     def block(idx):
-        k = u[idx] @ u[idx].T
-        return k * k, back[idx]
+        k = uw[idx] @ uw[idx].T
+        return k * k, ((uw[idx] @ gw) * uw[idx]).sum(1)
 
     def gradient(idx, c):
-        residual = (u[idx] * c[:, None]).T @ u[idx] - g
-        return ((u @ residual) * u).sum(1)
+        residual = (uw[idx] * c[:, None]).T @ uw[idx] - gw
+        return ((uw @ residual) * uw).sum(1)
 
-    size = u.shape[1]
-    return nnls(back / norms.square(), block, gradient, exact, size * (size + 1) // 2)
+    return nnls(block, gradient, (uw * uw).sum(1))
 
 
 def attack_projections(
-    u: torch.Tensor, a: torch.Tensor, y: torch.Tensor, diagonal: torch.Tensor, exact: bool
+    u: torch.Tensor, a: torch.Tensor, y: torch.Tensor, diagonal: torch.Tensor, p: torch.Tensor
 ) -> tuple[torch.Tensor, dict]:
-    """NNLS of c from Y = A Uᵀ diag(c) U (k × hidden) and diag(G) = Σ_v c_v u_v² (hidden)."""
-    au = u @ a.T  # (V, k): A u_v
+    """NNLS of c from Y = A Uᵀ diag(c) U (k × hidden) and diag(G) = Σ_v c_v u_v² (hidden); the first
+    in whitened coordinates (Y P = (A P⁻¹)(P G P))."""
+    uw = u @ p
+    au = u @ a.T  # (V, k): A u_v = (A P⁻¹)(P u_v)
+    yw = y @ p
     sq = u * u
-    back = ((au @ y) * u).sum(1) + sq @ diagonal
 
     def block(idx):
-        return (au[idx] @ au[idx].T) * (u[idx] @ u[idx].T) + sq[idx] @ sq[idx].T, back[idx]
+        q = (au[idx] @ au[idx].T) * (uw[idx] @ uw[idx].T) + sq[idx] @ sq[idx].T
+        return q, ((au[idx] @ yw) * uw[idx]).sum(1) + sq[idx] @ diagonal
 
     def gradient(idx, c):
-        r_y = (au[idx] * c[:, None]).T @ u[idx] - y
+        r_y = (au[idx] * c[:, None]).T @ uw[idx] - yw
         r_d = sq[idx].T @ c - diagonal
-        return ((au @ r_y) * u).sum(1) + sq @ r_d
+        return ((au @ r_y) * uw).sum(1) + sq @ r_d
 
-    score = back / (((au * au).sum(1) * (u * u).sum(1)) + (sq * sq).sum(1))
-    return nnls(score, block, gradient, exact, (a.shape[0] + 1) * u.shape[1])
+    norms = ((au * au).sum(1) * (uw * uw).sum(1) + (sq * sq).sum(1)).sqrt()
+    return nnls(block, gradient, norms)
 
 
 def layer0_adapters(expert: Path) -> dict[str, torch.Tensor]:
@@ -337,9 +318,10 @@ def main() -> None:
         print(name, json.dumps(result["cases"][name]), flush=True)
 
     total = grams[0] + grams[1] + grams[2]
+    whiten = whitening(u)
     if not args.only_dp:
-        run("plain", lambda: attack_gram(u, grams[0], exact=True))
-        run("secure", lambda: attack_gram(u, total, exact=True))
+        run("plain", lambda: attack_gram(u, grams[0], whiten))
+        run("secure", lambda: attack_gram(u, total, whiten))
     adapters = [layer0_adapters(e) for e in args.experts]
     s_wg = {
         p: sum(ad[p][0] @ ad[p][1] @ g for ad, g in zip(adapters, grams, strict=True)) for p in adapters[0]
@@ -351,14 +333,14 @@ def main() -> None:
     a, y, diagonal = recover_site_terms(adapters, s_wg, s_wd, 0)
     result["adapter_recovery_rel_error"] = float((y - a @ grams[0]).norm() / (a @ grams[0]).norm())
     if not args.only_dp:
-        run("secure+adapters", lambda: attack_projections(u, a, y, diagonal, exact=True))
+        run("secure+adapters", lambda: attack_projections(u, a, y, diagonal, whiten))
     gen = torch.Generator().manual_seed(1)  # the bench's noise: a stand-in for the sites' secret draws
     d = public_scale(args.experts[0], u) if args.clip else None
     for sigma in args.sigmas if args.clip else []:
         std = sigma * args.clip  # per released coordinate: x / D
         noisy = total + _symmetric_noise(total.shape[0], std, gen) * d[:, None] * d[None, :]
         result.setdefault("noise_std", {})[str(sigma)] = std
-        run(f"secure+dp σ={sigma:g}", lambda noisy=noisy: attack_gram(u, noisy, exact=False))
+        run(f"secure+dp σ={sigma:g}", lambda noisy=noisy: attack_gram(u, noisy, whiten))
         noisy_wg = {
             p: t + std * torch.randn(t.shape, dtype=torch.float64, generator=gen) * d for p, t in s_wg.items()
         }
@@ -368,7 +350,7 @@ def main() -> None:
         a, y, diagonal = recover_site_terms(adapters, noisy_wg, noisy_wd, 0)
         run(
             f"secure+dp+adapters σ={sigma:g}",
-            lambda a=a, y=y, diagonal=diagonal: attack_projections(u, a, y, diagonal, exact=False),
+            lambda a=a, y=y, diagonal=diagonal: attack_projections(u, a, y, diagonal, whiten),
         )
     prior = public_counts(args.experts[0], vocab)
     prior = prior * (truth.sum() / prior.sum())
