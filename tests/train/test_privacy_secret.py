@@ -28,7 +28,15 @@ def test_two_dp_runs_of_one_config_differ_and_two_plain_runs_do_not(tiny_llama, 
     """Same config, same seed: the DP adapters differ (secret sampling and noise); the non-DP adapters
     are identical (seed still fixes everything else)."""
     privacy = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
-    common = {"max_steps": 4, "eval_every": 0, "autocast": "off", "lora": {"dropout": 0.1}}
+    # keep_best off: a noisy run whose last loss is above the initial one would keep the initial
+    # (seeded, identical) adapter in both runs, and the test would not see the training at all.
+    common = {
+        "max_steps": 4,
+        "eval_every": 0,
+        "autocast": "off",
+        "keep_best": False,
+        "lora": {"dropout": 0.1},
+    }
     dp_config = tiny_config(tiny_llama, tiny_qa_jsonl, privacy=privacy, **common)
     plain_config = tiny_config(tiny_llama, tiny_qa_jsonl, **common)
     for name, config in [("dp1", dp_config), ("dp2", dp_config), ("p1", plain_config), ("p2", plain_config)]:
