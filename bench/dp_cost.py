@@ -2,9 +2,11 @@
 
 Same model (the embedded smollm2-135m), same MedQuAD training pairs (the first --train-examples of the
 train split) and validation pairs, same steps, batch size, LoRA settings, learning rate and schedule,
-same seed. ε = ∞ is medmerge's ordinary loop (token-weighted loss, global clipping, shuffled batches);
-each finite ε is DP-SGD (medmerge.train.privacy: Poisson sampling at q = batch / n, per-example
-clipping at C, noise σ calibrated by Opacus's PRV accountant for the run's steps, δ = 1/n).
+same seed. ε = ∞ is medmerge's ordinary loop (token-weighted loss, global clipping, shuffled batches of
+--batch-size pairs); each finite ε is DP-SGD (medmerge.train.privacy) at --unit (default group: one
+MedQuAD focus topic with all its questions): Poisson sampling of units at q = batch / N (N units; the
+batch counts units), clipping of each unit's summed gradient at C, noise σ calibrated by Opacus's PRV
+accountant for the run's steps, δ = 1/(10·N), secret sampling and noise.
 
 val loss = mean answer NLL (nats / token) of the validation pairs after the last step.
 tokens/s = non-padding tokens of the timed steps (all but the first) / their wall-clock seconds.
@@ -32,7 +34,12 @@ def _config(args: argparse.Namespace, epsilon: float):
 
     privacy = None
     if math.isfinite(epsilon):
-        privacy = {"target_epsilon": epsilon, "max_grad_norm": args.clip, "accountant": "prv"}
+        privacy = {
+            "target_epsilon": epsilon,
+            "max_grad_norm": args.clip,
+            "accountant": "prv",
+            "unit": args.unit,
+        }
     return validate_config(
         {
             "model": "smollm2-135m",
@@ -68,8 +75,13 @@ def run_one(args: argparse.Namespace, epsilon: float, data, pad_id: int) -> dict
     device = torch.device("cpu")
     model, kind, _ = build_model(config, device)
     bf16 = use_bf16_autocast(config.autocast, device)
-    loop = PrivateTrainer if config.privacy else Trainer
-    trainer = loop(config, model, kind, data.train, data.validation, pad_id, Runtime(0, 1, device), bf16)
+    runtime = Runtime(0, 1, device)
+    if config.privacy:
+        trainer = PrivateTrainer(
+            config, model, kind, data.train, data.validation, pad_id, runtime, bf16, groups=data.train_groups
+        )
+    else:
+        trainer = Trainer(config, model, kind, data.train, data.validation, pad_id, runtime, bf16)
     tokens, seconds = 0, 0.0
     with reuse_freed_memory():
         for step in range(args.steps):
@@ -83,7 +95,7 @@ def run_one(args: argparse.Namespace, epsilon: float, data, pad_id: int) -> dict
     if config.privacy:
         record = trainer.record()
         row |= {"spent_epsilon": record.epsilon, "delta": record.delta, "sigma": record.noise_multiplier}
-        row |= {"sample_rate": record.sample_rate}
+        row |= {"sample_rate": record.sample_rate, "units": record.train_units, "unit": record.unit_words}
         trainer.grad_module.remove_hooks()
     return row
 
@@ -101,6 +113,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clip", type=float, default=1.0, help="per-example clipping bound C")
     parser.add_argument("--threads", type=int, default=1, help="1: other work shares the cores")
+    parser.add_argument("--unit", default="group", choices=["group", "pair"], help="unit of privacy")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="dp_cost-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -117,10 +130,13 @@ def main() -> None:
     rows = [run_one(args, float(e), data, tokenizer.pad_token_id) for e in args.epsilons.split(",")]
     base = next((r for r in rows if not math.isfinite(r["epsilon"])), rows[0])
     n = len(data.train)
+    private = next((r for r in rows if "units" in r), None)
+    units = f", N = {private['units']} units ({private['unit']}), δ = 1/(10·N)" if private else ""
     print(
-        f"\nsmollm2-135m LoRA on MedQuAD: n = {n} train pairs, {len(data.validation)} validation, "
-        f"{args.steps} steps × batch {args.batch_size}, ≤ {args.max_tokens}+{args.max_tokens} tokens, "
-        f"C = {args.clip}, δ = 1/n, PRV accountant, {args.threads} threads, bf16 = {rows[0]['bf16']}"
+        f"\nsmollm2-135m LoRA on MedQuAD: {n} train pairs{units}, {len(data.validation)} validation, "
+        f"{args.steps} steps × batch {args.batch_size} (units under DP, pairs at ∞), ≤ {args.max_tokens}+"
+        f"{args.max_tokens} tokens, C = {args.clip}, PRV accountant, {args.threads} threads, "
+        f"bf16 = {rows[0]['bf16']}"
     )
     print(
         f"{'target ε':>9} {'spent ε':>9} {'σ':>7} {'val loss':>9} {'Δ vs ∞':>8} {'tokens/s':>9}"

@@ -1,28 +1,36 @@
 """Poisoning, measured on the real model: three sites, one of them dishonest, the coordinator's defences.
 
 Three sites on real data, as configs/federated-demo.yaml trains them (SmolLM2-135M, LoRA r 16 α 32 on all
-linears, 40 steps of batch 8, 128 + 128 tokens): MedQuAD split by source collection into two
-institutions, and GenMedGPT-5k. Their experts are trained once and cached in --work. Then the same merge
-search (task arithmetic and TIES, --trials Optuna TPE trials each, seed 0, the coordinator's default
-trial first) is run on:
+linears, 40 steps of batch 8, 128 + 128 tokens, 800 training pairs): MedQuAD split by source collection
+into two institutions, and GenMedGPT-5k. Their experts are trained once and cached in --work. Then the
+same merge search (task arithmetic and TIES, --trials Optuna TPE trials each, seed 0, the coordinator's
+default trial first) is run on what the sites send:
 
     honest     the three experts as trained
-    x1000      one site's adapter with B ×1000 (ΔW ×1000): what a site can send today
-    flip       one site's adapter with B negated (ΔW → −ΔW): the same norms, the opposite direction
+    x1000      the --attacker site's adapter with B ×1000 (ΔW ×1000): what a site can send today
+    flip       its adapter with B negated (ΔW → −ΔW): the same norms, the opposite direction
 
-each once as the coordinator takes it today (no defence) and once through medmerge.federated.checks and
-.robust (validate_adapter, screen_norms / clip, and the direction and validation screens). A recipe's
-validation loss is the token-weighted answer NLL (nats/token) of every site's --validation validation
-questions, computed here as each site would (medmerge.evaluate.scorer), from the site's own data; it
-is also reported over the honest sites only. The poisoned site scores honestly: this bench isolates
-what its ADAPTER can do (its self-reported numbers are bounded by robust.cap_objective).
+with three defences:
 
-The merges are built by medmerge.merge from the adapters the coordinator keeps (after the defence: the
-validated, re-serialised and clipped adapter; or none for a refused site): the search runs on these
-functions directly, not through medmerge.federated.coordinator (`--coordinator` is reserved for the
-protocol rewrite that wires them in).
+    none       the adapters as the coordinator takes them today (shape checks only)
+    default    medmerge.federated: checks.validate_adapter, robust.screen_norms (an outsized site scaled
+               back, outlier modules clipped), screen_directions, then validation_screen on the adapters
+               as forwarded (checks.canonical_adapter), each expert alone scored at every kept site
+    refuse     the same, but screen_norms refuses a site that is an outlier in over half its modules
 
-    flock /tmp/medmerge-heavy.lock .venv/bin/python bench/poisoning.py [--work runs/poisoning]
+A recipe's validation loss is the token-weighted answer NLL (nats/token) over every site's --validation
+validation questions, computed here as each site computes it (medmerge.evaluate.scorer), and over the
+honest sites only. A refused site's questions do not score the search (it left the study), but they are
+still counted in the "all sites" column. The poisoned site scores honestly: this isolates what its
+ADAPTER can do (what its numbers can do is bounded by robust.bounded_objective). Also measured: the honest
+experts' norm ratios and pairwise cosines, each adapter alone at every site (the validation screen's
+data), and, with --statistics, the sites' Gram scales (robust.K_GRAM).
+
+The merges are built by medmerge.merge from the adapter folders the coordinator keeps. The search runs on
+these functions directly, not through medmerge.federated.coordinator (the protocol rewrite wires them in;
+`search` below is the coordinator's loop, and `defend` the order of its checks).
+
+    flock /tmp/medmerge-heavy.lock .venv/bin/python bench/poisoning.py --statistics [--work runs/poisoning]
     .venv/bin/python bench/poisoning.py --stage train      # only train (and cache) the three experts
 """
 

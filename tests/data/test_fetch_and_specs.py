@@ -29,7 +29,7 @@ def test_parse_spec():
             "mystery:x",
             r"unknown kind 'mystery' \(choices: medquad, icliniq, genmedgpt, pubmedqa, jsonl, csv\)",
         ),
-        ("csv:x.csv?q=a", r"unknown option\(s\) \['q'\] for csv \(choices: answer, id, question\)"),
+        ("csv:x.csv?q=a", r"unknown option\(s\) \['q'\] for csv \(choices: answer, group, id, question\)"),
         ("medquad:x?question=a", r"unknown option\(s\) \['question'\] for medquad \(choices: collections\)"),
         ("jsonl:", "jsonl needs a file path"),
     ],

@@ -23,6 +23,7 @@ from medmerge.train.statistics import (
     base_weight_names,
     collect_fishers,
     collect_grams,
+    collect_statistics,
     compute_statistics,
     statistic_linears,
 )
@@ -216,6 +217,70 @@ def test_fisher_of_a_lora_expert_is_taken_on_the_full_weight(tiny_llama, lora_ex
     torch.testing.assert_close(
         fishers["model.layers.1.mlp.down_proj.weight"], expected, rtol=1e-4, atol=1e-10
     )
+
+
+# ------------------------------------------------- fused passes against a straightforward reference
+
+
+def _reference_statistics(model, modules, examples, n_gram: int, n_fisher: int):
+    """Today's definitions computed the plain way: each example alone (no padding), the Gram from
+    float64 pre-hooks, the Fisher from autograd on the weights with one backward pass per example."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    seq2seq = bool(model.config.is_encoder_decoder)
+    with torch.no_grad():
+        for e in examples[:n_gram]:
+            ids = torch.tensor([e["input_ids"]])
+            extra = {"labels": torch.tensor([e["labels"]])} if seq2seq else {}
+            model(input_ids=ids, **extra)
+    for h in handles:
+        h.remove()
+    weights = [m.weight for m in modules.values()]
+    flags = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    fishers = [torch.zeros_like(w) for w in weights]
+    for e in examples[:n_fisher]:
+        ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
+        if seq2seq:
+            logits, target = model(input_ids=ids, labels=labels).logits[0], labels[0]
+        else:
+            logits, target = model(input_ids=ids).logits[0, :-1], labels[0, 1:]
+        nll = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+        for total, g in zip(fishers, torch.autograd.grad(nll, weights), strict=True):
+            total += g**2
+    for w, flag in zip(weights, flags, strict=True):
+        w.requires_grad_(flag)
+    return sums, {n: f / max(n_fisher, 1) for n, f in zip(modules, fishers, strict=True)}
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_fused_fisher_and_gram_passes_equal_the_reference(tiny_llama, tiny_t5, kind, batch_size) -> None:
+    folder = tiny_llama if kind == "causal" else tiny_t5
+    model = load_model(folder).eval()
+    modules = statistic_linears(model, base_weight_names(folder))
+    examples = _examples(folder, kind)
+    pad_id = load_tokenizer(folder).pad_token_id
+    grams, fishers = collect_statistics(model, modules, examples, 5, 3, pad_id, batch_size)
+    ref_grams, ref_fishers = _reference_statistics(model, modules, examples, 5, 3)
+    for name in modules:
+        stored = grams.aliases.get(name, name)
+        torch.testing.assert_close(grams.sums[stored], ref_grams[name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fishers[name], ref_fishers[name], rtol=1e-4, atol=1e-10)
+    # the Fisher's examples come first: a Gram over fewer examples than the Fisher is not fused
+    grams_only, _ = collect_statistics(model, modules, examples, 2, 3, pad_id, batch_size)
+    ref_two, _ = _reference_statistics(model, modules, examples, 2, 0)
+    for name, total in grams_only.sums.items():
+        torch.testing.assert_close(total, ref_two[name], rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- experts, end to end

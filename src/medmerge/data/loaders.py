@@ -6,7 +6,9 @@
                the target is the doctor's answer, `answer_icliniq`.
     genmedgpt  ChatDoctor's GenMedGPT-5k JSON list of {instruction, input, output}.
     pubmedqa   PubMedQA PQA-L JSON object {pmid: {QUESTION, LONG_ANSWER, final_decision, ...}}.
-    jsonl/csv  users' own data, `question` / `answer` columns (names configurable in the SPEC).
+    jsonl/csv  users' own data, `question` / `answer` columns (names configurable in the SPEC), and an
+               optional `group` column (`?group=COL`): the pairs sharing a value are one unit of
+               group-level privacy and never straddle splits.
 
 Every loader returns a `Dataset`: the pairs plus counts of what it skipped and why. Bad input is a
 one-line `MedmergeError` naming the file and what was expected; one malformed MedQuAD document among
@@ -244,6 +246,7 @@ def _pairs_from_records(
     question_field: str,
     answer_field: str,
     extra_fields: tuple[str, ...] = (),
+    group_field: str = "",
 ) -> Dataset:
     pairs: list[QAPair] = []
     skipped: Counter[str] = Counter()
@@ -257,8 +260,16 @@ def _pairs_from_records(
             skipped["empty_question"] += 1
             continue
         extra = {f: record[f] for f in extra_fields if f in record}
+        group = normalise_whitespace(str(record.get(group_field) or "")) if group_field else ""
         pairs.append(
-            QAPair(id=f"{source}/{record_id}", question=question, answer=answer, source=source, extra=extra)
+            QAPair(
+                id=f"{source}/{record_id}",
+                question=question,
+                answer=answer,
+                source=source,
+                group=group or None,
+                extra=extra,
+            )
         )
     if skipped:
         log.warning("%s: skipped %s", path, dict(skipped))
@@ -334,20 +345,23 @@ def _table_rows(path: Path, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _load_table(
-    path: Path, kind: str, question: str = "question", answer: str = "answer", id: str = ""
+    path: Path, kind: str, question: str = "question", answer: str = "answer", id: str = "", group: str = ""
 ) -> Dataset:
+    """The rows' pairs; `group` names the group column (required then), else a `group` column is used
+    where the file has one."""
     rows = list(_table_rows(path, kind))
     if not rows:
         raise MedmergeError(f"{path}: file is empty (expected {kind} rows with {question!r} and {answer!r})")
     for line_no, row in rows:
-        missing = [c for c in (question, answer, id) if c and c not in row]
+        missing = [c for c in (question, answer, id, group) if c and c not in row]
         if missing:
             raise MedmergeError(
                 f"{path}:{line_no}: missing column(s) {missing}; columns found: {sorted(row)} "
-                f"(choose others with ?question=COL&answer=COL)"
+                f"(choose others with ?question=COL&answer=COL&group=COL)"
             )
+    group = group or ("group" if any("group" in row for _, row in rows) else "")
     records = ((str(row[id]) if id else str(line_no), row) for line_no, row in rows)
-    return _pairs_from_records(path, path.stem, records, question, answer)
+    return _pairs_from_records(path, path.stem, records, question, answer, group_field=group)
 
 
 def load_jsonl(path: Path, **columns: str) -> Dataset:

@@ -25,7 +25,9 @@ class QAPair:
     """One question and its reference answer.
 
     `focus` (the disease, drug or topic asked about), `qtype` (MedQuAD's question type) and `doc_id`
-    are kept where the source has them; `extra` holds source-specific fields (PubMedQA's final_decision).
+    are kept where the source has them; `group` is a users' table's `group` column (e.g. one patient or
+    topic: the pairs that share it are one unit of group-level privacy, and never straddle splits);
+    `extra` holds source-specific fields (PubMedQA's final_decision).
     """
 
     id: str
@@ -35,16 +37,27 @@ class QAPair:
     focus: str | None = None
     qtype: str | None = None
     doc_id: str | None = None
+    group: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def group_key(self) -> str:
-        """What must never straddle train and test: the focus where known, else the source document,
-        else the normalised question."""
+        """What must never straddle train and test: the `group` column where given, else the focus, else
+        the source document, else the normalised question."""
+        if self.group:
+            return "group:" + self.group
         if self.focus:
             return "focus:" + normalise_question(self.focus)
         if self.doc_id:
             return f"doc:{self.source}/{self.doc_id}"
         return "question:" + normalise_question(self.question)
+
+    def privacy_group(self) -> str | None:
+        """The unit of group-level differential privacy this pair belongs to (medmerge.train.privacy),
+        where the source knows one: its `group` column, MedQuAD's focus (or its document where the focus
+        is empty); None where the source knows no group (the pair is then a unit of its own)."""
+        if self.group or self.focus or self.doc_id:
+            return self.group_key()
+        return None
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Dataset SPECs: `KIND:PATH[?option=value&...]` (`medquad:data/MedQuAD-master.zip`) or a bare KIND.
 
 KIND is one of medquad, icliniq, genmedgpt, pubmedqa, jsonl, csv. For jsonl/csv the options name the
-columns: `jsonl:mine.jsonl?question=prompt&answer=response&id=uid`. A bare KIND (`medquad`, also
+columns: `jsonl:mine.jsonl?question=prompt&answer=response&id=uid&group=patient` (a `group` column is
+read without the option where the file has one). A bare KIND (`medquad`, also
 `medquad:` or `KIND?options`) is a public dataset found by `medmerge.data.resolve`: `$MEDMERGE_DATA`,
 the folder `scripts/setup.sh` registered, the cache, else a verified download.
 
@@ -19,8 +20,8 @@ from medmerge.errors import MedmergeError
 
 KINDS = ("medquad", "icliniq", "genmedgpt", "pubmedqa", "jsonl", "csv")
 _OPTIONS = {
-    "jsonl": {"question", "answer", "id"},
-    "csv": {"question", "answer", "id"},
+    "jsonl": {"question", "answer", "id", "group"},
+    "csv": {"question", "answer", "id", "group"},
     "medquad": {"collections"},
 }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medmerge.errors import MedmergeError
 from medmerge.evaluate.metrics import METRICS
-from medmerge.evaluate.privacy import POST_PROCESSING
+from medmerge.evaluate.privacy import DP_NOTE
 from medmerge.evaluate.records import Evaluation, ScoredSet
 from medmerge.evaluate.stats import Interval
 from medmerge.manifest import atomic_dir, write_json_atomic
@@ -199,7 +199,7 @@ def markdown(results: Evaluation, models: list[str], sets: Sequence[ScoredSet]) 
         for m in results.models
     ]
     if any(m.dp for m in results.models):
-        out += ["", POST_PROCESSING]
+        out += ["", DP_NOTE]
     out += [
         "",
         "## Question sets",

@@ -27,7 +27,7 @@ from medmerge.evaluate import choices as choices_module
 from medmerge.evaluate.cache import EvalCache, cache_key
 from medmerge.evaluate.generate import generate_answers
 from medmerge.evaluate.metrics import METRICS, corpus_bleu_chrf, text_metrics
-from medmerge.evaluate.privacy import dp_guarantee
+from medmerge.evaluate.privacy import dp_guarantee, refuse_training_split
 from medmerge.evaluate.records import (
     CacheStats,
     Comparison,
@@ -134,6 +134,7 @@ def evaluate(
     refs = [model_ref(m) for m in models]
     if len({r.name for r in refs}) != len(refs):
         raise MedmergeError(f"evaluate: model names {[r.name for r in refs]} repeat (use NAME=PATH)")
+    refuse_training_split(refs, config.split if config.data else None)  # exact stats of private pairs
     pairs = {s.name: load_pairs(s, config) for s in sets}
     cache = EvalCache(cache_dir)
     cells: dict[tuple[str, str], EvalCell] = {}

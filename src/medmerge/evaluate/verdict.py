@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medmerge.evaluate.by_method import FamilyTest, MethodGap, family_lines
-from medmerge.evaluate.privacy import POST_PROCESSING
+from medmerge.evaluate.privacy import DP_NOTE
 from medmerge.evaluate.records import Evaluation
 from medmerge.evaluate.stats import PairedTest, paired_bootstrap
 
@@ -203,7 +203,7 @@ def summary_lines(v: Verdict) -> list[str]:
             who = f"the expert best on these sets in hindsight, {oracle.expert}"
             lines.append(f"{domain}: against {who}, the merge's test loss is {versus(oracle.loss, '')}.")
     if any(row.dp for row in v.table):
-        lines.append(POST_PROCESSING)
+        lines.append(DP_NOTE)
     gap = gap_line(v)
     if gap is not None:
         lines.append(gap)

@@ -169,10 +169,10 @@ def input_grams(
     """({weight name: G = Σ x xᵀ over the non-padding inputs of that Linear, float64 on the CPU}, aliases)
     while `module` runs on every batch; `stop`: end each pass once `module` has read its input (a head
     whose logits are not needed)."""
-    from medmerge.train.statistics import Grams, _GramHooks
+    from medmerge.train.stat_hooks import GramHooks, Grams
 
     grams = Grams()
-    hooks = _GramHooks(linears, grams)
+    hooks = GramHooks(linears, grams)
     handle = module.register_forward_pre_hook(_stop) if stop else None
     try:
         for batch in batches:

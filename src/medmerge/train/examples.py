@@ -5,7 +5,9 @@ validation parts are concatenated across SPECs. `data.max_examples` keeps the fi
 split; `eval_examples` caps the validation set, taking pairs from the SPECs in turn (round robin), so a
 multi-task model's validation loss weighs every dataset alike instead of mostly the first.
 Everything the manifest needs to identify the data (SPEC, file checksum, split sizes and
-fingerprints) is returned with the examples.
+fingerprints: `origin_fingerprint` over the ids of every pair the SPEC loads, `train_fingerprint` over
+the training pairs' ids) is returned with the examples, and each training example's unit of group-level
+privacy (`QAPair.privacy_group`: a MedQuAD focus, a `group` column's value; None where unknown).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class TrainData:
     train: list[Example]
     validation: list[Example]
     sources: list[dict[str, Any]] = field(default_factory=list)  # one entry per SPEC, for the manifest
+    train_groups: list[str | None] = field(default_factory=list)  # privacy group of each train example
 
 
 def example_tokens(example: Example, kind: ModelKind) -> int:
@@ -48,7 +51,8 @@ def prepare_data(config: TrainConfig, tokenizer: Any, kind: ModelKind) -> TrainD
     train_pairs: list = []
     validation_by_spec: list[list] = []
     for spec in config.data.specs:
-        splits = split_pairs(load_dataset(spec).pairs, config.data.fractions, config.data.split_seed)
+        dataset = load_dataset(spec)
+        splits = split_pairs(dataset.pairs, config.data.fractions, config.data.split_seed)
         train, validation = splits.train[:cut], splits.validation[:cut]
         if not train:
             raise MedmergeError(
@@ -64,6 +68,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any, kind: ModelKind) -> TrainD
                 "split_seed": config.data.split_seed,
                 "fractions": list(config.data.fractions),
                 "sizes": {"train": len(train), "validation": len(validation)},
+                "origin_fingerprint": split_fingerprint(dataset.pairs),
                 "train_fingerprint": split_fingerprint(train),
                 "validation_fingerprint": split_fingerprint(validation),
             }
@@ -90,6 +95,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any, kind: ModelKind) -> TrainD
         ]
 
     out.train, out.validation = encode(train_pairs), encode(validation)
+    out.train_groups = [p.privacy_group() for p in train_pairs]
     return out
 
 

@@ -27,7 +27,9 @@ from medmerge.model_card import expert_card, write_model_card
 from medmerge.models import load_tokenizer, resolve_model
 from medmerge.train import checkpoint as ckpt
 from medmerge.train.curve import plot_curve, write_curve_csv
+from medmerge.train.dp import round_significant
 from medmerge.train.examples import TrainData, prepare_data
+from medmerge.train.ledger import PrivacyLedger
 from medmerge.train.loop import LoopState, Trainer
 from medmerge.train.model import build_model, resolve_kind
 from medmerge.train.precision import (
@@ -48,18 +50,26 @@ def train_expert(
     overwrite: bool = False,
     progress: bool = True,
     hooks: list[Any] | None = None,
+    ledger: str | Path | None = None,
+    release: str = "expert",
 ) -> Path:
     """Fine-tune `config.model` on `config.data` with `config.method`; return the expert folder.
 
     Runs alone or as one process of `torchrun` (WORLD_SIZE > 1: DDP, each process its own data shard,
     only rank 0 writes). `resume` continues from `<out>.checkpoint/`. Bad input is a MedmergeError
     raised before any training step.
+
+    DP (`config.privacy`): `ledger` is the site's folder whose privacy ledger (medmerge.train.ledger)
+    this training is charged to, as the release named `release` ("expert", "FedAvg round 3"): the
+    planned run is checked against `privacy.budget` before the first step, and the steps done are
+    charged before the expert is written. Without a ledger, `privacy.budget` caps this run alone.
     """
     out_dir = Path(out_dir)
     runtime = start_runtime()
     try:
         with reuse_freed_memory(runtime.device.type == "cpu"):
-            folder = _train(config, out_dir, runtime, resume, overwrite, progress, hooks or [])
+            site = (Path(ledger), release) if ledger is not None else (None, release)
+            folder = _train(config, out_dir, runtime, resume, overwrite, progress, hooks or [], site)
             # what a reference cycle still holds of this training (torch's first lazy import keeps a
             # traceback) is freed now, before the trim, not at the next step's full collection
             gc.collect()
@@ -81,6 +91,7 @@ def _train(
     overwrite: bool,
     progress: bool,
     hooks: list[Any],
+    site: tuple[Path | None, str] = (None, "expert"),
 ) -> Path:
     checkpoints = ckpt.checkpoint_dir(out_dir)
     if out_dir.exists() and not overwrite:
@@ -97,8 +108,14 @@ def _train(
     torch.manual_seed(config.seed)
     model, kind, base_path = build_model(config, runtime.device)
     bf16 = use_bf16_autocast(config.autocast, runtime.device)
+    private = {"groups": data.train_groups} if config.privacy is not None else {}
     loop = PrivateTrainer if config.privacy is not None else Trainer
-    trainer = loop(config, model, kind, data.train, data.validation, tokenizer.pad_token_id, runtime, bf16)
+    trainer = loop(
+        config, model, kind, data.train, data.validation, tokenizer.pad_token_id, runtime, bf16, **private
+    )
+    ledger = _ledger(trainer, site[0]) if isinstance(trainer, PrivateTrainer) else None
+    if ledger is not None:  # refused before the first step if the planned run would pass the budget
+        ledger.check(trainer.planned_release(site[1]))
     trainer.hooks.extend(hooks)
     if resume:
         loop_state, trainer.best_state = ckpt.load_checkpoint(
@@ -136,12 +153,27 @@ def _train(
 
     started = time.time()
     state = trainer.run(save, progress=progress)
+    if ledger is not None and site[0] is not None and runtime.main:  # charged before it is written
+        ledger.charge(trainer.release(site[1]))
     if runtime.main:
         record = ExpertRecord(config, model, tokenizer, base_path, data, state, runtime, bf16, started)
         _write_expert(record, out_dir, overwrite)
         shutil.rmtree(checkpoints, ignore_errors=True)
     _barrier(runtime)
     return out_dir
+
+
+def _ledger(trainer: PrivateTrainer, folder: Path | None) -> PrivacyLedger | None:
+    """The site's ledger (loaded from `folder`), or an unsaved one that caps this run alone where
+    only `privacy.budget` is set; None where neither applies."""
+    settings = trainer.settings
+    if folder is None and settings.budget is None:
+        return None
+    if folder is None:
+        return PrivacyLedger(Path("."), trainer.delta, settings.accountant, settings.budget)
+    return PrivacyLedger.load(
+        folder, budget=settings.budget, delta=trainer.delta, accountant=settings.accountant
+    )
 
 
 def _gather_rng(runtime: Runtime) -> list[dict[str, torch.Tensor]]:
@@ -177,6 +209,24 @@ class ExpertRecord:
     started: float  # time.time() when the training began
 
 
+def _data_record(sources: list[dict[str, Any]], private: bool) -> list[dict[str, Any]]:
+    """The manifest's data record: beside a DP expert, the fingerprints (of ids) only, not the raw
+    file's SHA-256 (a membership test for whoever guesses the file)."""
+    return [{k: v for k, v in s.items() if k != "sha256"} for s in sources] if private else sources
+
+
+def _throughput(state: LoopState, private: bool) -> dict[str, Any]:
+    """Token count and rate; beside a DP expert no exact token count, the rate to 2 significant figures."""
+    rate = state.tokens / max(state.elapsed_s, 1e-9)
+    if private:
+        return {
+            "tokens": None,
+            "tokens_per_s": round_significant(rate, 2),
+            "tokens_rounding": "2 significant",
+        }
+    return {"tokens": state.tokens, "tokens_per_s": rate}
+
+
 def _write_expert(record: ExpertRecord, out_dir: Path, overwrite: bool) -> None:
     config, model, tokenizer, base_path = record.config, record.model, record.tokenizer, record.base_path
     data, state, started = record.data, record.state, record.started
@@ -202,7 +252,7 @@ def _write_expert(record: ExpertRecord, out_dir: Path, overwrite: bool) -> None:
                 "base_path": str(base_path),
                 "base_checksum": checksum(base_path),
                 "base_weights_sha256": {f.name: sha256_file(f) for f in base_files},
-                "data": data.sources,
+                "data": _data_record(data.sources, private=config.privacy is not None),
             },
             config=config,
             metrics={
@@ -216,8 +266,7 @@ def _write_expert(record: ExpertRecord, out_dir: Path, overwrite: bool) -> None:
                 "train_loss_last": next(
                     (r["train_loss"] for r in reversed(state.curve) if "train_loss" in r), None
                 ),
-                "tokens": state.tokens,
-                "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9),
+                **_throughput(state, private=config.privacy is not None),
                 "loop_minutes": state.elapsed_s / 60,
                 "wall_minutes": (time.time() - started) / 60,
                 "train_examples": len(data.train),

@@ -1,33 +1,31 @@
 """Differentially private experts: DP-SGD on the LoRA adapters, with Opacus 1.6's per-example gradients,
 clipping, noise and accountant (`privacy:` in a training config; see docs/privacy.md).
 
-One DP step t, on a site with n training pairs (q = batch_size / n, C = max_grad_norm, σ = noise):
-    B_t  = {i : u_i < q},  u_i ~ U(0, 1) i.i.d.        Poisson sampling (expected |B_t| = batch_size)
-    ℓ_i  = (1 / a_i) Σ_{answer tokens k of i} −log p(y_k | …)   per-example objective: mean NLL per
+One DP step t, on a site with N units of privacy (pairs, or groups of pairs: medmerge.train.dp),
+q = batch_size / N, C = max_grad_norm, σ = noise multiplier:
+    U_t  = {u : r_u < q},  r_u ~ U(0, 1) i.i.d. from a SECRET generator   Poisson sampling of units
+    ℓ_i  = (1 / a_i) Σ_{answer tokens k of i} −log p(y_k | …)   per-pair objective: mean NLL per
                                                                 answer token of pair i (nats; a_i ≥ 1)
-    g_i  = ∇ ℓ_i  over the trainable LoRA parameters only      (Opacus GradSampleModule hooks on the
-                                                                lora_A / lora_B nn.Linear layers)
-    ĝ_t  = (Σ_{i∈B_t} g_i · min(1, C / ‖g_i‖₂) + N(0, σ²C² I)) / batch_size     (Opacus DPOptimizer)
-then AdamW with the loop's learning-rate schedule. The loop's token-weighted loss and its global
-`max_grad_norm` do not apply: each pair's gradient is clipped on its own, so one pair moves ĝ_t by at
-most C / batch_size whatever its length. A sampled batch larger than batch_size is processed in
-physical chunks of batch_size and clipped-and-summed before one noisy update (Opacus's
-BatchMemoryManager semantics), so no sampled pair is dropped.
+    g_u  = Σ_{i ∈ u} ∇ ℓ_i  over the trainable LoRA parameters   a unit's summed per-pair gradients
+                                                                (Opacus GradSampleModule hooks)
+    ĝ_t  = (Σ_{u∈U_t} g_u · min(1, C / ‖g_u‖₂) + N(0, σ²C² I)) / batch_size     (Opacus DPOptimizer,
+                                                                secure_mode noise, SECRET generator)
+then AdamW with the loop's learning-rate schedule. Adding or removing one unit moves the clipped sum by
+at most C (its sensitivity), whatever the unit's size or its answers' lengths. A sampled batch with more
+pairs than batch_size runs in physical chunks of batch_size pairs; each unit's per-pair gradients are
+summed (across chunks where a unit spans several) before it is clipped, and the clipped sums of all
+chunks before one noisy update, so no sampled pair is dropped.
 
-ε: with target_epsilon, σ = Opacus `get_noise_multiplier(ε, δ, q, T)` for the run's T steps (so the
-run ends with spent ε ≤ target); with noise_multiplier, σ is given. The accountant (PRV or RDP) records
-(σ, q, steps) at every noisy update and gives the ε spent for δ (default 1/n). Its history is kept in the
-loop state (so checkpoints restore it), and the final record goes to the manifest's `privacy` block and
-the adapter's model card; `read_privacy(expert_dir)` reads it back.
+ε: with target_epsilon, σ = Opacus `get_noise_multiplier(ε, δ, q, T)` for the run's T steps; with
+noise_multiplier, σ is given. δ defaults to 1/(10·N). The accountant (PRV or RDP) records (σ, q, steps)
+at every noisy update; its history is kept in the loop state (checkpoints restore it) and goes to the
+manifest's `privacy` block, the model card, and the site's privacy ledger (medmerge.train.ledger).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,53 +36,32 @@ from medmerge.data import pad_batch
 from medmerge.errors import MedmergeError
 from medmerge.extras import require
 from medmerge.loss import token_nll
+from medmerge.train.dp import (
+    REPORTED_DELTAS,
+    PoissonStream,
+    PrivacyRecord,
+    PrivacyUnits,
+    epsilons_at,
+    noise_for_target,
+    privacy_units,
+    read_privacy,
+    resolve_delta,
+    secret_generator,
+)
 from medmerge.train.examples import answer_tokens, example_tokens
+from medmerge.train.ledger import Release, spent_epsilon
 from medmerge.train.loop import Trainer
 from medmerge.train.precision import autocast_context
 
-OBJECTIVE = "mean NLL per answer token of each example (nats), summed over the batch / batch_size"
-
-
-@dataclass(frozen=True)
-class PrivacyRecord:
-    """The (ε, δ)-DP guarantee of an expert's training pairs, as written to its manifest."""
-
-    epsilon: float  # ε actually spent by the run's steps, for `delta`, under `accountant`
-    delta: float
-    accountant: str  # "prv" or "rdp" (Opacus)
-    noise_multiplier: float  # σ: Gaussian noise std / max_grad_norm
-    sample_rate: float  # q = expected batch size / train_examples (Poisson sampling)
-    steps: int  # noisy updates done
-    max_grad_norm: float  # per-example L2 clipping bound C
-    train_examples: int  # n, the pairs protected
-    expected_batch_size: int
-    target_epsilon: float | None = None
-    history: tuple[tuple[float, float, int], ...] = ()  # accountant history: (σ, q, steps) runs
-    objective: str = OBJECTIVE
-    mechanism: str = "DP-SGD on LoRA parameters (Opacus, Poisson sampling, per-example clipping)"
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "history": [list(h) for h in self.history]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PrivacyRecord:
-        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        fields["history"] = tuple(tuple(h) for h in fields.get("history", ()))
-        return cls(**fields)
-
-
-def read_privacy(expert_dir: str | Path) -> PrivacyRecord | None:
-    """The DP record of an expert folder (manifest.json's `privacy` block), None if trained without DP.
-
-    A merge of DP experts is DP at the largest ε of its inputs (post-processing, each site's data in
-    one input); callers combine records that way.
-    """
-    path = Path(expert_dir) / "manifest.json"
-    try:
-        block = json.loads(path.read_text()).get("privacy")
-    except (OSError, ValueError):
-        raise MedmergeError(f"{path}: cannot read the expert's manifest") from None
-    return PrivacyRecord.from_json(block) if block else None
+__all__ = [
+    "PrivacyRecord",
+    "PrivateTrainer",
+    "example_losses",
+    "privacy_card",
+    "read_privacy",
+    "refuse_unsupported",
+    "spent_epsilon",
+]
 
 
 def _opacus() -> Any:
@@ -92,42 +69,6 @@ def _opacus() -> Any:
     import opacus
 
     return opacus
-
-
-def spent_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """ε of the composed Poisson-subsampled Gaussian steps in `history` [(σ, q, steps)], for δ (Opacus)."""
-    from opacus.accountants import create_accountant
-
-    _opacus()
-    if not history:
-        return 0.0
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [tuple(h) for h in history]
-    return float(acc.get_epsilon(delta=delta))
-
-
-def noise_for_target(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
-    """σ such that `steps` steps at rate q spend at most `target_epsilon` (Opacus get_noise_multiplier)."""
-    _opacus()
-    from opacus.accountants.utils import get_noise_multiplier
-
-    try:
-        sigma = float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-            )
-        )
-    except ValueError as exc:
-        raise MedmergeError(f"privacy.target_epsilon: {target_epsilon} cannot be reached ({exc})") from None
-    if spent_epsilon([(sigma, sample_rate, steps)], delta, accountant) > target_epsilon:
-        raise MedmergeError(f"privacy.target_epsilon: {target_epsilon} cannot be reached in {steps} steps")
-    return sigma
 
 
 def refuse_unsupported(config: TrainConfig, world: int) -> None:
@@ -145,6 +86,12 @@ def refuse_unsupported(config: TrainConfig, world: int) -> None:
         raise MedmergeError(
             "privacy: lora.use_dora is not supported (Opacus has no per-example gradient of DoRA's magnitude)"
         )
+    targets = config.lora.target_modules
+    if isinstance(targets, list) and any(t.split(".")[-1] == "lm_head" for t in targets):
+        raise MedmergeError(
+            "privacy: LoRA on lm_head is not supported (the fused answer head flattens token rows, so its "
+            "per-example gradients would be per token); remove it from lora.target_modules"
+        )
     if config.grad_accum != 1:
         raise MedmergeError(
             "privacy: grad_accum must be 1 (a Poisson-sampled batch is one DP step; raise batch_size instead)"
@@ -159,42 +106,6 @@ def refuse_unsupported(config: TrainConfig, world: int) -> None:
         )
 
 
-class PoissonStream:
-    """Poisson-sampled batches: draw t keeps each index i with probability q, independently.
-
-    u = torch.rand(n) from a generator seeded by (seed, t), B_t = {i : u_i < q} (Opacus's
-    UniformWithReplacementSampler law). The draw counter is the whole state, so a resumed run draws the
-    same batches; `epoch` and `index` count draws in units of 1/q (the expected draws per epoch).
-    """
-
-    def __init__(self, n: int, sample_rate: float, seed: int) -> None:
-        self.n, self.sample_rate, self.seed = n, sample_rate, seed
-        self.batches_per_epoch = max(1, round(1 / sample_rate))
-        self.draws = 0
-
-    @property
-    def epoch(self) -> int:
-        return self.draws // self.batches_per_epoch
-
-    @property
-    def index(self) -> int:
-        return self.draws % self.batches_per_epoch
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state(self, state: dict[str, int]) -> None:
-        self.draws = int(state["epoch"]) * self.batches_per_epoch + int(state["index"])
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return self
-
-    def __next__(self) -> list[int]:
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.draws) ^ 0x9E3779B97F4A7C15)
-        self.draws += 1
-        return torch.nonzero(torch.rand(self.n, generator=gen) < self.sample_rate).flatten().tolist()
-
-
 def example_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example objective ℓ (B,) = summed answer NLL / answer tokens (nats / token), and the sums (B,)."""
     nll, mask = token_nll(model, batch)  # (B, T'), (B, T')
@@ -202,11 +113,21 @@ def example_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return sums / mask.sum(dim=1).clamp(min=1), sums
 
 
+def _flat(grad_sample: Any) -> torch.Tensor:
+    """A parameter's per-example gradients as one float32 tensor (B, *shape) (Opacus's flat view)."""
+    if isinstance(grad_sample, list):
+        grad_sample = torch.cat(grad_sample, dim=0)
+    return grad_sample.float()
+
+
 class PrivateTrainer(Trainer):
     """The loop with DP-SGD steps (see the module doc); everything else (validation, keep-best,
-    checkpoints, schedule) is the Trainer's."""
+    checkpoints, schedule) is the Trainer's. `groups`: each training example's privacy group
+    (medmerge.train.examples.TrainData.train_groups; None: no groups known, the unit is the pair)."""
 
-    def __init__(self, config: TrainConfig, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, config: TrainConfig, *args: Any, groups: list[str | None] | None = None, **kwargs: Any
+    ) -> None:
         """Trainer's arguments (config, model, kind, train, validation, pad_id, runtime, bf16)."""
         settings = config.privacy
         if settings is None:
@@ -214,11 +135,23 @@ class PrivateTrainer(Trainer):
         opacus = _opacus()
         super().__init__(config, *args, **kwargs)
         refuse_unsupported(config, self.runtime.world)
-        model, n = self.model, len(self.train)
+        lm_head = [n for n, p in self.model.named_parameters() if p.requires_grad and "lm_head" in n]
+        if lm_head:
+            raise MedmergeError(
+                f"privacy: LoRA on lm_head is not supported ({lm_head[0]}: the fused answer head's "
+                "per-example gradients would be per token)"
+            )
         self.settings = settings
-        self.delta = settings.delta if settings.delta is not None else 1.0 / n
+        self.units: PrivacyUnits = privacy_units(settings, groups, len(self.train), config.data.specs)
+        n = self.units.count
+        self.delta = resolve_delta(settings.delta, n, self.units.kind)
+        if config.batch_size >= n:
+            raise MedmergeError(
+                f"privacy: batch_size {config.batch_size} ≥ N = {n} {self.units.kind}s (sampling rate "
+                "q = batch_size / N must be below 1)"
+            )
         self.sample_rate = config.batch_size / n
-        self.stream = PoissonStream(n, self.sample_rate, config.seed)
+        self.stream = PoissonStream(self.units, self.sample_rate)
         if not config.max_steps:
             self.total_steps = max(1, math.ceil(config.epochs / self.sample_rate))
         self.noise_multiplier = settings.noise_multiplier or noise_for_target(
@@ -226,7 +159,9 @@ class PrivateTrainer(Trainer):
         )
         from opacus.accountants import create_accountant
 
-        self.grad_module = opacus.GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        self.grad_module = opacus.GradSampleModule(
+            self.model, batch_first=True, loss_reduction="sum", strict=True
+        )
         self.accountant = create_accountant(mechanism=settings.accountant)
         self.dp_optimizer = opacus.optimizers.DPOptimizer(
             self.optimizer,
@@ -234,6 +169,8 @@ class PrivateTrainer(Trainer):
             max_grad_norm=settings.max_grad_norm,
             expected_batch_size=config.batch_size,
             loss_reduction="mean",
+            generator=secret_generator(),
+            secure_mode=True,
         )
         self.dp_optimizer.attach_step_hook(
             self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate)
@@ -243,6 +180,23 @@ class PrivateTrainer(Trainer):
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return self.dp_optimizer.params
+
+    def planned_release(self, what: str = "expert") -> Release:
+        """The release this run will make if it runs all its steps (for a ledger's pre-check)."""
+        return self._release(what, [(self.noise_multiplier, self.sample_rate, self.total_steps)])
+
+    def release(self, what: str = "expert") -> Release:
+        """The release of the steps done so far (for the site's ledger)."""
+        return self._release(what, [tuple(h) for h in self.accountant.history])
+
+    def _release(self, what: str, history: list) -> Release:
+        return Release(
+            what=what,
+            mechanism="DP-SGD on LoRA (Opacus: Poisson sampling of units, per-unit clipping, Gaussian noise)",
+            unit=self.units.kind,
+            unit_words=self.units.words,
+            history=tuple((float(s), float(q), int(n)) for s, q, n in history),
+        )
 
     def record(self) -> PrivacyRecord:
         """The guarantee of the steps done so far (ε from the accountant's history)."""
@@ -260,6 +214,10 @@ class PrivateTrainer(Trainer):
             expected_batch_size=self.config.batch_size,
             target_epsilon=s.target_epsilon,
             history=tuple(history),
+            unit=self.units.kind,
+            unit_words=self.units.words,
+            train_units=self.units.count,
+            epsilon_at=epsilons_at(history, s.accountant),
         )
 
     def _record_privacy(self, with_epsilon: bool = False) -> None:
@@ -269,39 +227,62 @@ class PrivateTrainer(Trainer):
         else:
             self.state.privacy = {"history": [list(h) for h in self.accountant.history]}
 
-    def _float_grad_samples(self) -> None:
-        """Per-example grads in float32 (bf16 autocast makes them bf16): clipping norms are then exact."""
+    def _sum_units(self, unit_of: list[int], carry: dict | None, continues: bool) -> dict | None:
+        """Replace each parameter's per-pair gradients (k, *shape) by its per-unit sums (m, *shape).
+
+        `unit_of[j]`: the unit of the chunk's pair j (units contiguous); `carry`: the partial sums of
+        a unit that began in the previous chunk (added to this chunk's first unit); `continues`: the
+        chunk's last unit goes on into the next chunk, so its partial sum is carried, not clipped yet.
+        """
+        runs = [0] + [j for j in range(1, len(unit_of)) if unit_of[j] != unit_of[j - 1]]
+        local = torch.zeros(len(unit_of), dtype=torch.long)
+        for position, start in enumerate(runs):
+            local[start:] = position
+        out: dict | None = {} if continues else None
         for p in self.params:
             gs = p.grad_sample
-            if isinstance(gs, list):
-                p.grad_sample = [g.float() for g in gs]
-            elif gs is not None:
-                p.grad_sample = gs.float()
+            pairs = _flat(gs) if gs is not None else p.new_zeros((len(unit_of), *p.shape))
+            sums = pairs.new_zeros((len(runs), *pairs.shape[1:])).index_add_(0, local.to(pairs.device), pairs)
+            if carry is not None:
+                sums[0] += carry[p]
+            if continues:
+                out[p], sums = sums[-1].clone(), sums[:-1]
+            p.grad_sample = sums
+        return out
 
     def step(self) -> tuple[float, int]:
-        """One DP-SGD update over a Poisson batch: (train loss, nats / answer token; non-pad tokens)."""
-        examples = [self.train[i] for i in next(self.stream)]
-        examples.sort(key=lambda e: -len(e["input_ids"]) - len(e["labels"]))  # less padding per chunk
+        """One DP-SGD update over a Poisson batch of units: (train loss, nats / answer token; non-pad
+        tokens)."""
+        units = next(self.stream)
+        members = self.units.members
+        units.sort(key=lambda u: -max(len(self.train[i]["input_ids"]) + len(self.train[i]["labels"])
+                                       for i in members[u]))  # fmt: skip  # less padding per chunk
+        flat = [(u, i) for u in units for i in members[u]]
+        examples = [self.train[i] for _, i in flat]
         n_answer = sum(answer_tokens(e, self.kind) for e in examples)
         tokens = sum(example_tokens(e, self.kind) for e in examples)
         size = self.config.batch_size
-        chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+        chunks = [flat[i : i + size] for i in range(0, len(flat), size)]
         if not chunks:  # an empty Poisson batch: the update is noise alone (and is accounted for)
             for p in self.params:
                 p.grad_sample = p.new_zeros((0, *p.shape))
-        nll_total = 0.0
-        for i, chunk in enumerate(chunks):
-            batch = {k: v.to(self.runtime.device) for k, v in pad_batch(chunk, self.pad_id).items()}
+        nll_total, carry = 0.0, None
+        for k, chunk in enumerate(chunks):
+            batch = {
+                key: v.to(self.runtime.device)
+                for key, v in pad_batch([self.train[i] for _, i in chunk], self.pad_id).items()
+            }
             with autocast_context(self.bf16, self.runtime.device):
                 losses, sums = example_losses(self.model, batch)
-            with (
-                warnings.catch_warnings()
-            ):  # Opacus's full backward hooks on LoRA A, whose input needs no grad
+            # Opacus's full backward hooks fire on LoRA A, whose input needs no grad: a harmless warning
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 losses.sum().backward()
             nll_total += float(sums.detach().sum())
-            self._float_grad_samples()
-            if i < len(chunks) - 1:  # clip and accumulate this chunk; noise once, after the last one
+            last = k == len(chunks) - 1
+            continues = not last and chunks[k + 1][0][0] == chunk[-1][0]
+            carry = self._sum_units([u for u, _ in chunk], carry, continues)
+            if not last:  # clip and accumulate this chunk's units; noise once, after the last one
                 self.dp_optimizer.signal_skip_step(do_skip=True)
                 self.dp_optimizer.step()
                 self.dp_optimizer.zero_grad(set_to_none=True)
@@ -313,7 +294,8 @@ class PrivateTrainer(Trainer):
 
     def run(self, save_checkpoint: Any, progress: bool = True):
         """The Trainer's loop with the accountant restored from the loop state (resume) and the final
-        privacy record in `state.privacy`; the train-loss column (raw private data) is dropped."""
+        privacy record in `state.privacy`. Nothing exact about the private batches stays in the curve:
+        the train loss, the cumulative token count and the per-step time are dropped."""
         saved = (self.state.privacy or {}).get("history")
         if saved:
             self.accountant.history = [tuple(h) for h in saved]
@@ -322,7 +304,8 @@ class PrivateTrainer(Trainer):
         finally:
             self.grad_module.remove_hooks()
         for row in state.curve:
-            row.pop("train_loss", None)
+            for key in ("train_loss", "tokens", "elapsed_s"):
+                row.pop(key, None)
         self._record_privacy(with_epsilon=True)
         return state
 
@@ -333,13 +316,22 @@ def privacy_card(folder: Path, record: dict[str, Any] | None) -> None:
     if not record or not card.is_file():
         return
     r = PrivacyRecord.from_json(record)
+    units = f"{r.train_units} units" if r.train_units is not None else f"{r.train_examples} pairs"
+    others = ", ".join(f"ε = {r.epsilon_at[f'{d:g}']:.3g} at δ = {d:g}" for d in REPORTED_DELTAS
+                       if f"{d:g}" in r.epsilon_at)  # fmt: skip
     text = (
         "\n## Differential privacy\n\n"
         f"Trained with DP-SGD: (ε = {r.epsilon:.4g}, δ = {r.delta:.3g})-differentially private with respect "
-        f"to each of the {r.train_examples} training pairs ({r.accountant} accountant; σ = "
-        f"{r.noise_multiplier:.4g}, q = {r.sample_rate:.4g}, {r.steps} steps, per-example clipping "
-        f"C = {r.max_grad_norm:g}). The base model, the validation pairs and reported test metrics are "
-        "not covered. Machine-readable: the `privacy` block of manifest.json.\n"
+        f"to **{r.unit_words}** (the unit of privacy: {units}, {r.train_examples} training pairs)"
+        f"{'; ' + others if others else ''}. {r.accountant.upper()} accountant; "
+        f"σ = {r.noise_multiplier:.4g}, q = {r.sample_rate:.4g}, {r.steps} steps, "
+        f"per-unit clipping C = {r.max_grad_norm:g}.\n\n"
+        "The sampling and the noise were drawn from a secret generator (seeded from os.urandom, never "
+        "recorded), so this run cannot be reproduced bit for bit; `seed` set only the initialisation, the "
+        "splits and dropout. Not covered: the base model, the validation pairs (validation loss), reported "
+        "test metrics, the number of units N (it is in q), and anything released by the site besides this "
+        "adapter (its privacy ledger composes those). Machine-readable: the `privacy` block of "
+        "manifest.json.\n"
     )
     with open(card, "a") as f:
         f.write(text)

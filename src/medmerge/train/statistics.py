@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,22 @@ from tqdm.auto import tqdm
 
 from medmerge.config import TrainConfig, validate_config
 from medmerge.config.base import normalised_specs
-from medmerge.data import IGNORE_INDEX, pad_batch
+from medmerge.data import IGNORE_INDEX
 from medmerge.errors import MedmergeError
-from medmerge.loss import batch_nll, unpin_forwards
+from medmerge.loss import token_nll, unpin_forwards
 from medmerge.models import ModelKind, adapter_base, is_adapter, load_model, load_tokenizer, model_kind
 from medmerge.site_stats import KINDS, expert_checksum, has_statistics, write_statistics
 from medmerge.train.examples import Example, prepare_data
+from medmerge.train.private_stats import ClipSettings, collect_clipped_grams, spectral_norms, unit_sample
+from medmerge.train.stat_hooks import (
+    FisherHooks,
+    GramHooks,
+    Grams,
+    add_counts,
+    head_free,
+    new_grams,
+    token_batches,
+)
 
 GRAM_EXAMPLES = 256
 FISHER_EXAMPLES = 64
@@ -72,78 +81,26 @@ def statistic_linears(model: torch.nn.Module, weight_names: set[str]) -> dict[st
     return found
 
 
-@dataclass
-class Grams:
-    """Gram sums (float64) by stored weight name, the aliases of shared inputs, and token counts."""
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    aliases: dict[str, str] = field(default_factory=dict)  # weight name → stored weight name
-    tokens: dict[str, int] = field(default_factory=dict)  # "input" (causal) or "encoder" / "decoder"
-
-    def float32(self) -> dict[str, torch.Tensor]:
-        return {name: g.float() for name, g in self.sums.items()}
-
-
-class _GramHooks:
-    """Forward pre-hooks adding XᵀX of each Linear's non-padding input rows into float64 sums.
-
-    Rows are picked with the mask of the token sequence the input belongs to, found by its (B, T) shape
-    (the caller makes encoder and decoder lengths differ). A Linear reading the very tensor object another
-    Linear already read in this forward is recorded as that one's alias and not summed again.
-    """
-
-    def __init__(self, modules: dict[str, torch.nn.Linear], grams: Grams) -> None:
-        self.grams = grams
-        self.masks: dict[tuple[int, ...], torch.Tensor] = {}
-        self.seen: list[tuple[torch.Tensor, str]] = []
-        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name: str):
-        def pre(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
-            owner = next((stored for t, stored in self.seen if t is x), None)
-            if owner is not None:
-                if self.grams.aliases.setdefault(name, owner) != owner or name in self.grams.sums:
-                    raise MedmergeError(f"{name}: its input is shared differently from batch to batch")
-                return
-            if name in self.grams.aliases:
-                raise MedmergeError(f"{name}: its input is shared differently from batch to batch")
-            mask = self.masks.get(tuple(x.shape[:-1]))
-            if mask is None:
-                raise MedmergeError(f"{name}: input of shape {tuple(x.shape)} matches no token sequence")
-            rows = x[mask].float()  # (N, in)
-            gram = (rows.T @ rows).double()
-            total = self.grams.sums.get(name)
-            self.grams.sums[name] = gram if total is None else total.add_(gram)
-            self.seen.append((x, name))
-
-        return pre
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+def _gram_forwards(model, modules, examples, pad_id, batch_size, progress, grams: Grams) -> None:
+    """Add the Grams of `examples` into `grams`: inference-mode forwards, Gram pre-hooks."""
+    seq2seq = bool(model.config.is_encoder_decoder)
+    device = next(model.parameters()).device
+    hooks = GramHooks(modules, grams)
+    keep = head_free(model, modules)
+    total = -(-len(examples) // batch_size)
+    try:
+        with torch.inference_mode():
+            batches = token_batches(examples, batch_size, seq2seq, pad_id, device)
+            for batch, masks, counts in tqdm(batches, total=total, desc="gram", disable=not progress):
+                hooks.new_batch(masks)
+                add_counts(grams, counts)
+                extra = {"labels": batch["labels"]} if seq2seq else keep
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+                unpin_forwards(model)
+    finally:
+        hooks.remove()
 
 
-def _gram_batch(batch: dict[str, torch.Tensor], seq2seq: bool, pad_id: int) -> dict[str, torch.Tensor]:
-    """Seq2seq: one more (masked) encoder column where encoder and decoder lengths are equal."""
-    if seq2seq and batch["input_ids"].shape[1] == batch["labels"].shape[1]:
-        column = torch.full_like(batch["input_ids"][:, :1], pad_id)
-        batch["input_ids"] = torch.cat([batch["input_ids"], column], dim=1)
-        batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros_like(column)], dim=1)
-    return batch
-
-
-def _head_free(model: torch.nn.Module, modules: dict[str, torch.nn.Linear]) -> dict[str, int]:
-    """{"logits_to_keep": 1} where the head needs no Gram and the forward takes it (no (B, T, V) logits)."""
-    import inspect
-
-    head = model.get_output_embeddings()
-    if any(m is head for m in modules.values()):
-        return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
-@torch.no_grad()
 def collect_grams(
     model: torch.nn.Module,
     modules: dict[str, torch.nn.Linear],
@@ -153,34 +110,28 @@ def collect_grams(
     progress: bool = False,
 ) -> Grams:
     """Gram sums of `modules`' inputs over `examples` (see module doc); model in eval mode."""
-    seq2seq = bool(model.config.is_encoder_decoder)
-    device = next(model.parameters()).device
-    grams = Grams(tokens={"encoder": 0, "decoder": 0} if seq2seq else {"input": 0})
-    hooks = _GramHooks(modules, grams)
-    keep = _head_free(model, modules)
-    ordered = sorted(examples, key=lambda e: (len(e["input_ids"]), len(e["labels"])))  # less padding
+    grams = new_grams(bool(model.config.is_encoder_decoder))
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(ordered), batch_size), desc="gram", disable=not progress):
-            rows = ordered[start : start + batch_size]
-            batch = _gram_batch(pad_batch(rows, pad_id), seq2seq, pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            inputs = batch["attention_mask"].bool()  # (B, T)
-            hooks.masks = {tuple(inputs.shape): inputs}
-            if seq2seq:
-                answers = batch["labels"] != IGNORE_INDEX  # (B, T_dec): decoder positions that exist
-                hooks.masks[tuple(answers.shape)] = answers
-                grams.tokens["decoder"] += int(answers.sum())
-            grams.tokens["encoder" if seq2seq else "input"] += int(inputs.sum())
-            extra = {"labels": batch["labels"]} if seq2seq else keep
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-            unpin_forwards(model)
-            hooks.seen.clear()
+        _gram_forwards(model, modules, examples, pad_id, batch_size, progress, grams)
     finally:
-        hooks.remove()
         model.train(was_training)
     return grams
+
+
+def _summed_answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], head_hooked: bool):
+    """Σ over the batch's answer tokens of −log p. Where the output head has statistics of its own, the
+    model returns full logits, so the head runs once on every position (B, T, C), as the Gram pass and
+    the per-example Fisher hooks need; else the head runs on answer positions only (`token_nll`)."""
+    if model.config.is_encoder_decoder or not head_hooked:
+        nll, _ = token_nll(model, batch)
+        return nll.sum()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    cross_entropy = torch.nn.functional.cross_entropy
+    return cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def collect_fishers(
@@ -189,32 +140,86 @@ def collect_fishers(
     examples: Sequence[Example],
     pad_id: int,
     progress: bool = False,
+    batch_size: int = 8,
+    grams: Grams | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher (float32) of each module's weight: the mean over `examples` of the
-    squared gradient of the example's summed answer log-likelihood (one backward pass per example)."""
+    squared gradient of the example's summed answer log-likelihood. One forward and one backward pass
+    per batch of `batch_size` examples; per-example gradients from hooks (medmerge.train.stat_hooks).
+    With `grams`, the same forwards also add these examples' Grams into it (the Gram pass then skips
+    them)."""
     if not examples:
         return {}
+    seq2seq = bool(model.config.is_encoder_decoder)
     device = next(model.parameters()).device
     was_training = model.training
     flags = {p: p.requires_grad for p in model.parameters()}
     model.eval()
     model.requires_grad_(False)
-    weights = [m.weight for m in modules.values()]
-    for w in weights:
-        w.requires_grad_(True)
-    sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    head = model.get_output_embeddings()
+    head_hooked = any(m is head for m in modules.values())
+    fisher = FisherHooks(model, modules)
+    gram = GramHooks(modules, grams) if grams is not None else None
+    total = -(-len(examples) // batch_size)
     try:
-        for example in tqdm(examples, desc="fisher", disable=not progress):
-            batch = {k: v.to(device) for k, v in pad_batch([example], pad_id).items()}
-            nll, _ = batch_nll(model, batch)
-            grads = torch.autograd.grad(nll, weights)  # ∂(−ℓ)/∂W; squared, the sign goes
-            for total, g in zip(sums, grads, strict=True):
-                total.addcmul_(g.float(), g.float())
+        with torch.enable_grad():
+            batches = token_batches(examples, batch_size, seq2seq, pad_id, device)
+            for batch, masks, counts in tqdm(batches, total=total, desc="fisher", disable=not progress):
+                fisher.masks = masks
+                if gram is not None:
+                    gram.new_batch(masks)
+                    add_counts(grams, counts)
+                fisher.backward(_summed_answer_nll(model, batch, head_hooked))
     finally:
+        fisher.remove()
+        if gram is not None:
+            gram.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return {name: total / len(examples) for name, total in zip(modules, sums, strict=True)}
+    return {name: total / len(examples) for name, total in fisher.sums.items()}
+
+
+def input_scales(grams: Grams, floor: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Per-input scales D = √(diag G / tokens) of every Linear (by weight name; aliases share their
+    stored Gram's), clamped at `floor` × their largest: from Grams of PUBLIC text through the BASE model,
+    they are the public `SumLayout.input_scales` of a secure sum (medmerge.merge.from_sums)."""
+    tokens = max(sum(grams.tokens.values()), 1)
+    stored = {}
+    for name, gram in grams.sums.items():
+        d = (gram.diagonal().double() / tokens).clamp(min=0).sqrt()
+        stored[name] = d.clamp(min=floor * float(d.max()) if float(d.max()) > 0 else 1.0)
+    return {**stored, **{alias: stored[target] for alias, target in grams.aliases.items()}}
+
+
+def collect_statistics(
+    model: torch.nn.Module,
+    modules: dict[str, torch.nn.Linear],
+    picked: Sequence[Example],
+    n_gram: int,
+    n_fisher: int,
+    pad_id: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[Grams, dict[str, torch.Tensor]]:
+    """Grams of picked[:n_gram] and Fishers of picked[:n_fisher] in as few passes as the model allows:
+    the Fisher's forwards (with gradients) also add their examples' Grams where n_fisher ≤ n_gram, and
+    the inference-mode Gram pass reads only the rest, picked[n_fisher:n_gram]."""
+    seq2seq = bool(model.config.is_encoder_decoder)
+    grams = new_grams(seq2seq) if n_gram else Grams()
+    fused = 0 < n_fisher <= n_gram
+    fishers = collect_fishers(
+        model, modules, picked[:n_fisher], pad_id, progress, batch_size, grams=grams if fused else None
+    )
+    rest = picked[n_fisher:n_gram] if fused else picked[:n_gram]
+    if rest:
+        was_training = model.training
+        model.eval()
+        try:
+            _gram_forwards(model, modules, rest, pad_id, batch_size, progress, grams)
+        finally:
+            model.train(was_training)
+    return grams, fishers
 
 
 def expert_train_config(expert_dir: Path, specs: Sequence[str] | None) -> tuple[TrainConfig, list | None]:
@@ -262,6 +267,8 @@ def compute_statistics(
     overwrite: bool = False,
     progress: bool = True,
     device: str | torch.device | None = None,
+    privacy: ClipSettings | None = None,
+    input_scales: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Compute `kinds` statistics of the expert in `expert_dir` on its training questions; write them
     into `out_dir` (default: the expert folder) and return that folder.
@@ -269,6 +276,12 @@ def compute_statistics(
     `specs` default to the SPECs of the expert's manifest. Up to `max_examples` training questions are
     used (default 256 for the Gram, 64 for the Fisher; `fisher_examples` sets the Fisher's apart). They
     are a seeded sample (the config's seed) of the split; the Fisher's are the first of the Gram's.
+
+    `privacy` (statistics: secure+dp; LoRA experts, Gram only): each unit's share of the released vector
+    is clipped (medmerge.train.private_stats) and the units read are a keyed sample at rate
+    min(1, max_examples / units), never a seeded one; statistics.json gets a "privacy" record.
+    `input_scales` are the secure sum's public D (SumLayout.input_scales): the clip is of the released
+    coordinates x / D.
     """
     expert_dir = Path(expert_dir)
     out = Path(out_dir) if out_dir is not None else expert_dir
@@ -286,6 +299,20 @@ def compute_statistics(
     tokenizer = load_tokenizer(expert_dir)
     data = prepare_data(config, tokenizer, kind)
     _check_same_split(data.sources, recorded, expert_dir)
+    if privacy is not None:
+        return _private_statistics(
+            expert_dir,
+            out,
+            kinds,
+            data,
+            tokenizer,
+            privacy,
+            max_examples,
+            batch_size,
+            progress,
+            device,
+            input_scales,
+        )
 
     n_gram = min(len(data.train), max_examples or GRAM_EXAMPLES) if "gram" in kinds else 0
     n_fisher = min(len(data.train), fisher_examples or max_examples or FISHER_EXAMPLES)
@@ -296,13 +323,11 @@ def compute_statistics(
     resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(expert_dir).to(resolved)
     modules = statistic_linears(model, base_weight_names(expert_dir))
-    pad_id = tokenizer.pad_token_id
-    grams = (
-        collect_grams(model, modules, picked[:n_gram], pad_id, batch_size, progress) if n_gram else Grams()
+    grams, fishers = collect_statistics(
+        model, modules, picked, n_gram, n_fisher, tokenizer.pad_token_id, batch_size, progress
     )
-    gram_tensors = grams.float32()  # the float64 sums go before the Fisher pass needs its memory
+    gram_tensors = grams.float32()
     grams.sums.clear()
-    fishers = collect_fishers(model, modules, picked[:n_fisher], pad_id, progress)
     info = {
         "examples": len(picked),
         "tokens": sum(grams.tokens.values()),
@@ -328,4 +353,68 @@ def compute_statistics(
         "tokens_counted": "non-padding input tokens (causal: prompt + answer; seq2seq: encoder + decoder)",
     }
     write_statistics(out, gram_tensors, fishers, info, aliases=grams.aliases)
+    return out
+
+
+def expert_deltas(expert_dir: Path, modules: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
+    """ΔW = W − W₀ of every module: the merged LoRA expert's weight minus its base's (float32)."""
+    from safetensors import safe_open
+
+    from medmerge.models import resolve_model
+
+    if not is_adapter(expert_dir):
+        raise MedmergeError(f"{expert_dir}: clipped (DP) statistics need a LoRA expert (ΔW is its adapter)")
+    wanted, deltas = set(modules), {}
+    for file in sorted(resolve_model(adapter_base(expert_dir)).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in wanted & set(f.keys()):
+                deltas[name] = modules[name].weight.detach().float().cpu() - f.get_tensor(name).float()
+    return deltas
+
+
+def _private_statistics(
+    expert_dir, out, kinds, data, tokenizer, privacy, max_examples, batch_size, progress, device, input_scales
+):
+    """The clipped Gram statistics (`compute_statistics(..., privacy=...)`)."""
+    import dataclasses
+
+    if kinds != ["gram"]:
+        raise MedmergeError(f"kinds {kinds}: clipped (DP) statistics are Gram only (no DP Fisher)")
+    units = len(data.train)
+    rate = min(1.0, (max_examples or GRAM_EXAMPLES) / max(units, 1))
+    privacy = dataclasses.replace(privacy, rate=rate)
+    groups = getattr(data, "train_groups", None) or None
+    picked = [data.train[i] for i in unit_sample(data.train, groups, privacy)]
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(expert_dir).to(resolved)
+    modules = statistic_linears(model, base_weight_names(expert_dir))
+    spectral = spectral_norms(expert_deltas(expert_dir, modules), input_scales)
+    grams, scales, _ = collect_clipped_grams(
+        model, modules, picked, tokenizer.pad_token_id, spectral, privacy, batch_size, progress, input_scales
+    )
+    info = {
+        "examples": len(picked),
+        "tokens": sum(grams.tokens.values()),
+        "per_kind": {"gram": {"examples": len(picked), "tokens": grams.tokens}},
+        "privacy": {
+            "clip": privacy.clip,
+            "unit": privacy.unit,
+            "per_group": privacy.per_group,
+            "rate": rate,
+            "diagonal": privacy.diagonal,
+            "clipped_share": float((scales < 1).double().mean()) if len(scales) else 0.0,
+            "spectral_max": max(spectral.values(), default=0.0),
+            "sample": "keyed (HMAC-SHA256 under a key from os.urandom, never written)",
+            "input_scales": input_scales is not None,
+        },
+        "model": {
+            "path": str(expert_dir.resolve()),
+            "kind": "causal",
+            "adapter": True,
+            "base_model": adapter_base(expert_dir),
+            "checksum": expert_checksum(expert_dir),
+        },
+        "tokens_counted": "non-padding input tokens (prompt + answer)",
+    }
+    write_statistics(out, grams.float32(), {}, info, aliases=grams.aliases)
     return out
