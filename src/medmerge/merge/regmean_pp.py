@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medmerge.errors import MedmergeError
+from medmerge.merge.statistics import ExpertData
 
 METHOD = "regmean_plus_plus"
 SUPPORTED = "decoder-only models whose blocks are model.layers (Llama, Mistral, Qwen2, …)"
@@ -282,3 +283,11 @@ def regmean_plus_plus(
     decoder_stack(model, reference)  # refused before any data is read
     data = [expert_examples(source.path, examples) for source in sources]
     return layer_pass(model, sources, data, merge, batch_size, progress)
+
+
+def _data_pass(reference: Path, sources: Sequence[Weights], params: Any, merge: BlockMerge, progress: bool):
+    """The registry's data pass: `regmean_plus_plus` with the method's `examples` and `batch_size`."""
+    return regmean_plus_plus(reference, sources, params.examples, params.batch_size, merge, progress)
+
+
+DATA = ExpertData(run=_data_pass, shortfall=data_shortfall, statistics=frozenset({"gram"}))
