@@ -116,3 +116,31 @@ def test_evaluate_help_names_every_flag_with_its_default(capsys):
         assert flag in out
     for default in ("(128)", "(0.95)", "(1000)", "(float32)", "(test)"):
         assert default in " ".join(out.split()), default
+
+
+def test_every_evaluate_setting_is_a_flag_with_its_description(capsys):
+    """The flags are generated from EvaluateConfig's fields: a new setting is one line in the model."""
+    from medmerge.config import EvaluateConfig
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name, field in EvaluateConfig.model_fields.items():
+        assert "--" + name.replace("_", "-") in out, name
+        assert field.description and " ".join(field.description.split()) in out, name
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--generate-examples", "2"], {"generate_examples": 2}),
+        (["--no-pubmedqa-accuracy"], {"pubmedqa_accuracy": False}),
+        (["--no-generate"], {"generate": False}),
+        (["--data", "csv:c.csv"], {"data": ["jsonl:a.jsonl", "csv:c.csv"]}),
+    ],
+)
+def test_settings_without_a_hand_written_flag_have_one(monkeypatch, tmp_path, argv, expected):
+    from medmerge.config import EvaluateConfig
+
+    config = _evaluate_call(monkeypatch, tmp_path, argv)["config"]
+    assert config.model_dump() == EvaluateConfig(data=["jsonl:a.jsonl"]).model_dump() | expected
