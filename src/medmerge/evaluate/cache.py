@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,14 @@ class EvalCache:
         """Store `payload` (and `about`, the human-readable fields of its key) atomically."""
         if self.root is not None:
             write_json_atomic(self._path(stage, key), {"key": key, "about": about, "payload": payload})
+
+    def cached(
+        self, stage: str, key: str, compute: Callable[[], dict[str, Any]], **about: Any
+    ) -> tuple[dict[str, Any], bool]:
+        """(the payload under (stage, key), True), else (compute(), False) with the result stored."""
+        found = self.get(stage, key)
+        if found is not None:
+            return found, True
+        payload = compute()
+        self.put(stage, key, payload, **about)
+        return payload, False
