@@ -24,7 +24,7 @@ from medmerge.data import QAPair, load_dataset, load_split, parse_spec, spec_che
 from medmerge.errors import MedmergeError
 from medmerge.evaluate import bertscore as bertscore_module
 from medmerge.evaluate import choices as choices_module
-from medmerge.evaluate.cache import EvalCache, cache_key
+from medmerge.evaluate.cache import EvalCache
 from medmerge.evaluate.generate import generate_answers
 from medmerge.evaluate.metrics import METRICS, corpus_bleu_chrf, text_metrics
 from medmerge.evaluate.privacy import dp_guarantee, refuse_training_split
@@ -50,6 +50,7 @@ from medmerge.models import (
     model_kind,
     resolve_model,
 )
+from medmerge.steps import step_key
 
 METRICS_VERSION = 1  # bump when a metric's definition changes: invalidates cached scores
 COMPARED = ("loss", "rougeL", "chrf", "bertscore_f1", "accuracy")  # metrics of the pairwise tests
@@ -78,7 +79,7 @@ def model_ref(text: str) -> ModelRef:
     name = name or (target if not Path(target).exists() else Path(target).resolve().name)
     digest = checksum(path)
     if is_adapter(path):  # the adapter's numbers also depend on its base
-        digest = cache_key(adapter=digest, base=checksum(resolve_model(adapter_base(path))))
+        digest = step_key(adapter=digest, base=checksum(resolve_model(adapter_base(path))))
     guarantee = dp_guarantee(path)
     dp = None if guarantee is None else guarantee.label
     return ModelRef(name=name, path=str(path), checksum=digest, kind=model_kind(path), dp=dp)
@@ -193,7 +194,7 @@ def _generation_settings(config: EvaluateConfig) -> dict[str, Any]:
 def _loss_stage(run: ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> tuple[dict, bool]:
     """Per-question answer NLL (nats, summed over answer tokens) and token counts; (values, cache hit)."""
     config = run.config
-    key = cache_key(
+    key = step_key(
         stage="loss",
         **data_id,
         max_prompt_tokens=config.max_prompt_tokens,
@@ -225,7 +226,7 @@ def _loss_stage(run: ModelRun, pairs: list[QAPair], data_id: dict, about: dict) 
 
 def _choices_stage(run: ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> tuple[dict, bool]:
     """Per-question log-likelihoods of yes / no / maybe (`medmerge.evaluate.choices`); (values, hit)."""
-    key = cache_key(stage="choices", **data_id, dtype=run.config.dtype, v=choices_module.VERSION)
+    key = step_key(stage="choices", **data_id, dtype=run.config.dtype, v=choices_module.VERSION)
 
     def compute() -> dict:
         start = time.perf_counter()
@@ -240,7 +241,7 @@ def _choices_stage(run: ModelRun, pairs: list[QAPair], data_id: dict, about: dic
 
 def _generate_stage(run: ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> tuple[dict, str, bool]:
     """Generated answers, new-token counts and seconds; (values, their cache key, cache hit)."""
-    key = cache_key(stage="generate", **data_id, **_generation_settings(run.config))
+    key = step_key(stage="generate", **data_id, **_generation_settings(run.config))
 
     def compute() -> dict:
         questions = [p.question for p in pairs]
@@ -257,7 +258,7 @@ def _score_stage(
     run: ModelRun, answers: list[str], pairs: list[QAPair], gen_key: str, about: dict
 ) -> tuple[dict, bool]:
     """Per-question text metrics and BERTScore of `answers`, plus corpus BLEU / chrF; (scores, hit)."""
-    key = cache_key(stage="scores", generation=gen_key, idf=run.config.bertscore_idf, v=METRICS_VERSION)
+    key = step_key(stage="scores", generation=gen_key, idf=run.config.bertscore_idf, v=METRICS_VERSION)
 
     def compute() -> dict:
         references = [p.answer for p in pairs]
