@@ -104,12 +104,12 @@ def expert_examples(folder: Path, n: int) -> tuple[list[dict[str, list[int]]], i
     split rebuilt from the expert's manifest and checked against its fingerprints), and its pad id."""
     from medmerge.models import load_tokenizer, model_kind
     from medmerge.train.examples import prepare_data
-    from medmerge.train.statistics import _check_same_split, expert_train_config
+    from medmerge.train.statistics import check_same_split, expert_train_config
 
     config, recorded = expert_train_config(folder, None)
     tokenizer = load_tokenizer(folder)
     train = prepare_data(config, tokenizer, model_kind(folder))
-    _check_same_split(train.sources, recorded, folder)
+    check_same_split(train.sources, recorded, folder)
     picked = random.Random(config.seed).sample(range(len(train.train)), min(n, len(train.train)))
     return [train.train[i] for i in picked], tokenizer.pad_token_id
 
