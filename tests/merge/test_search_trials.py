@@ -73,10 +73,12 @@ def record(path: Path = FIXTURE) -> None:
 RECORDED = json.loads(FIXTURE.read_text()) if FIXTURE.is_file() else {}
 
 
-def test_every_method_and_count_was_recorded():
-    assert sorted(RECORDED) == sorted(f"{m}/{n}/{s}" for m, n, s in cases())
+def test_every_recorded_method_and_count_is_still_searched():
+    """Every case of the old code is still a case (a method added later has none recorded)."""
+    assert len(RECORDED) == 120 and set(RECORDED) <= {f"{m}/{n}/{s}" for m, n, s in cases()}
 
 
-@pytest.mark.parametrize(("method", "n", "sampler"), cases())
-def test_the_search_proposes_the_recorded_trials(method: str, n: int, sampler: str):
-    assert proposed(method, n, sampler) == RECORDED[f"{method}/{n}/{sampler}"]
+@pytest.mark.parametrize("case", sorted(RECORDED))
+def test_the_search_proposes_the_recorded_trials(case: str):
+    method, n, sampler = case.split("/")
+    assert proposed(method, int(n), sampler) == RECORDED[case]
