@@ -31,6 +31,7 @@ from medmerge.merge.params import (
     DellaLinearParams,
     DellaParams,
     FisherParams,
+    IdentityCheckParams,
     InnerMergeParams,
     IsoCParams,
     IsoCtsParams,
@@ -251,6 +252,9 @@ METHODS: dict[str, MethodSpec] = {
             min_models=2,
         ),
         MethodSpec("karcher", "Riemannian mean on the sphere", KarcherParams, merge=_karcher),
+        MethodSpec(
+            "identity_check", "one input unchanged", IdentityCheckParams, merge=methods.identity_check
+        ),
         _spectral(
             "knots", InnerMergeParams, spectral.knots, "SVD-aligned task updates, merged by ta/ties/dare"
         ),
