@@ -301,7 +301,6 @@ def test_karcher_mean_of_two_unit_vectors_is_the_arc_midpoint():
 
 SETTINGS = {
     "linear": {},
-    "identity_check": {"which": 1},
     "slerp": {"t": 0.4},
     "task_arithmetic": {"normalize": True},
     "ties": {"density": 1.0},

@@ -406,13 +406,6 @@ def _blocks(rows: int, cols: int) -> list[tuple[slice, slice]]:
     return [(slice(s, min(s + step, rows)), slice(None)) for s in range(0, rows, step)]
 
 
-def identity_check(name: str, base, thetas: Sequence[torch.Tensor], weights, p) -> Merged:
-    """θ_merged = θ_k, k = `p.which`: one input unchanged (a toy that checks how a method is added)."""
-    if p.which >= len(thetas):
-        raise ValueError(f"identity_check: which={p.which}, but there are {len(thetas)} models")
-    return Merged(thetas[p.which].clone())
-
-
 def karcher(
     thetas: Sequence[torch.Tensor], weights: Sequence[float], max_iter: int = 10, tol: float = 1e-5
 ) -> Merged:

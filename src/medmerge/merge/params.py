@@ -132,12 +132,6 @@ class ModelStockParams(MethodParams):
     filter_wise: bool = Field(False, description="one ratio t per row instead of per tensor")
 
 
-class IdentityCheckParams(MethodParams):
-    search_weights: ClassVar[bool] = False
-
-    which: int = Field(0, ge=0, description="index of the input returned unchanged")
-
-
 class KarcherParams(MethodParams):
     max_iter: int = Field(10, ge=1)
     tol: float = Field(1e-5, gt=0.0)

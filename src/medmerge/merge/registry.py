@@ -31,7 +31,6 @@ from medmerge.merge.params import (
     DellaLinearParams,
     DellaParams,
     FisherParams,
-    IdentityCheckParams,
     InnerMergeParams,
     IsoCParams,
     IsoCtsParams,
@@ -252,9 +251,6 @@ METHODS: dict[str, MethodSpec] = {
             min_models=2,
         ),
         MethodSpec("karcher", "Riemannian mean on the sphere", KarcherParams, merge=_karcher),
-        MethodSpec(
-            "identity_check", "one input unchanged", IdentityCheckParams, merge=methods.identity_check
-        ),
         _spectral(
             "knots", InnerMergeParams, spectral.knots, "SVD-aligned task updates, merged by ta/ties/dare"
         ),
