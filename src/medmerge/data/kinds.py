@@ -49,55 +49,35 @@ class DatasetKind:
         return frozenset(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+MEDQUAD = Source(
+    url=f"https://github.com/abachaa/MedQuAD/archive/{MEDQUAD_COMMIT}.zip",
+    filename="MedQuAD-master.zip",
+    sha256="6dcaa277ff9136a48a2845513c1b7f1af550b5ccd66cb5148a2bb0ca8e620ca5",
+    licence="CC BY 4.0 (Ben Abacha & Demner-Fushman, BMC Bioinformatics 2019)",
+    archive=True,
+    aliases=(f"MedQuAD-{MEDQUAD_COMMIT}.zip",),
+)
+GENMEDGPT = Source(  # ChatDoctor commit e77bd7ebafbf; the full hash was not at hand offline: the branch
+    url="https://raw.githubusercontent.com/Kent0n-Li/ChatDoctor/main/chatdoctor5k.json",
+    filename="chatdoctor5k.json",
+    sha256="780c1a6aa67d461359ac220c120134429290b1e340545c3ad8954e1aa235d80f",
+    licence="Apache-2.0",
+)
+PUBMEDQA = Source(
+    url=f"https://raw.githubusercontent.com/pubmedqa/pubmedqa/{PUBMEDQA_COMMIT}/data/ori_pqal.json",
+    filename="pubmedqa_ori_pqal.json",
+    sha256="8b3276be8942ebbd77f3ddcda12c1749bf0e490045a736fd8438ee40cf37a41d",
+    licence="MIT",
+)
+
 DATASET_KINDS: dict[str, DatasetKind] = {
     k.name: k
     for k in [
-        DatasetKind(
-            "medquad",
-            loaders.load_medquad,
-            source=Source(
-                url=f"https://github.com/abachaa/MedQuAD/archive/{MEDQUAD_COMMIT}.zip",
-                filename="MedQuAD-master.zip",
-                sha256="6dcaa277ff9136a48a2845513c1b7f1af550b5ccd66cb5148a2bb0ca8e620ca5",
-                licence="CC BY 4.0 (Ben Abacha & Demner-Fushman, BMC Bioinformatics 2019)",
-                archive=True,
-                aliases=(f"MedQuAD-{MEDQUAD_COMMIT}.zip",),
-            ),
-        ),
-        DatasetKind(
-            "icliniq",
-            loaders.load_icliniq,
-        ),
-        DatasetKind(
-            "genmedgpt",
-            loaders.load_genmedgpt,
-            source=Source(
-                # ChatDoctor commit e77bd7ebafbf; the full hash was not at hand offline, so this is the branch
-                url="https://raw.githubusercontent.com/Kent0n-Li/ChatDoctor/main/chatdoctor5k.json",
-                filename="chatdoctor5k.json",
-                sha256="780c1a6aa67d461359ac220c120134429290b1e340545c3ad8954e1aa235d80f",
-                licence="Apache-2.0",
-            ),
-        ),
-        DatasetKind(
-            "pubmedqa",
-            loaders.load_pubmedqa,
-            source=Source(
-                url=f"https://raw.githubusercontent.com/pubmedqa/pubmedqa/{PUBMEDQA_COMMIT}/data/ori_pqal.json",
-                filename="pubmedqa_ori_pqal.json",
-                sha256="8b3276be8942ebbd77f3ddcda12c1749bf0e490045a736fd8438ee40cf37a41d",
-                licence="MIT",
-            ),
-        ),
-        DatasetKind(
-            "jsonl",
-            loaders.load_jsonl,
-            needs_path=True,
-        ),
-        DatasetKind(
-            "csv",
-            loaders.load_csv,
-            needs_path=True,
-        ),
+        DatasetKind("medquad", loaders.load_medquad, source=MEDQUAD),
+        DatasetKind("icliniq", loaders.load_icliniq),
+        DatasetKind("genmedgpt", loaders.load_genmedgpt, source=GENMEDGPT),
+        DatasetKind("pubmedqa", loaders.load_pubmedqa, source=PUBMEDQA),
+        DatasetKind("jsonl", loaders.load_jsonl, needs_path=True),
+        DatasetKind("csv", loaders.load_csv, needs_path=True),
     ]
 }

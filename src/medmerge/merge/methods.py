@@ -237,7 +237,8 @@ class TaskVectorMerge:
     sparsifier: Sparsifier
     consensus: bool
 
-    def __call__(self, name: str, base, thetas, weights, p) -> Merged:
+    def __call__(self, name: str, base, thetas, weights, p, *, consume: bool = False) -> Merged:
+        knobs = {k: v for k, v in p if k in _TASK_VECTOR_KNOBS}  # e.g. not spectral methods' `inner`
         return generalized_task_arithmetic(
             base,
             thetas,
@@ -245,10 +246,12 @@ class TaskVectorMerge:
             sparsifier=self.sparsifier,
             sign_consensus=self.consensus,
             name=name,
-            **dict(p),
+            consume=consume,
+            **knobs,
         )
 
 
+_TASK_VECTOR_KNOBS = ("density", "gamma", "epsilon", "rescale", "normalize", "lam", "seed")
 # the task-vector merges, each stated once (the registry's entries and spectral's inner merges use them)
 TASK_ARITHMETIC = TaskVectorMerge("none", False)
 TIES = TaskVectorMerge("magnitude", True)

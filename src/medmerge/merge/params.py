@@ -4,10 +4,11 @@ range-checked, and each searched field carries its search range (`search(low, hi
 YAML names are the field names, except `lambda` (a Python keyword), read into `lam`.
 
 A method's search (medmerge.merge.spaces) is read from its model: every field declared with
-`json_schema_extra=search(low, high, first=…, order=…)` is drawn from [low, high]; its first trial is
-`first`, else the field's default. Knobs are drawn in `order` (then in declaration order); the model
-weights w_i ∈ [0.1, 1] are drawn at order `WEIGHTS`, unless the model sets `search_weights = False`
-(every weight 1). The order is part of the search: a seeded sampler draws in that order.
+`json_schema_extra=search(low, high, first=…, order=…)` (or `knob(…)`) is drawn from [low, high]; its
+first trial is `first`, else the field's default. Knobs are drawn in `order` (then in declaration
+order); the model weights w_i ∈ [0.1, 1] are drawn at order `WEIGHTS`, unless the model sets
+`search_weights = False` (every weight 1). The order is part of the search: a seeded sampler draws in
+that order.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def search(low: float, high: float, *, first: float | None = None, order: int = 
     """The `json_schema_extra` of a searched field: drawn from [low, high] at `order`; first trial
     `first` (None: the field's default)."""
     return {"search": {"low": low, "high": high, "first": first, "order": order}}
+
+
+def knob(default: Any, description: str, low: float, high: float, *, order: int = KNOB, **bounds: Any) -> Any:
+    """A searched field: its default (the first trial), description, bounds (ge=, gt=, le=, lt=) and
+    search range [low, high] at `order`."""
+    return Field(default, description=description, json_schema_extra=search(low, high, order=order), **bounds)
 
 
 def lam_field(description: str | None = None) -> Any:
@@ -67,13 +74,21 @@ class TaskArithmeticParams(LambdaParams):
 
 
 Density = Annotated[float, Field(gt=0.0, le=1.0)]
-_DENSITY = "fraction of entries of each τ_i kept: one for every model, or a list, one per model"
+
+
+def density_field(low: float, high: float, first: float) -> Any:
+    """`density` (required): one for every model or a list, one per model; searched over [low, high]."""
+    description = "fraction of entries of each τ_i kept: one for every model, or a list, one per model"
+    return Field(description=description, json_schema_extra=search(low, high, first=first))
+
+
+def normalize_field() -> Any:
+    """`normalize` of a linear (sum) combination, default false."""
+    return Field(False, description="divide Σ w_i τ̂_i by Σ w_i")
 
 
 class TiesParams(LambdaParams):
-    density: Density | list[Density] = Field(
-        description=_DENSITY, json_schema_extra=search(0.1, 1.0, first=0.5)
-    )
+    density: Density | list[Density] = density_field(0.1, 1.0, first=0.5)
     lam: float = lam_field()
 
 
@@ -83,36 +98,21 @@ class DareTiesParams(TiesParams):
 
 
 class DareLinearParams(DareTiesParams):
-    normalize: bool = Field(False, description="divide Σ w_i τ̂_i by Σ w_i")
+    normalize: bool = normalize_field()
 
 
 class BreadcrumbsTiesParams(TiesParams):
-    density: Density | list[Density] = Field(
-        description=_DENSITY, json_schema_extra=search(0.1, 1.0, first=0.9)
-    )
-    gamma: float = Field(
-        0.01,
-        ge=0.0,
-        lt=1.0,
-        description="fraction of largest-|τ| outliers dropped",
-        json_schema_extra=search(0.0, 0.05),
-    )
+    density: Density | list[Density] = density_field(0.1, 1.0, first=0.9)
+    gamma: float = knob(0.01, "fraction of largest-|τ| outliers dropped", 0.0, 0.05, ge=0.0, lt=1.0)
 
 
 class BreadcrumbsParams(BreadcrumbsTiesParams):
-    normalize: bool = Field(False, description="divide Σ w_i τ̂_i by Σ w_i")
+    normalize: bool = normalize_field()
 
 
 class DellaParams(DareTiesParams):
-    density: Density | list[Density] = Field(
-        description=_DENSITY, json_schema_extra=search(0.2, 0.9, first=0.5)
-    )
-    epsilon: float = Field(
-        0.1,
-        ge=0.0,
-        description="keep probabilities span density ± epsilon",
-        json_schema_extra=search(0.0, 0.1),
-    )
+    density: Density | list[Density] = density_field(0.2, 0.9, first=0.5)
+    epsilon: float = knob(0.1, "keep probabilities span density ± epsilon", 0.0, 0.1, ge=0.0)
 
     @model_validator(mode="after")
     def _probabilities_in_range(self) -> DellaParams:
@@ -123,7 +123,7 @@ class DellaParams(DareTiesParams):
 
 
 class DellaLinearParams(DellaParams):
-    normalize: bool = Field(False, description="divide Σ w_i τ̂_i by Σ w_i")
+    normalize: bool = normalize_field()
 
 
 class ModelStockParams(MethodParams):
@@ -143,13 +143,7 @@ class InnerMergeParams(LambdaParams):
     inner: Literal["ta", "ties", "dare_linear", "dare_ties"] = Field(
         "ties", description="task-vector merge of the aligned factors (task_arithmetic, ties, dare_*)"
     )
-    density: float = Field(
-        0.5,
-        gt=0.0,
-        le=1.0,
-        description="ties / dare_*: fraction of entries kept",
-        json_schema_extra=search(0.1, 1.0),
-    )
+    density: float = knob(0.5, "ties / dare_*: fraction of entries kept", 0.1, 1.0, gt=0.0, le=1.0)
     lam: float = lam_field("scale λ of the merged update")
     normalize: bool = Field(False, description="ta / dare_linear: divide Σ w_i τ̂_i by Σ w_i")
     seed: int = Field(0, description="dare_*: seed of the random masks (with tensor name and index)")
@@ -174,22 +168,20 @@ class IsoCParams(LambdaParams):
 
 
 class IsoCtsParams(IsoCParams):
-    common_fraction: float = Field(
+    common_fraction: float = knob(
         0.8,
+        "share of the rank given to the common subspace of Σ τ_i",
+        0.5,
+        0.95,
+        order=AFTER_WEIGHTS,
         gt=0.0,
         le=1.0,
-        description="share of the rank given to the common subspace of Σ τ_i",
-        json_schema_extra=search(0.5, 0.95, order=AFTER_WEIGHTS),
     )
 
 
 class RegMeanParams(MethodParams):
-    alpha: float = Field(
-        0.9,
-        ge=0.0,
-        le=1.0,
-        description="scale of the Gram matrices' off-diagonal entries",
-        json_schema_extra=search(0.5, 1.0, order=AFTER_WEIGHTS),
+    alpha: float = knob(
+        0.9, "scale of the Gram matrices' off-diagonal entries", 0.5, 1.0, order=AFTER_WEIGHTS, ge=0.0, le=1.0
     )
 
 

@@ -82,21 +82,7 @@ def _mean_fallback(base: torch.Tensor, taus: Sequence[torch.Tensor], weights, la
 def inner_merge(name: str, taus: list[torch.Tensor], weights: Sequence[float], p) -> Merged:
     """The task-vector merge `p.inner` (ta / ties / dare_linear / dare_ties, with p's knobs) of tensors
     taken as task vectors over a zero base; λ included. Consumes `taus`."""
-    setting = _GTA[p.inner]
-    return methods.generalized_task_arithmetic(
-        torch.zeros_like(taus[0]),
-        taus,
-        weights,
-        sparsifier=setting.sparsifier,
-        density=p.density,
-        rescale=p.rescale,
-        sign_consensus=setting.consensus,
-        normalize=p.normalize,
-        lam=p.lam,
-        seed=p.seed,
-        name=name,
-        consume=True,
-    )
+    return _GTA[p.inner](name, torch.zeros_like(taus[0]), taus, weights, p, consume=True)
 
 
 def _inner_stats(merged: Merged) -> dict[str, object]:
