@@ -1,9 +1,10 @@
 """One key function and one cached step (issue 24).
 
 `fixtures/step_keys.json` was recorded ONCE from the two key functions of the old code (5e671a6:
-medmerge.pipeline.steps.step_key and medmerge.evaluate.cache.cache_key, identical on these inputs) by
-/tmp/record_keys.py with the CASES below; the one key function must give every value to the bit, so no
-cached step or evaluation entry of an earlier run goes stale.
+medmerge.pipeline.steps.step_key and medmerge.evaluate.cache.cache_key, identical on these inputs),
+each called with its case of CASES below (train, merge, path, statistics: step_key; the others:
+cache_key). The one key function must give every value to the bit, so no cached step or evaluation
+entry of an earlier run goes stale.
 """
 
 from __future__ import annotations
