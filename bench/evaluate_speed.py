@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from medmerge.config import EvaluateSettings
 from medmerge.data import load_split
 from medmerge.evaluate.bertscore import bertscore, encoder_dir
 from medmerge.evaluate.generate import generate_answers
@@ -37,10 +38,10 @@ def main() -> None:
     model, tokenizer = load_model(path), load_tokenizer(path)
     pairs = load_split(f"genmedgpt:{DATA}", "test", limit=args.n)
     questions, references = [p.question for p in pairs], [p.answer for p in pairs]
-    kw = dict(max_new_tokens=args.max_new_tokens, progress=False)
-
-    one = generate_answers(model, tokenizer, questions, "causal", batch_size=1, **kw)
-    many = generate_answers(model, tokenizer, questions, "causal", batch_size=args.batch_size, **kw)
+    one_at_a_time = EvaluateSettings(max_new_tokens=args.max_new_tokens, batch_size=1)
+    batched = EvaluateSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    one = generate_answers(model, tokenizer, questions, "causal", one_at_a_time, progress=False)
+    many = generate_answers(model, tokenizer, questions, "causal", batched, progress=False)
     agree = sum(a == b for a, b in zip(one.texts, many.texts, strict=True))
     print(f"generation, {args.n} questions, ≤{args.max_new_tokens} new tokens, {args.threads} thread(s)")
     print(f"  batch 1 : {one.seconds:7.1f} s  {sum(one.new_tokens) / one.seconds:6.1f} new tokens/s")

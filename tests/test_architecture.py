@@ -1,4 +1,5 @@
-"""The house rules, checked: dependencies point down, no import cycles, no repeated blocks of code."""
+"""The house rules, checked: dependencies point down, no import cycles, no module imports another
+package's `_private` names, no repeated blocks of code."""
 
 from __future__ import annotations
 
@@ -79,6 +80,42 @@ def test_federated_never_imports_pipeline() -> None:
         if _layer(m) == "federated" and _layer(t) == "pipeline"
     ]
     assert reached == []
+
+
+def _package(module: str, path: Path) -> str:
+    return module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+
+def private_imports(files: dict[str, Path]) -> list[str]:
+    """`module imports target._name` for every import of a `_private` name (dunders are public) that
+    another package defines: a package's private names are its own (its modules share them)."""
+    found = []
+    for module, path in files.items():
+        package = _package(module, path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("medmerge"):
+                continue
+            target = node.module or ""
+            owner = _package(target, files[target]) if target in files else target
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.endswith("__")
+                if private and owner != package:
+                    found.append(f"{module} imports {target}.{alias.name}")
+    return found
+
+
+def test_private_import_finder_finds_a_planted_one(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    lib, same, other = tmp_path / "a" / "lib.py", tmp_path / "a" / "same.py", tmp_path / "b.py"
+    lib.write_text("def _hidden():\n    return 1\n")
+    same.write_text("from medmerge.a.lib import _hidden\n")
+    other.write_text("from medmerge.a.lib import _hidden, __version__\n")
+    files = {"medmerge.a.lib": lib, "medmerge.a.same": same, "medmerge.b": other}
+    assert private_imports(files) == ["medmerge.b imports medmerge.a.lib._hidden"]
+
+
+def test_no_module_imports_another_packages_private_names() -> None:
+    assert private_imports(_modules()) == []
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:

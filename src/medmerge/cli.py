@@ -216,28 +216,16 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     merge.set_defaults(handler=cmd_merge)
 
 
-_EVALUATE_FLAGS = (
-    "split", "split_seed", "fractions", "max_examples", "max_new_tokens", "batch_size", "do_sample",
-    "temperature", "top_p", "seed", "max_prompt_tokens", "max_answer_tokens", "system", "dtype",
-    "bertscore_idf", "bootstrap_resamples", "confidence", "examples", "threads",
-)  # fmt: skip
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medmerge.config import EvaluateConfig, load_config, validate_config
+    from medmerge.config.flags import flag_values
     from medmerge.evaluate.cache import default_cache_dir
     from medmerge.evaluate.report import write_evaluation
     from medmerge.evaluate.runner import evaluate
     from medmerge.threads import use_threads
 
     base = load_config(args.config, EvaluateConfig).model_dump() if args.config else {}
-    values = {k: getattr(args, k) for k in _EVALUATE_FLAGS if getattr(args, k) is not None}
-    if args.data:
-        values["data"] = args.data
-    if args.ood:
-        values["ood"] = args.ood
-    if args.loss_only:
-        values["generate"] = False
+    values = flag_values(args, EvaluateConfig)
     config = validate_config({**base, **values}, EvaluateConfig, "evaluate options")
     use_threads(config.threads)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
@@ -248,6 +236,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from medmerge.config import EvaluateConfig
+    from medmerge.config.flags import add_flags
+
     p = sub.add_parser(
         "evaluate",
         help="score models on held-out medical questions (loss, ROUGE, BLEU, chrF, BERTScore, ...)",
@@ -261,33 +252,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="smollm2-135m, a folder, or NAME=PATH")
-    p.add_argument("--data", action="append", default=[], metavar="SPEC", help="in-domain set (repeatable)")
-    p.add_argument(
-        "--ood", action="append", default=[], metavar="SPEC", help="out-of-domain set (repeatable)"
-    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--config", metavar="YAML", help="EvaluateConfig YAML; command-line flags override it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--split", choices=["train", "validation", "test"], help="split of --data sets (test)")
-    p.add_argument("--split-seed", type=int, help="split seed (0)")
-    p.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="(0.8 0.1 0.1)")
-    p.add_argument("--max-examples", type=int, metavar="N", help="score the first N questions of each set")
-    p.add_argument("--loss-only", action="store_true", help="teacher-forced loss only, no generation")
-    p.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (128)")
-    p.add_argument("--batch-size", type=int, help="questions per batch (8)")
-    p.add_argument("--do-sample", action="store_true", default=None, help="seeded sampling instead of greedy")
-    p.add_argument("--temperature", type=float, help="sampling temperature (1.0)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (1.0)")
-    p.add_argument("--seed", type=int, help="sampling and bootstrap seed (0)")
-    p.add_argument("--max-prompt-tokens", type=int, help="prompts keep their last N tokens (256)")
-    p.add_argument("--max-answer-tokens", type=int, help="reference tokens counted by the loss (256)")
-    p.add_argument("--system", help="system prompt for chat-template models")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (float32)")
-    p.add_argument("--bertscore-idf", action="store_true", default=None, help="idf-weighted BERTScore")
-    p.add_argument("--bootstrap-resamples", type=int, help="bootstrap resamples (1000)")
-    p.add_argument("--confidence", type=float, help="interval confidence (0.95)")
-    p.add_argument("--examples", type=int, help="example questions per set in the report (3)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_flags(p, EvaluateConfig)  # one flag per setting, help and default from the model
+    p.add_argument(
+        "--loss-only", dest="generate", action="store_const", const=False, help="the same as --no-generate"
+    )
     p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default $MEDMERGE_CACHE/eval)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--quiet", action="store_true", help="no progress output")

@@ -51,7 +51,14 @@ def sha256_dir(
 
 # medmerge's own records inside a model folder: when and where it was made, not what it computes
 PROVENANCE_FILES = frozenset(
-    {"manifest.json", "medmerge-model.json", "medmerge-step.json", "medmerge-export.json", "merge.json"}
+    {
+        "manifest.json",
+        "medmerge-model.json",
+        "medmerge-step.json",
+        "medmerge-statistics.json",
+        "medmerge-export.json",
+        "merge.json",
+    }
 )
 # a site's shareable statistics beside its expert (medmerge.site_stats): about the data, not the weights
 STATISTICS_FILES = frozenset({"statistics.safetensors", "statistics.json"})

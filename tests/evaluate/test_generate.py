@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medmerge.config import EvaluateSettings
 from medmerge.evaluate.generate import encode_prompts, generate_answers
 from medmerge.models import load_model, load_tokenizer
 
@@ -41,9 +42,8 @@ def argmax_loop(model, tokenizer, question: str, kind: str, steps: int) -> str:
 def test_batched_greedy_equals_argmax_loop(fixture: str, kind: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(fixture)
     model, tokenizer = load_model(path), load_tokenizer(path)
-    batched = generate_answers(
-        model, tokenizer, QUESTIONS, kind, max_new_tokens=6, batch_size=3, progress=False
-    )
+    settings = EvaluateSettings(max_new_tokens=6, batch_size=3)
+    batched = generate_answers(model, tokenizer, QUESTIONS, kind, settings, progress=False)
     expected = [argmax_loop(model, tokenizer, q, kind, 6) for q in QUESTIONS]
     assert batched.texts == expected  # answers come back in question order, padding changes nothing
     assert all(0 <= n <= 6 for n in batched.new_tokens)
@@ -54,12 +54,13 @@ def test_sampling_is_seeded(tiny_llama) -> None:
     model, tokenizer = load_model(tiny_llama), load_tokenizer(tiny_llama)
 
     def run(seed: int) -> list[str]:
-        kwargs = dict(max_new_tokens=8, batch_size=2, do_sample=True, seed=seed, progress=False)
-        return generate_answers(model, tokenizer, QUESTIONS, "causal", **kwargs).texts
+        settings = EvaluateSettings(max_new_tokens=8, batch_size=2, do_sample=True, seed=seed)
+        return generate_answers(model, tokenizer, QUESTIONS, "causal", settings, progress=False).texts
 
     assert run(1) == run(1)
     assert run(1) != run(2)
-    greedy = generate_answers(model, tokenizer, QUESTIONS, "causal", max_new_tokens=8, progress=False).texts
+    settings = EvaluateSettings(max_new_tokens=8)
+    greedy = generate_answers(model, tokenizer, QUESTIONS, "causal", settings, progress=False).texts
     assert run(1) != greedy
 
 

@@ -89,5 +89,7 @@ def test_an_incomplete_spec_is_refused() -> None:
     linear = METHODS["linear"]
     with pytest.raises(ValueError, match="tensor function"):
         MethodSpec("broken", "no tensor function", linear.params)
-    with pytest.raises(ValueError, match="random_masks"):
-        MethodSpec("broken", "masks without seed", linear.params, merge=linear.merge, random_masks=True)
+    with pytest.raises(ValueError, match="base_switch"):
+        MethodSpec(
+            "broken", "optional base without a switch", linear.params, merge=linear.merge, base="optional"
+        )

@@ -263,6 +263,6 @@ def test_the_spec_says_it_reads_training_data_and_searches_regmeans_space():
             "data and statistics",
             spec.params,
             merge=spec.merge,
-            needs_data=True,
+            data=spec.data,
             needs_statistics=frozenset({"gram"}),
         )

@@ -11,7 +11,7 @@ from medmerge.data.split import DEFAULT_FRACTIONS
 class SplitSettings(StrictModel):
     """The seeded train / validation / test split (medmerge.data.split): training and scoring share it."""
 
-    split_seed: int = 0
+    split_seed: int = Field(default=0, description="seed of the train / validation / test split")
     fractions: tuple[float, float, float] = Field(
         default=DEFAULT_FRACTIONS, description="train, validation, test shares (summing to 1)"
     )

@@ -18,26 +18,28 @@ class EvaluateSettings(SplitSettings, LossSettings):
     """
 
     ood: list[str] = Field(default_factory=list, description="out-of-domain SPECs: the whole set is scored")
-    split: Literal["train", "validation", "test"] = "test"
+    split: Literal["train", "validation", "test"] = Field(
+        default="test", description="split of the data sets"
+    )
     max_examples: int | None = Field(default=None, ge=1, description="keep the first n pairs of each set")
     generate: bool = Field(default=True, description="generate answers (False: teacher-forced loss only)")
     generate_examples: int | None = Field(
         default=None, ge=1, description="generate for the first n questions of each set (None: all)"
     )
-    max_new_tokens: int = Field(default=128, ge=1, le=4096)
+    max_new_tokens: int = Field(default=128, ge=1, le=4096, description="answer length limit in tokens")
     pubmedqa_accuracy: bool = Field(
         default=True,
         description="yes/no/maybe accuracy (lm-eval's pubmedqa protocol) on sets with PubMedQA labels",
     )
-    do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    do_sample: bool = Field(default=False, description="seeded sampling instead of greedy decoding")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling mass")
     seed: int = Field(default=0, description="sampling and bootstrap seed")
     system: str | None = Field(default=None, description="system prompt for chat-template models")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    bertscore_idf: bool = False
-    bootstrap_resamples: int = Field(default=1000, ge=100)
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="model dtype")
+    bertscore_idf: bool = Field(default=False, description="idf-weighted BERTScore")
+    bootstrap_resamples: int = Field(default=1000, ge=100, description="bootstrap resamples")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="interval confidence")
     examples: int = Field(default=3, ge=0, description="example questions per set shown in the report")
 
     @field_validator("ood")

@@ -58,7 +58,8 @@ class StatisticsSettings(StrictModel):
         }
 
 
-def _every_method() -> list[str]:
+def every_method() -> list[str]:
+    """Every registered merge method's name (medmerge.merge.registry), in registry order."""
     from medmerge.merge.registry import METHODS
 
     return list(METHODS)
@@ -78,7 +79,7 @@ class ExperimentConfig(SplitSettings, ThreadsSetting):
     train_examples: int | None = Field(default=None, ge=1, description="first n training pairs per dataset")
     train: TrainSettings = Field(default_factory=TrainSettings, description="how every expert is trained")
     methods: list[str] = Field(
-        default_factory=_every_method, description="merge methods; empty = every method"
+        default_factory=every_method, description="merge methods; empty = every method"
     )
     spaces: list[Literal["full", "lora"]] = ["full", "lora"]
     lora_rank: int | None = Field(default=None, ge=1, description="LoRA-space merge rank (default Σ r_i)")
@@ -122,7 +123,7 @@ class ExperimentConfig(SplitSettings, ThreadsSetting):
                 get_method(method)
             except MedmergeError as exc:
                 raise ValueError(str(exc)) from None
-        return methods or _every_method()
+        return methods or every_method()
 
     def train_config(self, specs: list[str]) -> TrainConfig:
         """The config of the expert trained on `specs` (the experiment's model, split and train_examples)."""

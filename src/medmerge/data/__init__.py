@@ -5,21 +5,22 @@
 >>> splits = split_pairs(ds.pairs, seed=0)     # train / validation / test, disjoint by focus
 """
 
-from medmerge.data.loaders import LOADERS, load_dataset
+from medmerge.data.kinds import DATASET_KINDS, DatasetKind
 from medmerge.data.prompts import IGNORE_INDEX, build_prompt, encode_pair, pad_batch
 from medmerge.data.records import Dataset, QAPair, normalise_question, normalise_whitespace
-from medmerge.data.resolve import resolve_dataset, spec_checksum, spec_path
+from medmerge.data.resolve import load_dataset, resolve_dataset, spec_checksum, spec_path
 from medmerge.data.specs import KINDS, DataSpec, parse_spec
 from medmerge.data.split import DEFAULT_FRACTIONS, SPLITS, Splits, split_fingerprint, split_pairs
 
 __all__ = [
     "IGNORE_INDEX",
     "KINDS",
-    "LOADERS",
+    "DATASET_KINDS",
     "DEFAULT_FRACTIONS",
     "SPLITS",
     "DataSpec",
     "Dataset",
+    "DatasetKind",
     "QAPair",
     "Splits",
     "build_prompt",

@@ -17,56 +17,15 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from medmerge.data.kinds import DATASET_KINDS, Source
 from medmerge.errors import MedmergeError
 from medmerge.manifest import sha256_file
 from medmerge.models import cache_root
 
-MEDQUAD_COMMIT = "577bd37b96c02d1833b2c9eed2de9f96964e96cb"
-PUBMEDQA_COMMIT = "1cbae8e92f72f20c8d3747cbb3bf5bc53554d997"
-
-
-@dataclass(frozen=True)
-class Source:
-    url: str
-    filename: str  # the publisher's file name: in the cache and in local mirror folders
-    sha256: str  # of the file's bytes; of `archive_digest` where `archive` is true
-    licence: str
-    archive: bool = False
-    aliases: tuple[str, ...] = ()  # other names a local mirror may hold it under
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Every file name the dataset may have in a mirror folder, the publisher's first."""
-        return (self.filename, *self.aliases)
-
-
-SOURCES: dict[str, Source] = {
-    "medquad": Source(
-        url=f"https://github.com/abachaa/MedQuAD/archive/{MEDQUAD_COMMIT}.zip",
-        filename="MedQuAD-master.zip",
-        sha256="6dcaa277ff9136a48a2845513c1b7f1af550b5ccd66cb5148a2bb0ca8e620ca5",
-        licence="CC BY 4.0 (Ben Abacha & Demner-Fushman, BMC Bioinformatics 2019)",
-        archive=True,
-        aliases=(f"MedQuAD-{MEDQUAD_COMMIT}.zip",),
-    ),
-    "genmedgpt": Source(
-        # ChatDoctor commit e77bd7ebafbf; the full hash was not at hand offline, so this is the branch
-        url="https://raw.githubusercontent.com/Kent0n-Li/ChatDoctor/main/chatdoctor5k.json",
-        filename="chatdoctor5k.json",
-        sha256="780c1a6aa67d461359ac220c120134429290b1e340545c3ad8954e1aa235d80f",
-        licence="Apache-2.0",
-    ),
-    "pubmedqa": Source(
-        url=f"https://raw.githubusercontent.com/pubmedqa/pubmedqa/{PUBMEDQA_COMMIT}/data/ori_pqal.json",
-        filename="pubmedqa_ori_pqal.json",
-        sha256="8b3276be8942ebbd77f3ddcda12c1749bf0e490045a736fd8438ee40cf37a41d",
-        licence="MIT",
-    ),
-}
+SOURCES: dict[str, Source] = {k.name: k.source for k in DATASET_KINDS.values() if k.source is not None}
 
 
 def archive_digest(path: str | Path) -> str:

@@ -25,15 +25,12 @@ import re
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 from xml.etree import ElementTree
 
-from medmerge.data.fetch import SOURCES
 from medmerge.data.records import Dataset, QAPair, normalise_whitespace
-from medmerge.data.resolve import spec_path
-from medmerge.data.specs import DataSpec, parse_spec
 from medmerge.errors import MedmergeError
 
 log = logging.getLogger("medmerge.data")
@@ -61,21 +58,6 @@ def read_text(path: Path, what: str) -> str:
     if error is not None:
         raise MedmergeError(f"{path}: invalid UTF-8 at {error}; expected a UTF-8 {what} file")
     return raw.decode("utf-8").removeprefix("\ufeff")
-
-
-def load_dataset(spec: str | DataSpec) -> Dataset:
-    """Load every answered pair of a dataset SPEC (see `medmerge.data.specs`)."""
-    parsed = parse_spec(spec) if isinstance(spec, str) else spec
-    path = spec_path(parsed)
-    if not path.exists():
-        hint = f"; or use the bare name {parsed.kind!r}" if parsed.kind in SOURCES else ""
-        raise MedmergeError(f"{path}: no such file or folder (dataset SPEC {parsed.text!r}){hint}")
-    dataset = LOADERS[parsed.kind](path, **parsed.options)
-    dataset.spec = parsed.text
-    if not dataset.pairs:
-        skipped = ", ".join(f"{k}={v}" for k, v in dataset.skipped.items()) or "nothing readable"
-        raise MedmergeError(f"{path}: no answered question/answer pairs found ({skipped})")
-    return dataset
 
 
 # ----------------------------------------------------------------------------------------- MedQuAD
@@ -135,7 +117,7 @@ def _child(element: ElementTree.Element, *names: str) -> ElementTree.Element | N
     return next((c for c in element if c.tag.lower() in names), None)
 
 
-def load_medquad(path: Path, collections: str = "") -> Dataset:
+def load_medquad(path: Path, *, collections: str = "") -> Dataset:
     """MedQuAD: keep answered pairs with focus, qtype and document id; count unanswered by collection.
     `collections` ("A,B"): only those source collections (folder names); an unknown name is an error."""
     pairs: list[QAPair] = []
@@ -364,21 +346,15 @@ def _load_table(
     return _pairs_from_records(path, path.stem, records, question, answer, group_field=group)
 
 
-def load_jsonl(path: Path, **columns: str) -> Dataset:
+def load_jsonl(
+    path: Path, *, question: str = "question", answer: str = "answer", id: str = "", group: str = ""
+) -> Dataset:
     """JSON Lines, one object per line with question/answer fields (names configurable)."""
-    return _load_table(path, "jsonl", **columns)
+    return _load_table(path, "jsonl", question, answer, id, group)
 
 
-def load_csv(path: Path, **columns: str) -> Dataset:
+def load_csv(
+    path: Path, *, question: str = "question", answer: str = "answer", id: str = "", group: str = ""
+) -> Dataset:
     """CSV with a header row and question/answer columns (names configurable)."""
-    return _load_table(path, "csv", **columns)
-
-
-LOADERS: dict[str, Callable[..., Dataset]] = {
-    "medquad": load_medquad,
-    "icliniq": load_icliniq,
-    "genmedgpt": load_genmedgpt,
-    "pubmedqa": load_pubmedqa,
-    "jsonl": load_jsonl,
-    "csv": load_csv,
-}
+    return _load_table(path, "csv", question, answer, id, group)

@@ -16,7 +16,9 @@ import os
 import sys
 from pathlib import Path
 
-from medmerge.data.fetch import DownloadError, Source, fetch, source_of
+from medmerge.data.fetch import SOURCES, DownloadError, Source, fetch, source_of
+from medmerge.data.kinds import DATASET_KINDS
+from medmerge.data.records import Dataset
 from medmerge.data.specs import DataSpec, parse_spec
 from medmerge.errors import MedmergeError
 from medmerge.manifest import sha256_dir, sha256_file
@@ -89,3 +91,18 @@ def spec_checksum(spec: str | DataSpec) -> str | None:
     if not path.exists():
         return None
     return sha256_dir(path) if path.is_dir() else sha256_file(path)
+
+
+def load_dataset(spec: str | DataSpec) -> Dataset:
+    """Load every answered pair of a dataset SPEC (see `medmerge.data.specs`)."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    path = spec_path(parsed)
+    if not path.exists():
+        hint = f"; or use the bare name {parsed.kind!r}" if parsed.kind in SOURCES else ""
+        raise MedmergeError(f"{path}: no such file or folder (dataset SPEC {parsed.text!r}){hint}")
+    dataset = DATASET_KINDS[parsed.kind].loader(path, **parsed.options)
+    dataset.spec = parsed.text
+    if not dataset.pairs:
+        skipped = ", ".join(f"{k}={v}" for k, v in dataset.skipped.items()) or "nothing readable"
+        raise MedmergeError(f"{path}: no answered question/answer pairs found ({skipped})")
+    return dataset

@@ -1,8 +1,9 @@
 """Dataset SPECs: `KIND:PATH[?option=value&...]` (`medquad:data/MedQuAD-master.zip`) or a bare KIND.
 
-KIND is one of medquad, icliniq, genmedgpt, pubmedqa, jsonl, csv. For jsonl/csv the options name the
-columns: `jsonl:mine.jsonl?question=prompt&answer=response&id=uid&group=patient` (a `group` column is
-read without the option where the file has one). A bare KIND (`medquad`, also
+KIND names a `DatasetKind` of medmerge.data.kinds (medquad, icliniq, genmedgpt, pubmedqa, jsonl, csv),
+which also lists its options. For jsonl/csv the options name the columns:
+`jsonl:mine.jsonl?question=prompt&answer=response&id=uid&group=patient` (a `group` column is read
+without the option where the file has one). A bare KIND (`medquad`, also
 `medquad:` or `KIND?options`) is a public dataset found by `medmerge.data.resolve`: `$MEDMERGE_DATA`,
 the folder `scripts/setup.sh` registered, the cache, else a verified download.
 
@@ -16,14 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from medmerge.data.kinds import DATASET_KINDS
 from medmerge.errors import MedmergeError
 
-KINDS = ("medquad", "icliniq", "genmedgpt", "pubmedqa", "jsonl", "csv")
-_OPTIONS = {
-    "jsonl": {"question", "answer", "id", "group"},
-    "csv": {"question", "answer", "id", "group"},
-    "medquad": {"collections"},
-}
+KINDS = tuple(DATASET_KINDS)
 
 
 @dataclass(frozen=True)
@@ -50,13 +47,13 @@ def parse_spec(spec: str) -> DataSpec:
         raise MedmergeError(f"dataset SPEC {spec!r}: unknown kind {kind!r} (choices: {', '.join(KINDS)})")
     path_text, _, query = rest.partition("?")
     options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
-    allowed = _OPTIONS.get(kind, set())
+    allowed = DATASET_KINDS[kind].options
     unknown = sorted(set(options) - allowed)
     if unknown:
         choices = ", ".join(sorted(allowed)) or "none"
         raise MedmergeError(
             f"dataset SPEC {spec!r}: unknown option(s) {unknown} for {kind} (choices: {choices})"
         )
-    if kind in ("jsonl", "csv") and not path_text:
+    if DATASET_KINDS[kind].needs_path and not path_text:
         raise MedmergeError(f"dataset SPEC {spec!r}: {kind} needs a file path, e.g. {kind}:my_data.{kind}")
     return DataSpec(kind=kind, path=Path(path_text).expanduser() if path_text else None, options=options)

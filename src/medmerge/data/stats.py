@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from medmerge.data.loaders import load_dataset
+from medmerge.data.resolve import load_dataset
 from medmerge.data.split import DEFAULT_FRACTIONS, split_pairs
 
 

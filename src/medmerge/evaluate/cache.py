@@ -1,16 +1,16 @@
 """A content-addressed cache of generations and scores: re-runs and report re-renders cost nothing.
 
-An entry's key is the SHA-256 of the canonical JSON of everything that decides its numbers: the model
-checksum (`medmerge.manifest.checksum` of its weights and configs), the data SPEC, split, split seed,
-fractions, the fingerprint of the questions, and the generation / metric settings. Entries are JSON files
-`<root>/<stage>/<key[:2]>/<key>.json`, written atomically (temp file + rename), so a crash never leaves a
-half-written entry, and two runs that race write identical content.
+An entry's key (`medmerge.steps.step_key`) is the SHA-256 of the canonical JSON of everything that
+decides its numbers: the model checksum (`medmerge.manifest.checksum` of its weights and configs), the
+data SPEC, split, split seed, fractions, the fingerprint of the questions, and the generation / metric
+settings. Entries are JSON files `<root>/<stage>/<key[:2]>/<key>.json`, written atomically (temp file +
+rename), so a crash never leaves a half-written entry, and two runs that race write identical content.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,6 @@ from medmerge.models import cache_root
 def default_cache_dir() -> Path:
     """`$MEDMERGE_CACHE/eval` (default `~/.cache/medmerge/eval`)."""
     return cache_root() / "eval"
-
-
-def cache_key(**fields: Any) -> str:
-    """Hex SHA-256 of the fields as canonical JSON (sorted keys, no whitespace)."""
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class EvalCache:
@@ -57,3 +51,14 @@ class EvalCache:
         """Store `payload` (and `about`, the human-readable fields of its key) atomically."""
         if self.root is not None:
             write_json_atomic(self._path(stage, key), {"key": key, "about": about, "payload": payload})
+
+    def cached(
+        self, stage: str, key: str, compute: Callable[[], dict[str, Any]], **about: Any
+    ) -> tuple[dict[str, Any], bool]:
+        """(the payload under (stage, key), True), else (compute(), False) with the result stored."""
+        found = self.get(stage, key)
+        if found is not None:
+            return found, True
+        payload = compute()
+        self.put(stage, key, payload, **about)
+        return payload, False

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from medmerge.config import EvaluateSettings
 from medmerge.data.prompts import build_prompt, pad_batch
 from medmerge.errors import MedmergeError
 
@@ -46,24 +47,22 @@ def generate_answers(
     tokenizer: Any,
     questions: list[str],
     kind: str,
+    settings: EvaluateSettings | None = None,
     *,
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    max_prompt_tokens: int = 256,
-    system: str | None = None,
     progress: bool = True,
 ) -> Generations:
-    """Generate one answer per question; greedy unless `do_sample` (then seeded per batch: seed + b).
+    """Generate one answer per question with `settings`' max_new_tokens, batch_size, do_sample,
+    temperature, top_p, seed, max_prompt_tokens and system (None: `EvaluateSettings()`'s); greedy unless
+    `do_sample` (then seeded per batch: seed + b).
 
     Every setting is explicit (no model generation_config defaults leak in: no repetition penalty,
     no top-k), so the same call gives the same answers. Returns `Generations` in question order.
     """
     from transformers import GenerationConfig
 
+    settings = settings if settings is not None else EvaluateSettings()
+    max_new_tokens, batch_size, seed = settings.max_new_tokens, settings.batch_size, settings.seed
+    do_sample, temperature, top_p = settings.do_sample, settings.temperature, settings.top_p
     if kind not in ("causal", "seq2seq"):
         raise MedmergeError(f"model kind {kind!r}: expected causal or seq2seq")
     if max_new_tokens < 1 or batch_size < 1:
@@ -83,7 +82,7 @@ def generate_answers(
         **({"decoder_start_token_id": model.config.decoder_start_token_id} if kind == "seq2seq" else {}),
     )
     start = time.perf_counter()
-    prompts = encode_prompts(questions, tokenizer, kind, max_prompt_tokens, system)
+    prompts = encode_prompts(questions, tokenizer, kind, settings.max_prompt_tokens, settings.system)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     texts: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)

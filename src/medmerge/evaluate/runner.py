@@ -24,7 +24,7 @@ from medmerge.data import QAPair, load_dataset, load_split, parse_spec, spec_che
 from medmerge.errors import MedmergeError
 from medmerge.evaluate import bertscore as bertscore_module
 from medmerge.evaluate import choices as choices_module
-from medmerge.evaluate.cache import EvalCache, cache_key
+from medmerge.evaluate.cache import EvalCache
 from medmerge.evaluate.generate import generate_answers
 from medmerge.evaluate.metrics import METRICS, corpus_bleu_chrf, text_metrics
 from medmerge.evaluate.privacy import dp_guarantee, refuse_training_split
@@ -50,6 +50,7 @@ from medmerge.models import (
     model_kind,
     resolve_model,
 )
+from medmerge.steps import step_key
 
 METRICS_VERSION = 1  # bump when a metric's definition changes: invalidates cached scores
 COMPARED = ("loss", "rougeL", "chrf", "bertscore_f1", "accuracy")  # metrics of the pairwise tests
@@ -78,7 +79,7 @@ def model_ref(text: str) -> ModelRef:
     name = name or (target if not Path(target).exists() else Path(target).resolve().name)
     digest = checksum(path)
     if is_adapter(path):  # the adapter's numbers also depend on its base
-        digest = cache_key(adapter=digest, base=checksum(resolve_model(adapter_base(path))))
+        digest = step_key(adapter=digest, base=checksum(resolve_model(adapter_base(path))))
     guarantee = dp_guarantee(path)
     dp = None if guarantee is None else guarantee.label
     return ModelRef(name=name, path=str(path), checksum=digest, kind=model_kind(path), dp=dp)
@@ -98,7 +99,7 @@ def _say(progress: bool, text: str) -> None:
 
 
 @dataclass
-class _ModelRun:
+class ModelRun:
     """What scoring one model on every set shares: the model (loaded on first use, so a full cache never
     loads it), its tokenizer, the settings and the cache."""
 
@@ -139,10 +140,10 @@ def evaluate(
     cache = EvalCache(cache_dir)
     cells: dict[tuple[str, str], EvalCell] = {}
     for ref in refs:
-        run = _ModelRun(ref, load_tokenizer(ref.path), config, cache, progress)
+        run = ModelRun(ref, load_tokenizer(ref.path), config, cache, progress)
         for s in sets:
             _say(progress, f"{ref.name} on {s.name} ({len(pairs[s.name])} questions)")
-            cells[(ref.name, s.name)] = _evaluate_cell(run, s, pairs[s.name])
+            cells[(ref.name, s.name)] = evaluate_cell(run, s, pairs[s.name])
         run.release()
     scored = tuple(
         ScoredSet(
@@ -190,10 +191,10 @@ def _generation_settings(config: EvaluateConfig) -> dict[str, Any]:
     return {k: getattr(config, k) for k in keys} | {"dtype": config.dtype}
 
 
-def _loss_stage(run: _ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> tuple[dict, bool]:
+def _loss_stage(run: ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> tuple[dict, bool]:
     """Per-question answer NLL (nats, summed over answer tokens) and token counts; (values, cache hit)."""
     config = run.config
-    key = cache_key(
+    key = step_key(
         stage="loss",
         **data_id,
         max_prompt_tokens=config.max_prompt_tokens,
@@ -201,166 +202,189 @@ def _loss_stage(run: _ModelRun, pairs: list[QAPair], data_id: dict, about: dict)
         system=config.system,
         dtype=config.dtype,
     )
-    loss = run.cache.get("loss", key)
-    if loss is not None:
-        return loss, True
-    start = time.perf_counter()
-    batches, order = encode_loss_batches(
-        pairs,
-        run.tokenizer,
-        run.ref.kind,
-        batch_size=config.batch_size,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_answer_tokens=config.max_answer_tokens,
-        system=config.system,
-    )
-    from tqdm import tqdm
 
-    nll, tokens = per_question_loss(
-        run.model(), tqdm(batches, desc="loss", unit="batch", disable=not run.progress), order
-    )
-    loss = {"nll": nll, "tokens": tokens, "seconds": time.perf_counter() - start}
-    run.cache.put("loss", key, loss, **about)
-    return loss, False
+    def compute() -> dict:
+        from tqdm import tqdm
+
+        start = time.perf_counter()
+        batches, order = encode_loss_batches(
+            pairs,
+            run.tokenizer,
+            run.ref.kind,
+            batch_size=config.batch_size,
+            max_prompt_tokens=config.max_prompt_tokens,
+            max_answer_tokens=config.max_answer_tokens,
+            system=config.system,
+        )
+        nll, tokens = per_question_loss(
+            run.model(), tqdm(batches, desc="loss", unit="batch", disable=not run.progress), order
+        )
+        return {"nll": nll, "tokens": tokens, "seconds": time.perf_counter() - start}
+
+    return run.cache.cached("loss", key, compute, **about)
 
 
-def _choices_stage(run: _ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> tuple[dict, bool]:
+def _choices_stage(run: ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> tuple[dict, bool]:
     """Per-question log-likelihoods of yes / no / maybe (`medmerge.evaluate.choices`); (values, hit)."""
-    key = cache_key(stage="choices", **data_id, dtype=run.config.dtype, v=choices_module.VERSION)
-    found = run.cache.get("choices", key)
-    if found is not None:
-        return found, True
-    start = time.perf_counter()
-    contexts = [choices_module.pubmedqa_context(p) for p in pairs]
-    ll = choices_module.choice_loglikelihoods(
-        run.model(), run.tokenizer, run.ref.kind, contexts, batch_size=run.config.batch_size
-    )
-    found = {"loglikelihoods": ll, "seconds": time.perf_counter() - start}
-    run.cache.put("choices", key, found, **about)
-    return found, False
+    key = step_key(stage="choices", **data_id, dtype=run.config.dtype, v=choices_module.VERSION)
+
+    def compute() -> dict:
+        start = time.perf_counter()
+        contexts = [choices_module.pubmedqa_context(p) for p in pairs]
+        ll = choices_module.choice_loglikelihoods(
+            run.model(), run.tokenizer, run.ref.kind, contexts, batch_size=run.config.batch_size
+        )
+        return {"loglikelihoods": ll, "seconds": time.perf_counter() - start}
+
+    return run.cache.cached("choices", key, compute, **about)
 
 
-def _generate_stage(
-    run: _ModelRun, pairs: list[QAPair], data_id: dict, about: dict
-) -> tuple[dict, str, bool]:
+def _generate_stage(run: ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> tuple[dict, str, bool]:
     """Generated answers, new-token counts and seconds; (values, their cache key, cache hit)."""
-    config = run.config
-    key = cache_key(stage="generate", **data_id, **_generation_settings(config))
-    gen = run.cache.get("generate", key)
-    if gen is not None:
-        return gen, key, True
-    g = generate_answers(
-        run.model(),
-        run.tokenizer,
-        [p.question for p in pairs],
-        run.ref.kind,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        do_sample=config.do_sample,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        seed=config.seed,
-        max_prompt_tokens=config.max_prompt_tokens,
-        system=config.system,
-        progress=run.progress,
-    )
-    gen = {"texts": g.texts, "new_tokens": g.new_tokens, "seconds": g.seconds}
-    run.cache.put("generate", key, gen, **about)
-    return gen, key, False
+    key = step_key(stage="generate", **data_id, **_generation_settings(run.config))
+
+    def compute() -> dict:
+        questions = [p.question for p in pairs]
+        g = generate_answers(
+            run.model(), run.tokenizer, questions, run.ref.kind, run.config, progress=run.progress
+        )
+        return {"texts": g.texts, "new_tokens": g.new_tokens, "seconds": g.seconds}
+
+    gen, hit = run.cache.cached("generate", key, compute, **about)
+    return gen, key, hit
 
 
 def _score_stage(
-    run: _ModelRun, answers: list[str], pairs: list[QAPair], gen_key: str, about: dict
+    run: ModelRun, answers: list[str], pairs: list[QAPair], gen_key: str, about: dict
 ) -> tuple[dict, bool]:
     """Per-question text metrics and BERTScore of `answers`, plus corpus BLEU / chrF; (scores, hit)."""
-    key = cache_key(stage="scores", generation=gen_key, idf=run.config.bertscore_idf, v=METRICS_VERSION)
-    scores = run.cache.get("scores", key)
-    if scores is not None:
-        return scores, True
-    references = [p.answer for p in pairs]
-    scores = text_metrics(answers, references)
-    bs = bertscore_module.bertscore(answers, references, idf=run.config.bertscore_idf)
-    scores |= {f"bertscore_{k}": v for k, v in bs.items()}
-    scores["corpus"] = corpus_bleu_chrf(answers, references)
-    run.cache.put("scores", key, scores, **about)
-    return scores, False
+    key = step_key(stage="scores", generation=gen_key, idf=run.config.bertscore_idf, v=METRICS_VERSION)
+
+    def compute() -> dict:
+        references = [p.answer for p in pairs]
+        scores = text_metrics(answers, references)
+        bs = bertscore_module.bertscore(answers, references, idf=run.config.bertscore_idf)
+        scores |= {f"bertscore_{k}": v for k, v in bs.items()}
+        scores["corpus"] = corpus_bleu_chrf(answers, references)
+        return scores
+
+    return run.cache.cached("scores", key, compute, **about)
 
 
-def _evaluate_cell(run: _ModelRun, s: EvalSet, pairs: list[QAPair]) -> EvalCell:
-    """One (model, set) cell: per-question values, intervals, corpus scores and timings.
+@dataclass
+class _Cell:
+    """A cell while its stages fill it: per-question values (and loss weights), metrics over a subset of
+    the questions (no per-item entry), corpus scores, timing, answers and which stages were cache hits."""
 
-    Loss per question = Σ nll / answer tokens, weighted by its tokens in the mean; perplexity = exp(loss)
-    (mean and interval bounds alike).
-    """
-    ref, config = run.ref, run.config
-    about = {"model": ref.name, "checksum": ref.checksum, "spec": s.spec, "split": s.split}
-    data_id = {
-        "checksum": ref.checksum,
+    per_item: dict[str, list[float]]
+    weights: dict[str, list[float]]
+    timing: Timing
+    cached: dict[str, bool]
+    subsets: dict[str, list[float]] = field(default_factory=dict)
+    corpus: dict[str, float] = field(default_factory=dict)
+    answers: list[str] | None = None
+
+
+def _data_id(run: ModelRun, s: EvalSet, pairs: list[QAPair]) -> dict[str, Any]:
+    """What identifies the scored questions in every stage's cache key."""
+    config = run.config
+    return {
+        "checksum": run.ref.checksum,
         "spec": s.spec,
         "split": s.split,
         "split_seed": config.split_seed,
         "fractions": list(config.fractions),
         "questions": split_fingerprint(pairs),
     }
+
+
+def _loss_cell(run: ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> _Cell:
+    """Loss per question = Σ nll / answer tokens, weighted by its tokens in the mean."""
     loss, hit = _loss_stage(run, pairs, data_id, about)
-    cached = {"loss": hit}
-    per_item: dict[str, list[float]] = {
-        "loss": [n / max(t, 1) for n, t in zip(loss["nll"], loss["tokens"], strict=True)]
-    }
-    weights = {"loss": [float(t) for t in loss["tokens"]]}
-    timing = Timing(loss["seconds"], loss["seconds"] / len(pairs))
-    subsets: dict[str, list[float]] = {}  # metrics over a subset of the questions (no per-item entry)
-    if config.pubmedqa_accuracy and choices_module.has_choices(pairs):
-        found, cached["choices"] = _choices_stage(run, pairs, data_id, about)
-        labels = [p.extra["final_decision"] for p in pairs]
-        per_item["accuracy"] = choices_module.accuracy_per_item(found["loglikelihoods"], labels)
-        subsets["accuracy_test"] = choices_module.test_half_values(
-            per_item["accuracy"], pairs, load_dataset(s.spec).pairs
-        )
-    corpus: dict[str, float] = {}
-    answers: list[str] | None = None
-    if config.generate:
-        asked = pairs[: config.generate_examples] if config.generate_examples else pairs
-        asked_id = data_id | {"questions": split_fingerprint(asked)}
-        gen, gen_key, cached["generate"] = _generate_stage(run, asked, asked_id, about)
-        answers = gen["texts"]
-        scores, cached["scores"] = _score_stage(run, answers, asked, gen_key, about)
-        corpus = scores["corpus"]
-        per_item |= {k: v for k, v in scores.items() if k != "corpus"}
-        new_tokens = sum(gen["new_tokens"])
-        timing = Timing(
-            timing.loss_seconds,
-            timing.loss_seconds_per_question,
-            generation_seconds=gen["seconds"],
-            generation_seconds_per_question=gen["seconds"] / len(asked),
-            new_tokens=new_tokens,
-            new_tokens_per_second=new_tokens / max(gen["seconds"], 1e-9),
-        )
+    return _Cell(
+        per_item={"loss": [n / max(t, 1) for n, t in zip(loss["nll"], loss["tokens"], strict=True)]},
+        weights={"loss": [float(t) for t in loss["tokens"]]},
+        timing=Timing(loss["seconds"], loss["seconds"] / len(pairs)),
+        cached={"loss": hit},
+    )
+
+
+def _add_accuracy(
+    cell: _Cell, run: ModelRun, s: EvalSet, pairs: list[QAPair], data_id: dict, about: dict
+) -> None:
+    """PubMedQA's yes / no / maybe accuracy (lm-eval's protocol), and on the test half of PQA-L alone."""
+    found, cell.cached["choices"] = _choices_stage(run, pairs, data_id, about)
+    labels = [p.extra["final_decision"] for p in pairs]
+    cell.per_item["accuracy"] = choices_module.accuracy_per_item(found["loglikelihoods"], labels)
+    cell.subsets["accuracy_test"] = choices_module.test_half_values(
+        cell.per_item["accuracy"], pairs, load_dataset(s.spec).pairs
+    )
+
+
+def _add_generation(cell: _Cell, run: ModelRun, pairs: list[QAPair], data_id: dict, about: dict) -> None:
+    """Generated answers (the first `generate_examples` questions) and their scores, with throughput."""
+    config = run.config
+    asked = pairs[: config.generate_examples] if config.generate_examples else pairs
+    asked_id = data_id | {"questions": split_fingerprint(asked)}
+    gen, gen_key, cell.cached["generate"] = _generate_stage(run, asked, asked_id, about)
+    cell.answers = gen["texts"]
+    scores, cell.cached["scores"] = _score_stage(run, cell.answers, asked, gen_key, about)
+    cell.corpus = scores["corpus"]
+    cell.per_item |= {k: v for k, v in scores.items() if k != "corpus"}
+    new_tokens = sum(gen["new_tokens"])
+    cell.timing = Timing(
+        cell.timing.loss_seconds,
+        cell.timing.loss_seconds_per_question,
+        generation_seconds=gen["seconds"],
+        generation_seconds_per_question=gen["seconds"] / len(asked),
+        new_tokens=new_tokens,
+        new_tokens_per_second=new_tokens / max(gen["seconds"], 1e-9),
+    )
+
+
+def _intervals(cell: _Cell, config: EvaluateConfig) -> dict[str, Interval]:
+    """Bootstrap intervals of every metric; perplexity = exp(loss) (mean and interval bounds alike)."""
     metrics = {
         name: bootstrap_ci(
             values,
-            weights=weights.get(name),
+            weights=cell.weights.get(name),
             resamples=config.bootstrap_resamples,
             confidence=config.confidence,
             seed=config.seed,
         )
-        for name, values in (per_item | subsets).items()
+        for name, values in (cell.per_item | cell.subsets).items()
         if values
     }
     lo = metrics["loss"]
     metrics["perplexity"] = Interval(
         math.exp(lo.mean), math.exp(lo.low), math.exp(lo.high), lo.n, lo.confidence
     )
+    return metrics
+
+
+def evaluate_cell(run: ModelRun, s: EvalSet, pairs: list[QAPair]) -> EvalCell:
+    """One (model, set) cell: per-question values, intervals, corpus scores and timings. Its stages
+    (loss; PubMedQA accuracy where the set has labels; generation and its scores) each go key → cache →
+    compute → store."""
+    ref, config = run.ref, run.config
+    about = {"model": ref.name, "checksum": ref.checksum, "spec": s.spec, "split": s.split}
+    data_id = _data_id(run, s, pairs)
+    cell = _loss_cell(run, pairs, data_id, about)
+    if config.pubmedqa_accuracy and choices_module.has_choices(pairs):
+        _add_accuracy(cell, run, s, pairs, data_id, about)
+    if config.generate:
+        _add_generation(cell, run, pairs, data_id, about)
+    metrics = _intervals(cell, config)
     return EvalCell(
         metrics={k: metrics[k] for k in METRICS if k in metrics},
-        corpus=corpus,
-        timing=timing,
-        cached=cached,
+        corpus=cell.corpus,
+        timing=cell.timing,
+        cached=cell.cached,
         reference_length=sum(len(p.answer.split()) for p in pairs) / len(pairs),
-        per_item=per_item,
-        weights=weights,
+        per_item=cell.per_item,
+        weights=cell.weights,
         ids=[p.id for p in pairs],
-        answers=answers,
+        answers=cell.answers,
     )
 
 

@@ -24,7 +24,7 @@ from medmerge.config import (
     TrainSettings,
     normalised_specs,
 )
-from medmerge.config.experiment import StatisticsSettings, _every_method
+from medmerge.config.experiment import StatisticsSettings, every_method
 
 
 class SiteSpec(StrictModel):
@@ -151,7 +151,7 @@ class FederatedConfig(SplitSettings, ThreadsSetting):
     sites: list[SiteSpec] = Field(min_length=2)
     train_examples: int | None = Field(default=None, ge=1)
     train: TrainSettings = Field(default_factory=TrainSettings)
-    methods: list[str] = Field(default_factory=_every_method)
+    methods: list[str] = Field(default_factory=every_method)
     search: SearchSettings = SearchSettings()
     evaluate: FederatedEvaluateSettings = Field(default_factory=FederatedEvaluateSettings)
     federation: FederationSettings = FederationSettings()

@@ -432,7 +432,7 @@ class Site:
         the site's sets in `domains`, with the metrics of `medmerge evaluate`."""
         from medmerge.evaluate.cache import EvalCache
         from medmerge.evaluate.records import ModelRef
-        from medmerge.evaluate.runner import _evaluate_cell, _ModelRun, load_pairs
+        from medmerge.evaluate.runner import ModelRun, evaluate_cell, load_pairs
         from medmerge.models import load_model, resolve_model
 
         for name in models:
@@ -448,9 +448,9 @@ class Site:
         for name, model in models.items() if sets else ():
             scored, digest = self._model(run, model, resident, config.dtype)
             digests |= {name: digest} if digest else {}
-            run_ = _ModelRun(ModelRef(name, "", "", kind), tokenizer, config, EvalCache(None), False, scored)
+            run_ = ModelRun(ModelRef(name, "", "", kind), tokenizer, config, EvalCache(None), False, scored)
             for label, s in sets:
-                cells[label][name] = _wire(_evaluate_cell(run_, s, pairs[label]), per_question)
+                cells[label][name] = _wire(evaluate_cell(run_, s, pairs[label]), per_question)
         return {
             "validation": checked,
             "sets": [{"name": label, "domain": s.domain, "n": len(pairs[label])} for label, s in sets],

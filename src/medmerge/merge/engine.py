@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from medmerge.config import MergeConfig
 from medmerge.errors import MedmergeError
 from medmerge.manifest import atomic_dir, build_manifest, write_json_atomic
-from medmerge.merge import checks, regmean_pp
+from medmerge.merge import checks
 from medmerge.merge.checksums import input_checksums
 from medmerge.merge.mergekit import MERGEKIT_FILE, to_mergekit
 from medmerge.merge.methods import Extras
@@ -136,24 +136,25 @@ def merge_tensors(
     Inputs that lack what the method needs (site statistics, LoRA factors, training data) are refused
     here, at once; a method that needs the experts' data runs its whole pass here too."""
     statistics = _statistics(spec, sources)
-    if spec.needs_data:
+    if spec.data is not None:
         merged = _data_pass(spec, params, base, sources, weights, progress)
         return ((name, *merged.pop(name)) for name in names)
     return _stream(spec, params, base, sources, weights, names, progress, statistics)
 
 
 def _data_pass(spec, params, base, sources, weights, progress) -> dict[str, tuple[torch.Tensor, dict]]:
-    """RegMean++'s pass over the experts' data (medmerge.merge.regmean_pp): every tensor merged by this
-    engine's loop and the method's tensor function, each block with the Grams the pass took for it."""
-    reads_grams = replace(spec, needs_statistics=frozenset({"gram"}), needs_data=False)
+    """The method's pass over the experts' data (`spec.data`, e.g. RegMean++'s, medmerge.merge.regmean_pp):
+    every tensor merged by this engine's loop and the method's tensor function, each with the statistics
+    the pass took for it."""
+    data = spec.data
+    assert data is not None
+    reads_statistics = replace(spec, needs_statistics=data.statistics, data=None)
 
-    def merge(names: list[str], grams: list) -> Iterator[tuple[str, torch.Tensor, dict]]:
-        return _stream(reads_grams, params, base, sources, weights, names, False, grams)
+    def merge(names: list[str], statistics: list) -> Iterator[tuple[str, torch.Tensor, dict]]:
+        return _stream(reads_statistics, params, base, sources, weights, names, False, statistics)
 
     reference = base if base is not None else sources[0]
-    return regmean_pp.regmean_plus_plus(
-        reference.path, sources, params.examples, params.batch_size, merge, progress
-    )
+    return data.run(reference.path, sources, params, merge, progress)
 
 
 def _stream(spec, params, base, sources, weights, names, progress, statistics) -> Iterator:

@@ -20,13 +20,12 @@ import yaml
 
 from medmerge.config import MergeConfig, load_config, validate_config
 from medmerge.errors import MedmergeError
+from medmerge.merge.methods import TaskVectorMerge
+from medmerge.merge.registry import METHODS
 
 log = logging.getLogger(__name__)
 
 MERGEKIT_FILE = "mergekit_config.yml"
-CONSENSUS = ("ties", "dare_ties", "breadcrumbs_ties", "della")
-LINEAR_FAMILY = ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear")
-RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 # mergekit's global parameters per method, with mergekit's defaults
 _GTA_GLOBAL = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
 GLOBAL: dict[str, dict[str, Any]] = {
@@ -54,6 +53,10 @@ PER_MODEL: dict[str, dict[str, Any]] = {
     **{m: {**_GTA_MODEL, "gamma": 0.01} for m in ("breadcrumbs", "breadcrumbs_ties")},
     **{m: {**_GTA_MODEL, "epsilon": 0.15} for m in ("della", "della_linear")},
 }
+_TASK_VECTOR = [m for m in GLOBAL if isinstance(METHODS[m].merge, TaskVectorMerge)]
+CONSENSUS = tuple(m for m in _TASK_VECTOR if METHODS[m].consensus)  # TIES sign election (registry)
+LINEAR_FAMILY = tuple(m for m in _TASK_VECTOR if not METHODS[m].consensus)
+RANDOM = tuple(m for m in GLOBAL if METHODS[m].random_masks)  # random masks drawn from `seed`
 TOP_LEVEL = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
     "tokenizer", "chat_template", "slices", "modules",

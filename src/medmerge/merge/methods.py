@@ -228,6 +228,41 @@ def generalized_task_arithmetic(
     return Merged(delta.add_(base), stats)
 
 
+@dataclass(frozen=True)
+class TaskVectorMerge:
+    """One setting of `generalized_task_arithmetic` (its sparsifier and whether it elects signs), as a
+    tensor function: (name, θ_base, θ_i, w_i, params) → Merged, the params' fields (lam, density, gamma,
+    epsilon, seed, rescale, normalize: those the method has) passed as the function's keyword arguments."""
+
+    sparsifier: Sparsifier
+    consensus: bool
+
+    def __call__(self, name: str, base, thetas, weights, p, *, consume: bool = False) -> Merged:
+        knobs = {k: v for k, v in p if k in _TASK_VECTOR_KNOBS}  # e.g. not spectral methods' `inner`
+        return generalized_task_arithmetic(
+            base,
+            thetas,
+            weights,
+            sparsifier=self.sparsifier,
+            sign_consensus=self.consensus,
+            name=name,
+            consume=consume,
+            **knobs,
+        )
+
+
+_TASK_VECTOR_KNOBS = ("density", "gamma", "epsilon", "rescale", "normalize", "lam", "seed")
+# the task-vector merges, each stated once (the registry's entries and spectral's inner merges use them)
+TASK_ARITHMETIC = TaskVectorMerge("none", False)
+TIES = TaskVectorMerge("magnitude", True)
+DARE_LINEAR = TaskVectorMerge("bernoulli", False)
+DARE_TIES = TaskVectorMerge("bernoulli", True)
+BREADCRUMBS = TaskVectorMerge("breadcrumbs", False)
+BREADCRUMBS_TIES = TaskVectorMerge("breadcrumbs", True)
+DELLA = TaskVectorMerge("della", True)
+DELLA_LINEAR = TaskVectorMerge("della", False)
+
+
 def _elementwise_task_arithmetic(
     base: torch.Tensor,
     thetas: Sequence[torch.Tensor],

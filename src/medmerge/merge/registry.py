@@ -1,26 +1,27 @@
-"""The one registry of merge methods: everything medmerge knows about a method lives in its `MethodSpec`.
+"""The one registry of merge methods: what a method IS beyond its parameters lives in its `MethodSpec`.
 
 Every method name medmerge accepts is a key of `METHODS`; `get_method(name)` raises a one-line error
-listing the choices. A spec owns the method's parameters model (unknown keys are an error) and its
-input contract (`check`), the driver that runs it, its tensor function, and its search space with the
-default first trial, and what it reads beyond θ (site statistics, LoRA factors, the experts' training
-data: `needs_data`, which a federation must refuse). Adding a method = one
-entry here + its tensor function (medmerge.merge.methods, .spectral or .data_aware) + its section in
-docs/merging.md (tests/merge/test_registry.py checks all three).
+listing the choices. A method is declared by its parameters model (medmerge.merge.params: each field's
+default, bounds and search range; the search space and the search's first trial are read from it) and
+by its entry here: the tensor function, the driver that runs it, and its input contract (`check`: the
+base model, the number of models, what it reads beyond θ: site statistics, LoRA factors, the experts'
+training data, `data`, which a federation must refuse). Adding a method = a parameters model + a tensor
+function (medmerge.merge.methods, .spectral or .data_aware) + one entry here + its section in
+docs/merging.md (tests/merge/test_registry.py checks them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from medmerge.config.base import StrictModel, format_validation_error
 from medmerge.errors import MedmergeError
-from medmerge.merge import data_aware, methods, spaces, spectral
-from medmerge.merge.methods import Merged
+from medmerge.merge import data_aware, methods, regmean_pp, spectral
+from medmerge.merge.methods import Merged, TaskVectorMerge
 from medmerge.merge.params import (
     BreadcrumbsParams,
     BreadcrumbsTiesParams,
@@ -34,6 +35,7 @@ from medmerge.merge.params import (
     IsoCParams,
     IsoCtsParams,
     KarcherParams,
+    MethodParams,
     ModelStockParams,
     NoParams,
     RegMeanParams,
@@ -43,7 +45,8 @@ from medmerge.merge.params import (
     TiesParams,
     TsvParams,
 )
-from medmerge.merge.spaces import Space
+from medmerge.merge.spaces import Space, first_setting, space_of
+from medmerge.merge.statistics import ExpertData
 
 TensorFn = Callable[..., Merged]
 # (name, θ_base or None, θ_i list, w_i list, params) → Merged; methods that need statistics or LoRA
@@ -61,7 +64,7 @@ Family = Literal["data_free", "spectral", "data_aware"]
 class MethodSpec:
     name: str
     summary: str
-    params: type[StrictModel]
+    params: type[MethodParams]  # the declaration: defaults, bounds, search ranges (medmerge.merge.params)
     driver: Driver = "per_tensor"
     merge: TensorFn | None = None  # per_tensor only; overwrites its `thetas` only with overwrites_inputs
     base: BaseUse = "unused"  # required: θ_base enters the math; optional: when `base_switch` is true
@@ -78,20 +81,16 @@ class MethodSpec:
     # reads them as private copies; others get memory-mapped inputs (medmerge.merge.tensors), where a
     # write would copy each page on its own fault
     overwrites_inputs: bool = False
-    consensus: bool = False  # TIES sign election and disjoint mean
-    random_masks: bool = False  # draws random masks from its `seed` parameter (a search fixes it)
     nonzero_weight_sum: bool = False  # the weights must not sum to 0 (they divide the result)
-    space: Space | None = None  # search space of the knobs; None: nothing to search
-    default: dict[str, Any] = field(default_factory=dict)  # parameters of a search's first trial
     # kinds of site statistics every input must hold (statistics.safetensors: gram, fisher); the engine
     # hands them over per tensor in Extras.statistics
     needs_statistics: frozenset[str] = frozenset()
     needs_factors: bool = False  # every input must be a LoRA adapter; Extras.factors holds its (B′, A′)
     # the merge reads the experts' TRAINING DATA (their questions run through the models at merge time),
-    # not only weights and statistics a site may share: the engine runs the method's pass over it and
-    # hands its tensor function the Grams it takes in Extras.statistics (regmean_plus_plus:
-    # medmerge.merge.regmean_pp). A federation, which never sees the sites' data, must refuse such methods.
-    needs_data: bool = False
+    # not only weights and statistics a site may share: the engine runs `data.run` over it, which hands
+    # the tensor function the statistics it takes (regmean_plus_plus: medmerge.merge.regmean_pp.DATA).
+    # A federation, which never sees the sites' data, must refuse such methods.
+    data: ExpertData | None = None
     family: Family = "data_free"  # what the verdict compares: each family's best against the data-free best
 
     def __post_init__(self) -> None:
@@ -99,11 +98,36 @@ class MethodSpec:
             raise ValueError(f"{self.name}: a per_tensor method needs a tensor function, others none")
         if (self.base == "optional") != (self.base_switch is not None):
             raise ValueError(f"{self.name}: an optional base needs base_switch, and only it")
-        if self.random_masks != ("seed" in self.params.model_fields):
-            raise ValueError(f"{self.name}: random_masks goes with a `seed` parameter")
-        if self.needs_data and (self.driver != "per_tensor" or self.needs_statistics or self.needs_factors):
-            raise ValueError(f"{self.name}: needs_data is a per_tensor method's only input beyond θ")
+        if self.data is not None and (
+            self.driver != "per_tensor" or self.needs_statistics or self.needs_factors
+        ):
+            raise ValueError(f"{self.name}: needs_data (data) is a per_tensor method's only input beyond θ")
         self.params.model_validate(self.default)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the merge reads the experts' training data (`data`)."""
+        return self.data is not None
+
+    @property
+    def consensus(self) -> bool:
+        """TIES sign election and disjoint mean (a task-vector merge that elects signs)."""
+        return isinstance(self.merge, TaskVectorMerge) and self.merge.consensus
+
+    @property
+    def random_masks(self) -> bool:
+        """Draws random masks from its `seed` parameter (a search fixes it)."""
+        return "seed" in self.params.model_fields
+
+    @property
+    def space(self) -> Space | None:
+        """The search space its parameters model declares; None for a driver that searches on its own."""
+        return space_of(self.params) if self.driver == "per_tensor" else None
+
+    @property
+    def default(self) -> dict[str, Any]:
+        """The parameters of a search's first trial (YAML names), from the parameters model."""
+        return first_setting(self.params)
 
     @property
     def needs_extras(self) -> bool:
@@ -141,27 +165,6 @@ class MethodSpec:
         return params
 
 
-def _gta(sparsifier: methods.Sparsifier, consensus: bool) -> TensorFn:
-    def gta_merge(name: str, base, thetas, weights, p) -> Merged:
-        return methods.generalized_task_arithmetic(
-            base,
-            thetas,
-            weights,
-            sparsifier=sparsifier,
-            density=getattr(p, "density", 1.0),
-            gamma=getattr(p, "gamma", 0.0),
-            epsilon=getattr(p, "epsilon", 0.0),
-            rescale=getattr(p, "rescale", True),
-            sign_consensus=consensus,
-            normalize=getattr(p, "normalize", False),
-            lam=p.lam,
-            seed=getattr(p, "seed", 0),
-            name=name,
-        )
-
-    return gta_merge
-
-
 def _linear(name, base, thetas, weights, p) -> Merged:
     return Merged(methods.linear(thetas, weights))
 
@@ -181,54 +184,28 @@ def _karcher(name, base, thetas, weights, p: KarcherParams) -> Merged:
     return methods.karcher(thetas, weights, max_iter=p.max_iter, tol=p.tol)
 
 
-def _task_vector_method(
-    name: str,
-    params: type[StrictModel],
-    sparsifier: methods.Sparsifier,
-    consensus: bool,
-    summary: str,
-    knobs: tuple[str, ...],
-    default: dict[str, Any],
-) -> MethodSpec:
+def _task_vector(name: str, params: type[MethodParams], merge: TaskVectorMerge, summary: str) -> MethodSpec:
     """A setting of generalized_task_arithmetic: base required, ‖τ_i‖ in the stats."""
-    return MethodSpec(
-        name,
-        summary,
-        params,
-        merge=_gta(sparsifier, consensus),
-        base="required",
-        task_vectors=True,
-        consensus=consensus,
-        random_masks=sparsifier in ("bernoulli", "della"),
-        space=spaces.task_vector_space(*knobs),
-        default=default,
-    )
+    return MethodSpec(name, summary, params, merge=merge, base="required", task_vectors=True)
 
 
-def _spectral_method(
-    name: str, params: type[StrictModel], merge: TensorFn, summary: str, **knobs: tuple[float, float, float]
+def _spectral(
+    name: str, params: type[MethodParams], merge: TensorFn, summary: str, **more: Any
 ) -> MethodSpec:
-    """A spectral merge of the τ_i (medmerge.merge.spectral): base required, λ and the weights searched,
-    plus `knobs` (name → (low, high, first trial))."""
+    """A spectral merge of the τ_i (medmerge.merge.spectral): base required, computed in its inputs."""
     return MethodSpec(
-        name,
-        summary,
-        params,
-        merge=merge,
-        base="required",
-        overwrites_inputs=True,
-        nonzero_weight_sum=True,
-        space=spaces.with_knobs(spaces.task_vector_space(), **{k: v[:2] for k, v in knobs.items()}),
-        default={"lambda": 1.0, **{k: v[2] for k, v in knobs.items()}},
-        family="spectral",
+        name, summary, params, merge=merge, base="required", overwrites_inputs=True, family="spectral", **more
     )
 
 
-_TRIM = {"density": 0.5, "lambda": 1.0}
-_INNER = {"inner": "ties", "density": 0.5, "lambda": 1.0}
-_BREADCRUMBS = {"density": 0.9, "gamma": 0.01, "lambda": 1.0}
-_DELLA = {"density": 0.5, "epsilon": 0.1, "lambda": 1.0}
-_ALPHA = spaces.with_knobs(spaces.weights_only, alpha=(0.5, 1.0))  # RegMean's and RegMean++'s space
+def _data_aware(
+    name: str, params: type[MethodParams], merge: TensorFn, summary: str, **more: Any
+) -> MethodSpec:
+    """A merge weighted by what the sites' data says (medmerge.merge.data_aware)."""
+    return MethodSpec(
+        name, summary, params, merge=merge, family="data_aware", nonzero_weight_sum=True, **more
+    )
+
 
 METHODS: dict[str, MethodSpec] = {
     s.name: s
@@ -240,7 +217,6 @@ METHODS: dict[str, MethodSpec] = {
             merge=_linear,
             output_shows_inputs=True,
             nonzero_weight_sum=True,
-            space=spaces.weights_only,
         ),
         MethodSpec("soup_greedy", "greedy soup by validation score", NoParams, driver="greedy_soup"),
         MethodSpec(
@@ -252,63 +228,19 @@ METHODS: dict[str, MethodSpec] = {
             base_switch="relative",
             min_models=2,
             max_models=2,
-            space=spaces.interpolation,
-            default={"t": 0.5},
         ),
-        _task_vector_method(
-            "task_arithmetic",
-            TaskArithmeticParams,
-            "none",
-            False,
-            "θ_base + λ Σ w_i τ_i",
-            (),
-            {"lambda": 1.0},
+        _task_vector(
+            "task_arithmetic", TaskArithmeticParams, methods.TASK_ARITHMETIC, "θ_base + λ Σ w_i τ_i"
         ),
-        _task_vector_method(
-            "ties", TiesParams, "magnitude", True, "trim, elect sign, disjoint mean", ("density",), _TRIM
+        _task_vector("ties", TiesParams, methods.TIES, "trim, elect sign, disjoint mean"),
+        _task_vector("dare_linear", DareLinearParams, methods.DARE_LINEAR, "random drop + rescale, sum"),
+        _task_vector("dare_ties", DareTiesParams, methods.DARE_TIES, "random drop + TIES"),
+        _task_vector("breadcrumbs", BreadcrumbsParams, methods.BREADCRUMBS, "drop tails, sum"),
+        _task_vector(
+            "breadcrumbs_ties", BreadcrumbsTiesParams, methods.BREADCRUMBS_TIES, "drop tails + TIES"
         ),
-        _task_vector_method(
-            "dare_linear",
-            DareLinearParams,
-            "bernoulli",
-            False,
-            "random drop + rescale, sum",
-            ("density",),
-            _TRIM,
-        ),
-        _task_vector_method(
-            "dare_ties", DareTiesParams, "bernoulli", True, "random drop + TIES", ("density",), _TRIM
-        ),
-        _task_vector_method(
-            "breadcrumbs",
-            BreadcrumbsParams,
-            "breadcrumbs",
-            False,
-            "drop tails, sum",
-            ("density", "gamma"),
-            _BREADCRUMBS,
-        ),
-        _task_vector_method(
-            "breadcrumbs_ties",
-            BreadcrumbsTiesParams,
-            "breadcrumbs",
-            True,
-            "drop tails + TIES",
-            ("density", "gamma"),
-            _BREADCRUMBS,
-        ),
-        _task_vector_method(
-            "della", DellaParams, "della", True, "ranked drop + TIES", ("density", "epsilon"), _DELLA
-        ),
-        _task_vector_method(
-            "della_linear",
-            DellaLinearParams,
-            "della",
-            False,
-            "ranked drop, sum",
-            ("density", "epsilon"),
-            _DELLA,
-        ),
+        _task_vector("della", DellaParams, methods.DELLA, "ranked drop + TIES"),
+        _task_vector("della_linear", DellaLinearParams, methods.DELLA_LINEAR, "ranked drop, sum"),
         MethodSpec(
             "model_stock",
             "ratio from task-vector angle",
@@ -317,80 +249,55 @@ METHODS: dict[str, MethodSpec] = {
             base="required",
             task_vectors=True,  # its stats carry ‖τ_i‖
             min_models=2,
-            space=spaces.unit_weights,
         ),
-        MethodSpec(
-            "karcher",
-            "Riemannian mean on the sphere",
-            KarcherParams,
-            merge=_karcher,
-            space=spaces.weights_only,
+        MethodSpec("karcher", "Riemannian mean on the sphere", KarcherParams, merge=_karcher),
+        _spectral(
+            "knots", InnerMergeParams, spectral.knots, "SVD-aligned task updates, merged by ta/ties/dare"
         ),
-        MethodSpec(
-            "knots",
-            "SVD-aligned task updates, merged by ta/ties/dare",
-            InnerMergeParams,
-            merge=spectral.knots,
-            base="required",
-            overwrites_inputs=True,
-            random_masks=True,
-            space=spaces.task_vector_space("density"),
-            default=_INNER,
-            family="spectral",
+        _spectral(
+            "tsv",
+            TsvParams,
+            spectral.tsv,
+            "low-rank task matrices, decorrelated (TSV-M)",
+            nonzero_weight_sum=True,
         ),
-        _spectral_method("tsv", TsvParams, spectral.tsv, "low-rank task matrices, decorrelated (TSV-M)"),
-        _spectral_method("iso_c", IsoCParams, spectral.iso_c, "isotropic spectrum of Σ τ_i"),
-        _spectral_method(
+        _spectral(
+            "iso_c", IsoCParams, spectral.iso_c, "isotropic spectrum of Σ τ_i", nonzero_weight_sum=True
+        ),
+        _spectral(
             "iso_cts",
             IsoCtsParams,
             spectral.iso_cts,
             "isotropic common + task-specific subspaces",
-            common_fraction=(0.5, 0.95, 0.8),
+            nonzero_weight_sum=True,
         ),
-        MethodSpec(
+        _spectral(
             "core_space",
-            "LoRA updates merged in their shared r×r core",
             CoreSpaceParams,
-            merge=spectral.core_space,
-            base="required",
-            overwrites_inputs=True,
+            spectral.core_space,
+            "LoRA updates merged in their shared r×r core",
             needs_factors=True,
-            random_masks=True,
-            space=spaces.task_vector_space("density"),
-            default=_INNER,
-            family="spectral",
         ),
-        MethodSpec(
+        _data_aware(
             "regmean",
-            "least squares on the sites' layer inputs (Gram)",
             RegMeanParams,
-            merge=data_aware.regmean,
+            data_aware.regmean,
+            "least squares on the sites' layer inputs (Gram)",
             needs_statistics=frozenset({"gram"}),
-            family="data_aware",
-            nonzero_weight_sum=True,
-            space=_ALPHA,
-            default={"alpha": 0.9},
         ),
-        MethodSpec(
+        _data_aware(
             "regmean_plus_plus",
-            "RegMean block by block on the merged model's own inputs (reads the training data)",
             RegMeanPlusPlusParams,
-            merge=data_aware.regmean,
-            family="data_aware",
-            needs_data=True,
-            nonzero_weight_sum=True,
-            space=_ALPHA,
-            default={"alpha": 0.9},
+            data_aware.regmean,
+            "RegMean block by block on the merged model's own inputs (reads the training data)",
+            data=regmean_pp.DATA,
         ),
-        MethodSpec(
+        _data_aware(
             "fisher",
-            "Fisher-weighted average (diagonal Fisher)",
             FisherParams,
-            merge=data_aware.fisher,
+            data_aware.fisher,
+            "Fisher-weighted average (diagonal Fisher)",
             needs_statistics=frozenset({"fisher"}),
-            family="data_aware",
-            nonzero_weight_sum=True,
-            space=spaces.weights_only,
         ),
     ]
 }

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medmerge.errors import MedmergeError
+from medmerge.merge.statistics import ExpertData
 
 METHOD = "regmean_plus_plus"
 SUPPORTED = "decoder-only models whose blocks are model.layers (Llama, Mistral, Qwen2, …)"
@@ -103,12 +104,12 @@ def expert_examples(folder: Path, n: int) -> tuple[list[dict[str, list[int]]], i
     split rebuilt from the expert's manifest and checked against its fingerprints), and its pad id."""
     from medmerge.models import load_tokenizer, model_kind
     from medmerge.train.examples import prepare_data
-    from medmerge.train.statistics import _check_same_split, expert_train_config
+    from medmerge.train.statistics import check_same_split, expert_train_config
 
     config, recorded = expert_train_config(folder, None)
     tokenizer = load_tokenizer(folder)
     train = prepare_data(config, tokenizer, model_kind(folder))
-    _check_same_split(train.sources, recorded, folder)
+    check_same_split(train.sources, recorded, folder)
     picked = random.Random(config.seed).sample(range(len(train.train)), min(n, len(train.train)))
     return [train.train[i] for i in picked], tokenizer.pad_token_id
 
@@ -282,3 +283,11 @@ def regmean_plus_plus(
     decoder_stack(model, reference)  # refused before any data is read
     data = [expert_examples(source.path, examples) for source in sources]
     return layer_pass(model, sources, data, merge, batch_size, progress)
+
+
+def _data_pass(reference: Path, sources: Sequence[Weights], params: Any, merge: BlockMerge, progress: bool):
+    """The registry's data pass: `regmean_plus_plus` with the method's `examples` and `batch_size`."""
+    return regmean_plus_plus(reference, sources, params.examples, params.batch_size, merge, progress)
+
+
+DATA = ExpertData(run=_data_pass, shortfall=data_shortfall, statistics=frozenset({"gram"}))

@@ -1,9 +1,11 @@
-"""Search spaces of the merge methods' knobs: (Optuna trial, number of models) → a `Setting`.
+"""Search spaces of the merge methods, read from their parameter models (medmerge.merge.params).
 
-A space only calls `trial.suggest_float(name, low, high)`, so any object with that method drives it
-(an Optuna trial in the search, a recorder that lists the knob names). Knob names are the YAML names
-of the method's parameters, plus `w0`, `w1`, … for the model weights. The order of the suggestions is
-part of a space: a seeded sampler draws them in that order.
+A space is (Optuna trial, number of models) → a `Setting`. It only calls
+`trial.suggest_float(name, low, high)`, so any object with that method drives it (an Optuna trial in the
+search, a recorder that lists the knob names). Knob names are the YAML names of the method's parameters,
+plus `w0`, `w1`, … for the model weights. The order of the suggestions is part of a space: a seeded
+sampler draws them in that order (the fields' `order`, then their declaration order; weights at
+`params.WEIGHTS`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from medmerge.merge.params import WEIGHTS, MethodParams
+
+WEIGHT_RANGE = (0.1, 1.0)  # w_i ∈ [0.1, 1] when a method's weights are searched
 
 
 @dataclass(frozen=True)
@@ -24,53 +30,50 @@ class Setting:
 Space = Callable[[Any, int], Setting]
 
 
-def suggest_weights(trial: Any, n: int) -> list[float]:
-    """w_i ∈ [0.1, 1], one per model."""
-    return [trial.suggest_float(f"w{i}", 0.1, 1.0) for i in range(n)]
+@dataclass(frozen=True)
+class Knob:
+    """One searched parameter: YAML name, range, first-trial value, draw order."""
+
+    name: str
+    low: float
+    high: float
+    first: Any
+    order: int
 
 
-def weights_only(trial: Any, n: int) -> Setting:
-    """No parameters; the weights w_i ∈ [0.1, 1] are searched."""
-    return Setting({}, suggest_weights(trial, n))
+def knobs(params: type[MethodParams]) -> list[Knob]:
+    """The searched fields of `params`, in draw order."""
+    found = []
+    for name, info in params.model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and "search" in extra:
+            s: Any = extra["search"]
+            first = info.default if s["first"] is None else s["first"]
+            found.append(Knob(info.alias or name, s["low"], s["high"], first, s["order"]))
+    return sorted(found, key=lambda k: k.order)  # stable: declaration order within an order
 
 
-def unit_weights(trial: Any, n: int) -> Setting:
-    """No knobs at all: no parameters, every weight 1."""
-    return Setting({}, [1.0] * n)
-
-
-def interpolation(trial: Any, n: int) -> Setting:
-    """t ∈ [0, 1], weights 1."""
-    return Setting({"t": trial.suggest_float("t", 0.0, 1.0)}, [1.0] * n)
-
-
-def task_vector_space(*extra: str) -> Space:
-    """λ ∈ [0.3, 1.5], w_i ∈ [0.1, 1], plus: density ∈ [0.1, 1] ([0.2, 0.9] with epsilon),
-    gamma ∈ [0, 0.05], epsilon ∈ [0, 0.1] — the ones named in `extra`."""
+def space_of(params: type[MethodParams]) -> Space:
+    """The search space `params` declares (module doc)."""
+    declared = knobs(params)
 
     def space(trial: Any, n: int) -> Setting:
-        parameters: dict[str, Any] = {"lambda": trial.suggest_float("lambda", 0.3, 1.5)}
-        if "density" in extra:
-            low = 0.2 if "epsilon" in extra else 0.1
-            parameters["density"] = trial.suggest_float("density", low, 0.9 if "epsilon" in extra else 1.0)
-        if "gamma" in extra:
-            parameters["gamma"] = trial.suggest_float("gamma", 0.0, 0.05)
-        if "epsilon" in extra:
-            parameters["epsilon"] = trial.suggest_float("epsilon", 0.0, 0.1)
-        return Setting(parameters, suggest_weights(trial, n))
+        parameters: dict[str, Any] = {}
+        weights = None if params.search_weights else [1.0] * n
+        steps: list[Knob | None] = [*declared, *([None] if params.search_weights else [])]
+        for knob in sorted(steps, key=lambda k: WEIGHTS if k is None else k.order):
+            if knob is None:
+                weights = [trial.suggest_float(f"w{i}", *WEIGHT_RANGE) for i in range(n)]
+            else:
+                parameters[knob.name] = trial.suggest_float(knob.name, knob.low, knob.high)
+        return Setting(parameters, weights)
 
     return space
 
 
-def with_knobs(space: Space, **ranges: tuple[float, float]) -> Space:
-    """`space`, then each named parameter drawn from its (low, high) range, in the order given."""
-
-    def extended(trial: Any, n: int) -> Setting:
-        setting = space(trial, n)
-        drawn = {name: trial.suggest_float(name, low, high) for name, (low, high) in ranges.items()}
-        return Setting({**setting.parameters, **drawn}, setting.weights)
-
-    return extended
+def first_setting(params: type[MethodParams]) -> dict[str, Any]:
+    """The parameters of a search's first trial (YAML names): each knob's `first` value."""
+    return {k.name: k.first for k in knobs(params)}
 
 
 def knob_names(space: Space, n: int) -> list[str]:

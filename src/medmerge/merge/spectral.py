@@ -17,11 +17,11 @@ from medmerge.merge import methods
 from medmerge.merge.methods import Extras, Merged
 
 EMBEDDING = re.compile(r"(embed[^.]*|wte|wpe|(^|\.)shared|relative_attention_bias)\.weight$")
-_GTA = {  # inner task-vector merge → (sparsifier, sign consensus) of generalized_task_arithmetic
-    "ta": ("none", False),
-    "ties": ("magnitude", True),
-    "dare_linear": ("bernoulli", False),
-    "dare_ties": ("bernoulli", True),
+_GTA = {  # inner task-vector merge → its setting of generalized_task_arithmetic (medmerge.merge.methods)
+    "ta": methods.TASK_ARITHMETIC,
+    "ties": methods.TIES,
+    "dare_linear": methods.DARE_LINEAR,
+    "dare_ties": methods.DARE_TIES,
 }
 
 
@@ -82,21 +82,7 @@ def _mean_fallback(base: torch.Tensor, taus: Sequence[torch.Tensor], weights, la
 def inner_merge(name: str, taus: list[torch.Tensor], weights: Sequence[float], p) -> Merged:
     """The task-vector merge `p.inner` (ta / ties / dare_linear / dare_ties, with p's knobs) of tensors
     taken as task vectors over a zero base; λ included. Consumes `taus`."""
-    sparsifier, consensus = _GTA[p.inner]
-    return methods.generalized_task_arithmetic(
-        torch.zeros_like(taus[0]),
-        taus,
-        weights,
-        sparsifier=sparsifier,
-        density=p.density,
-        rescale=p.rescale,
-        sign_consensus=consensus,
-        normalize=p.normalize,
-        lam=p.lam,
-        seed=p.seed,
-        name=name,
-        consume=True,
-    )
+    return _GTA[p.inner](name, torch.zeros_like(taus[0]), taus, weights, p, consume=True)
 
 
 def _inner_stats(merged: Merged) -> dict[str, object]:

@@ -8,8 +8,10 @@ expert folder lacks what a method needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from medmerge.site_stats import TENSORS_FILE, SiteStatistics, has_statistics
 
@@ -20,11 +22,28 @@ def open_statistics(folder: Path) -> SiteStatistics | None:
     return SiteStatistics.open(folder) if has_statistics(folder) else None
 
 
+@dataclass(frozen=True)
+class ExpertData:
+    """A method's input beyond θ: the experts' TRAINING DATA, read at merge time (a federation, which
+    never sees the sites' data, refuses such methods).
+
+    `run(reference, sources, params, merge, progress)` runs the method's pass over the data on the
+    architecture of `reference` (a model folder) and returns {tensor name: (merged tensor, stats)}: it
+    merges every tensor through `merge(names, statistics)`, the engine's per-tensor loop fed, per input,
+    the statistics of the kinds `statistics` that the pass took. `shortfall(folder)` says in one line why
+    an expert folder's data cannot be read (None: it can).
+    """
+
+    run: Callable[..., dict[str, Any]]
+    shortfall: Callable[[Path], str | None]
+    statistics: frozenset[str]
+
+
 class _Needs(Protocol):
     name: str
     needs_statistics: frozenset[str]
     needs_factors: bool
-    needs_data: bool
+    data: ExpertData | None
 
 
 def input_shortfall(spec: _Needs, folders: list[Path]) -> str | None:
@@ -32,10 +51,8 @@ def input_shortfall(spec: _Needs, folders: list[Path]) -> str | None:
     LoRA factors, a readable training set), or None when every folder has it. The engine refuses with
     it; a pipeline may skip."""
     for folder in map(Path, folders):
-        if spec.needs_data:
-            from medmerge.merge.regmean_pp import data_shortfall
-
-            reason = data_shortfall(folder)
+        if spec.data is not None:
+            reason = spec.data.shortfall(folder)
             if reason is not None:
                 return reason
         if spec.needs_factors and not (folder / "adapter_config.json").is_file():

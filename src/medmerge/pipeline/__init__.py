@@ -5,7 +5,7 @@
     >>> run_experiment(load_config("configs/demo.yaml", ExperimentConfig), "runs/demo")
 
 Every step writes a folder with a step key (a hash of everything it depends on); a re-run skips
-steps whose key matches and redoes only what a changed setting reaches (medmerge.pipeline.steps).
+steps whose key matches and redoes only what a changed setting reaches (medmerge.steps).
 """
 
 from medmerge.pipeline.run import run_experiment

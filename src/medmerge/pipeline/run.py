@@ -34,10 +34,10 @@ from medmerge.pipeline.progress import Progress
 from medmerge.pipeline.records import SearchRecord, TrainedExpert, ValidationRecord
 from medmerge.pipeline.scoring import Scoring, score_model
 from medmerge.pipeline.search import merge_config, search_method
-from medmerge.pipeline.steps import is_fresh, mark_done, step_key
+from medmerge.steps import STEP_FILE, cached, recorded, step_key
 from medmerge.threads import use_threads
 
-STATISTICS_KEY = "statistics.key"  # in an expert folder: the step key of its site statistics
+STATISTICS_STEP = "medmerge-statistics.json"  # in an expert folder: the step record of its site statistics
 T = TypeVar("T")
 
 if TYPE_CHECKING:
@@ -116,24 +116,33 @@ def _train_step(ctx: StepContext, name: str, specs: list[str]) -> TrainedExpert:
     folder, show = ctx.out / "experts" / name, ctx.show
     data = {s: ctx.data_digests[s] for s in specs}
     key = step_key(step="train", config=train, base=ctx.base_digest, data=data)
-    if is_fresh(folder, key):
-        show.skip(f"expert {name}")
-        return TrainedExpert(name, folder, key)
-    show.start(f"training expert {name} on {', '.join(specs)}")
-    pending = folder.parent / f".{name}.pending-key"
-    checkpoints = folder.parent / f"{name}.checkpoint"
-    resume = checkpoints.exists() and pending.is_file() and pending.read_text() == key
-    if checkpoints.exists() and not resume:
-        shutil.rmtree(checkpoints)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    pending.write_text(key)
-    ctx.call(
-        f"expert {name}", train_expert, train, folder, resume=resume, overwrite=True, progress=show.enabled
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        mark_done(folder, key, step="train", expert=name)
+
+    def run() -> dict[str, Any] | None:
+        show.start(f"training expert {name} on {', '.join(specs)}")
+        pending = folder.parent / f".{name}.pending-key"  # the key whose checkpoints may be resumed
+        checkpoints = folder.parent / f"{name}.checkpoint"
+        resume = checkpoints.exists() and pending.is_file() and pending.read_text() == key
+        if checkpoints.exists() and not resume:
+            shutil.rmtree(checkpoints)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        pending.write_text(key)
+        ctx.call(
+            f"expert {name}",
+            train_expert,
+            train,
+            folder,
+            resume=resume,
+            overwrite=True,
+            progress=show.enabled,
+        )
+        show.done(f"expert {name}")
+        if int(os.environ.get("RANK", "0")) != 0:
+            return None  # rank 0 records the step
         pending.unlink(missing_ok=True)
-    show.done(f"expert {name}")
+        return {"expert": name}
+
+    if cached(folder, key, "train", run)[1]:
+        show.skip(f"expert {name}")
     return TrainedExpert(name, folder, key)
 
 
@@ -167,23 +176,23 @@ def _statistics_step(ctx: StepContext, expert: TrainedExpert, kinds: list[str]) 
 
     settings = ctx.config.statistics
     key = step_key(step="statistics", expert=expert.key, kinds=kinds, settings=settings)
-    record = expert.path / STATISTICS_KEY
-    if record.is_file() and record.read_text() == key:
+
+    def run() -> dict[str, Any]:
+        ctx.show.start(f"statistics ({', '.join(kinds)}) of expert {expert.name}")
+        ctx.call(
+            f"statistics of {expert.name}",
+            compute_statistics,
+            expert.path,
+            kinds=kinds,
+            overwrite=True,
+            progress=ctx.show.enabled,
+            **settings.arguments(),
+        )
+        ctx.show.done(f"statistics of {expert.name}")
+        return {"kinds": kinds}
+
+    if cached(expert.path, key, "statistics", run, record=STATISTICS_STEP)[1]:
         ctx.show.skip(f"statistics of {expert.name}")
-        return
-    ctx.show.start(f"statistics ({', '.join(kinds)}) of expert {expert.name}")
-    record.unlink(missing_ok=True)
-    ctx.call(
-        f"statistics of {expert.name}",
-        compute_statistics,
-        expert.path,
-        kinds=kinds,
-        overwrite=True,
-        progress=ctx.show.enabled,
-        **settings.arguments(),
-    )
-    record.write_text(key)
-    ctx.show.done(f"statistics of {expert.name}")
 
 
 def _scoring(config: ExperimentConfig) -> Scoring:
@@ -206,25 +215,27 @@ def _search_step(ctx: StepContext, method: str, experts: list[TrainedExpert]) ->
     key = step_key(
         step="search", method=method, settings=config.search, experts=upstream, scoring=repr(ctx.scoring)
     )
-    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+
+    def run() -> dict[str, Any]:
+        show.start(f"searching {method} ({config.search.trials} trials, {config.search.sampler})")
+        paths = [str(e.path) for e in experts]
+        result = ctx.call(
+            f"search {method}",
+            search_method,
+            method,
+            config.base_model,
+            paths,
+            config.search,
+            ctx.scoring,
+            ctx.executor,
+        )
+        show.done(f"search {method}: validation loss {result.best.loss:.4f}")
+        return SearchRecord(key=key, method=method, best=result.best, trials=result.trials).to_json()
+
+    record, fresh = cached(path.parent, key, "search", run, record=path.name)
+    if fresh:
         show.skip(f"search {method}")
-        return SearchRecord.from_json(json.loads(path.read_text()))
-    show.start(f"searching {method} ({config.search.trials} trials, {config.search.sampler})")
-    paths = [str(e.path) for e in experts]
-    result = ctx.call(
-        f"search {method}",
-        search_method,
-        method,
-        config.base_model,
-        paths,
-        config.search,
-        ctx.scoring,
-        ctx.executor,
-    )
-    record = SearchRecord(key=key, method=method, best=result.best, trials=result.trials)
-    write_json_atomic(path, record.to_json())
-    show.done(f"search {method}: validation loss {result.best.loss:.4f}")
-    return record
+    return SearchRecord.from_json(record)
 
 
 def _merge_steps(
@@ -244,12 +255,14 @@ def _merge_steps(
         merge = validate_config({**base.model_dump(by_alias=True), **update}, MergeConfig, f"merge {method}")
         folder = ctx.out / "merges" / f"{method}-{space}"
         key = step_key(step="merge", config=merge, search=search.key)
-        if is_fresh(folder, key):
-            show.skip(f"merge {method} ({space})")
-        else:
+
+        def run(merge: MergeConfig = merge, folder: Path = folder, space: str = space) -> dict[str, Any]:
             show.start(f"merging {method} ({space})")
             merge_models(merge, folder, overwrite=True, progress=False)
-            mark_done(folder, key, step="merge", method=method, space=space)
+            return {"method": method, "space": space}
+
+        if cached(folder, key, "merge", run)[1]:
+            show.skip(f"merge {method} ({space})")
         folders[space] = folder
     return folders
 
@@ -311,10 +324,8 @@ def _validation_step(
 
 def _folder_key(path: str) -> str:
     """A model's identity for caching: its step key if medmerge made it, else its checksum."""
-    record = Path(path) / "medmerge-step.json"
-    if record.is_file():
-        return json.loads(record.read_text())["key"]
-    return checksum(resolve_model(path))
+    record = recorded(Path(path) / STEP_FILE)
+    return record["key"] if record is not None else checksum(resolve_model(path))
 
 
 def best_space(validation: dict[str, ValidationRecord], method: str, spaces: list[str]) -> str:

@@ -242,7 +242,7 @@ def expert_train_config(expert_dir: Path, specs: Sequence[str] | None) -> tuple[
     return config, (manifest.get("inputs") or {}).get("data")
 
 
-def _check_same_split(sources: list[dict[str, Any]], recorded: list | None, expert_dir: Path) -> None:
+def check_same_split(sources: list[dict[str, Any]], recorded: list | None, expert_dir: Path) -> None:
     if not recorded:
         return
     want = sorted(r.get("train_fingerprint") for r in recorded)
@@ -298,7 +298,7 @@ def compute_statistics(
     kind: ModelKind = model_kind(expert_dir)
     tokenizer = load_tokenizer(expert_dir)
     data = prepare_data(config, tokenizer, kind)
-    _check_same_split(data.sources, recorded, expert_dir)
+    check_same_split(data.sources, recorded, expert_dir)
     if privacy is not None:
         return _private_statistics(
             expert_dir,
