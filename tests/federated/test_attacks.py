@@ -610,7 +610,8 @@ def _tensors(reply: Payload, name: str, change) -> Payload:
 
 
 def _x1000(request: Payload, reply: Payload) -> Payload:
-    if request.kind != "train":
+    """Its expert adapter and its FedAvg updates, ΔW ×1000."""
+    if request.kind not in ("train", "fedavg") or not reply.blobs:
         return reply
     return _tensors(
         reply,
@@ -660,7 +661,8 @@ def _inflated_gram(request: Payload, reply: Payload) -> Payload:
 
 
 def _poison_run(root: Path, base: Path, sites: tuple, tamper: dict) -> dict:
-    config = study(root, base, sites, trials=2, share_statistics=True)
+    fedavg = {"rounds": 1, "local_steps": 1, "aggregate": "median"}
+    config = study(root, base, sites, trials=2, share_statistics=True, fedavg=fedavg)
     data = config.model_dump(mode="json") | {"methods": POISON_METHODS}
     config = FederatedConfig.model_validate(data)
     out, printed = root / "coordinator", io.StringIO()
@@ -674,9 +676,9 @@ def _poison_run(root: Path, base: Path, sites: tuple, tamper: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def poisoned_study(tmp_path_factory, tiny_llama):
-    """The same three expert sites twice, with statistics shared (RegMean searched): honest, and with
-    north-5 sending its adapter ×1000 while three more sites send a NaN adapter, a foreign LoRA config
-    and Grams ×1000."""
+    """The same three expert sites twice, with statistics shared (RegMean searched) and a FedAvg round
+    (coordinate-wise median): honest, and with north-5 sending its adapter and its FedAvg update ×1000
+    while three more sites send a NaN adapter, a foreign LoRA config and Grams ×1000."""
     honest_sites = (*POISON_HONEST, X1000)
     honest = _poison_run(tmp_path_factory.mktemp("honest"), tiny_llama, honest_sites, {})
     tamper = {X1000: _x1000, NAN_ADAPTER: _nan, FOREIGN: _foreign, GRAM: _inflated_gram}
@@ -743,6 +745,17 @@ def test_a_x1000_adapter_is_scaled_back_and_the_merge_holds(poisoned_study):
         others = sorted(norms[s][module] for s in POISON_HONEST)
         assert norm <= K_NORM * max(others) + 1e-9, module
     _merge_unaffected(poisoned_study)
+    # its FedAvg update too: scaled back before the round's median, and named
+    (round0,) = verdict["fedavg"]["rounds"]
+    assert round0["rule"] == "median" and set(round0["weights"]) == {*POISON_HONEST, X1000}
+    assert round0["screened"][X1000].startswith("ΔW scaled by ")
+    fedavg = verdict["contributions_screened"]["fedavg"]["round 0"]
+    assert set(fedavg["bounded"]) == {X1000} and not fedavg["refused"]
+    fedavg_loss = {
+        name: next(r["test_loss"] for r in poisoned_study[name]["verdict"]["table"] if r["model"] == "fedavg")
+        for name in ("honest", "poisoned")
+    }
+    assert abs(fedavg_loss["poisoned"] - fedavg_loss["honest"]) < 0.002, fedavg_loss
 
 
 def test_a_nan_adapter_is_refused_before_any_merge(poisoned_study):
