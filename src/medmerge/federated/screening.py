@@ -110,7 +110,7 @@ def screen_contributions(
             if kinds:
                 stats = (statistics or {}).get(site, {})
                 summaries[site] = check_statistics(site, dict(stats), shapes or {}, kinds, bounds)
-        except MedmergeError as exc:
+        except (MedmergeError, ValueError, RuntimeError, KeyError) as exc:  # any bad adapter: refused
             result.refused[site] = _reason(site, exc)
     if len(summaries) >= 3 and "gram" in (kinds or []):
         for site, why in screen_gram_scales(
@@ -146,7 +146,7 @@ def screen_updates(sent: Mapping[str, Mapping[str, bytes]], study: LoraStudy, se
     for site, blobs in sent.items():
         try:
             checked[site] = validate_adapter(site, blobs[CONFIG], blobs[WEIGHTS], study)
-        except MedmergeError as exc:
+        except (MedmergeError, ValueError, RuntimeError, KeyError) as exc:  # any bad adapter: refused
             result.refused[site] = _reason(site, exc)
     if not checked:
         return result
@@ -163,5 +163,8 @@ def screen_updates(sent: Mapping[str, Mapping[str, bytes]], study: LoraStudy, se
 
 
 def _reason(site: str, exc: BaseException) -> str:
-    """A check's one-line refusal without its `site <name>: ` head (the drop line names the site)."""
+    """A check's one-line refusal without its `site <name>: ` head (the drop line names the site); an
+    unexpected error reading the bytes is named by its type only."""
+    if not isinstance(exc, MedmergeError):
+        return f"adapter refused (unreadable: {type(exc).__name__})"
     return (str(exc).splitlines() or [""])[0].removeprefix(f"site {site}: ")[:300]
