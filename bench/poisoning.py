@@ -12,25 +12,30 @@ default trial first) is run on what the sites send:
 
 with three defences:
 
-    none       the adapters as the coordinator takes them today (shape checks only)
-    default    medmerge.federated: checks.validate_adapter, robust.screen_norms (an outsized site scaled
-               back, outlier modules clipped), screen_directions, then validation_screen on the adapters
-               as forwarded (checks.canonical_adapter), each expert alone scored at every kept site
-    refuse     the same, but screen_norms refuses a site that is an outlier in over half its modules
+    none       the adapters as sent, merged unchecked (the coordinator before the screen was wired)
+    default    the coordinator's screen, federated.screening.screen_contributions with the study's
+               federation.robust defaults (what coordinator._train calls): checks.validate_adapter, the
+               norm screen (an outsized site scaled back, outlier modules clipped), the direction screen
+               (a site pointing against most others refused), the adapters re-serialised canonically
+    refuse     the same with federation.robust.refuse_share 0.5: a site that is a norm outlier in over
+               half its modules is refused instead of scaled back
 
-A recipe's validation loss is the token-weighted answer NLL (nats/token) over every site's --validation
-validation questions, computed here as each site computes it (medmerge.evaluate.scorer), and over the
-honest sites only. A refused site's questions do not score the search (it left the study), but they are
-still counted in the "all sites" column. The poisoned site scores honestly: this isolates what its
-ADAPTER can do (what its numbers can do is bounded by robust.bounded_objective). Also measured: the honest
-experts' norm ratios and pairwise cosines, each adapter alone at every site (the validation screen's
-data), and, with --statistics, the sites' Gram scales (robust.K_GRAM).
+The search is the coordinator's: medmerge.merge.search.search (the study's sampler and seed, the default
+trial first), each trial's objective federated.verdict.objective of the scoring sites' {Σ nll, tokens}
+(federation.objective "tokens", weight_cap 2), computed here as each site computes it
+(medmerge.evaluate.scorer on its first --validation validation questions). A refused site leaves the
+study: its questions do not score the search. The chosen merge is the method with the lowest objective
+(as the verdict chooses it). Its validation loss is reported over all three sites' questions and over the
+two honest sites'; the acceptance compares the chosen merge with the honest study's (default defence, no
+attacker), in nats/token. The poisoned site scores honestly: this isolates what its ADAPTER can do.
+Also measured: the honest experts' norm ratios and pairwise cosines, each adapter alone at every site
+(robust.validation_screen's data), and, with --statistics, the sites' Gram scales through the same
+screen_contributions (check_statistics with the study's bounds, then screen_gram_scales).
 
-The merges are built by medmerge.merge from the adapter folders the coordinator keeps. The search runs on
-these functions directly, not through medmerge.federated.coordinator (the protocol rewrite wires them in;
-`search` below is the coordinator's loop, and `defend` the order of its checks).
+The merges are built by medmerge.merge from the adapter folders the screen keeps (canonical bytes).
 
     flock /tmp/medmerge-heavy.lock .venv/bin/python bench/poisoning.py --statistics [--work runs/poisoning]
+    (writes --work/poisoning-<attacker>.json and prints the tables)
     .venv/bin/python bench/poisoning.py --stage train      # only train (and cache) the three experts
 """
 
@@ -208,40 +213,32 @@ def merge_state(config, recipe: dict[str, Any], folders: list[Path]) -> dict[str
 
 
 def search(config, method: str, experts: dict[str, Path], scorers: list[str], scorer: Scorer, cache: Cache):
-    """The coordinator's search (federated.coordinator._search: Optuna with the study's sampler and
-    seed, the default trial first, `search.trials` trials), each trial's merge scored at `scorers`
-    (objective: token-weighted). Returns the trials and the best one."""
-    import optuna
+    """The coordinator's search (coordinator._search: medmerge.merge.search.search, objective
+    verdict.objective over the `scorers`' numbers), each trial's merge scored here as the sites score
+    it. Returns the trials and the best one."""
+    from medmerge.federated.verdict import objective
+    from medmerge.merge.search import Scored
+    from medmerge.merge.search import search as merge_search
 
-    from medmerge.merge.registry import get_method
-    from medmerge.merge.spaces import knob_names
-    from medmerge.pipeline.search import make_sampler
-
-    spec, settings, names = get_method(method), config.search, list(experts)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=make_sampler(settings))
-    knobs = knob_names(spec.space, len(names))
-    default = {**{f"w{i}": 1.0 for i in range(len(names)) if f"w{i}" in knobs}, **spec.default}
-    study.enqueue_trial({k: v for k, v in default.items() if k in knobs})
+    federation, names = config.federation, list(experts)
     digests = [_folder_digest(experts[n]) for n in names]
-    trials = []
-    for number in range(settings.trials if knobs else 1):
-        trial = study.ask()
-        setting = spec.space(trial, len(names))
-        weights = setting.weights if setting.weights is not None else [1.0] * len(names)
-        recipe = {
-            "method": method,
-            "parameters": setting.parameters,
-            "weights": weights,
-            "seed": settings.seed,
-        }
-        recipe["experts"] = names
-        key = hashlib.sha256(json.dumps([recipe, digests], sort_keys=True).encode()).hexdigest()
-        numbers = cache.get(key, lambda r=recipe: scorer(merge_state(config, r, list(experts.values()))))
-        loss = pooled(numbers, scorers)
-        study.tell(trial, loss)
-        trials.append({"trial": number, "recipe": recipe, "loss": loss, "sites": numbers})
-    return trials, min(trials, key=lambda t: t["loss"])
+
+    def score(recipes, first: int) -> list:
+        out = []
+        for recipe in recipes:
+            wire = recipe.model_dump(mode="json")
+            key = hashlib.sha256(json.dumps([wire, digests], sort_keys=True).encode()).hexdigest()
+            numbers = cache.get(key, lambda r=wire: scorer(merge_state(config, r, list(experts.values()))))
+            mine = {s: numbers[s] for s in scorers}
+            out.append(Scored(objective(mine, federation.objective, federation.weight_cap), numbers))
+        return out
+
+    result = merge_search(method, names, config.search, score)
+    trials = [
+        {"trial": t.number, "recipe": t.recipe.model_dump(mode="json"), "loss": t.loss, "sites": t.details}
+        for t in result.trials
+    ]
+    return trials, trials[result.best.number]
 
 
 def write_adapter_folder(folder: Path, blobs: dict[str, bytes]) -> Path:
@@ -261,47 +258,17 @@ def poisoned(blobs: dict[str, bytes], factor: float) -> dict[str, bytes]:
     return blobs | {"adapter_model.safetensors": save(scaled)}
 
 
-def defend(study, sent: dict[str, dict[str, bytes]], work: Path, refuse_share: float | None, screen_alone):
-    """What the coordinator keeps of the sites' adapters after its checks, in its order: validate_adapter
-    and the norm screen (clip, or refuse with `refuse_share`) on what arrives; the direction screen on
-    what is left; then the validation screen on the adapters as forwarded (each alone, scored at every
-    site by `screen_alone(site, folder)`). Returns {site: folder kept}, the lines naming sites, the
-    pairwise cosines and the validation screen's numbers."""
-    from medmerge.federated.checks import canonical_adapter, validate_adapter
-    from medmerge.federated.robust import (
-        direction_cosines,
-        module_norms,
-        refusals,
-        screen_directions,
-        screen_norms,
-        validation_screen,
-    )
+def defend(study, sent: dict[str, dict[str, bytes]], work: Path, settings, base_id: str):
+    """What the coordinator keeps of the sites' adapters: federated.screening.screen_contributions (the
+    function coordinator._train calls) with `settings` (federation.robust). Returns {site: folder kept,
+    canonical bytes}, the lines naming sites (refused or bounded) and the screen's record."""
+    from medmerge.federated.screening import screen_contributions
 
-    checked = {
-        s: validate_adapter(s, b["adapter_config.json"], b["adapter_model.safetensors"], study)
-        for s, b in sent.items()
-    }
-    norms = screen_norms(module_norms(checked), refuse_share=refuse_share)
-    named = [f"norm: {line}" for line in norms.lines()]
-    kept = {s: a for s, a in checked.items() if s not in norms.refused}
-    cosines = direction_cosines(kept)
-    flipped = screen_directions(cosines)
-    named += [f"direction: site {s}: {why}" for s, why in flipped.items()]
-    folders = {
-        site: write_adapter_folder(work / site, canonical_adapter(adapter, study, norms.scales.get(site)))
-        for site, adapter in kept.items()
-        if site not in flipped
-    }
-    alone = {site: screen_alone(site, folder) for site, folder in folders.items()}
-    scored = {
-        site: {"base": alone[site]["base"][site]} | {e: alone[e]["alone"][site] for e in alone}
-        for site in folders
-    }
-    screen = validation_screen(scored)
-    worse = refusals(screen)
-    named += [f"validation: site {s}: {why}" for s, why in worse.items()]
-    kept_folders = {s: f for s, f in folders.items() if s not in worse}
-    return kept_folders, named, {f"{a}~{b}": round(c, 4) for (a, b), c in cosines.items()}, screen
+    screening = screen_contributions(sent, study, settings, base_id)
+    named = [f"{s} refused: {why}" for s, why in screening.refused.items()]
+    named += [f"{s} kept, bounded: {how}" for s, how in screening.bounded.items()]
+    folders = {site: write_adapter_folder(work / site, blobs) for site, blobs in screening.kept.items()}
+    return folders, named, screening.record()
 
 
 def measure(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[str, Any]:
@@ -363,6 +330,8 @@ def measure(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[
                     for s in sites
                 }
     print(json.dumps({"alone_minus_base": alone_as_sent}), flush=True)
+    from medmerge.federated.config import RobustSettings
+
     rows, screens = [], {}
     for case, sent in sent_by.items():
         for defence in ("none", "default", "refuse"):
@@ -371,13 +340,13 @@ def measure(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[
             work = args.work / "cases" / f"{case}-{defence}"
             if defence == "none":
                 folders = {s: write_adapter_folder(work / s, b) for s, b in sent.items()}
-                named, case_cosines = [], {}
+                named = []
             else:
-                share = 0.5 if defence == "refuse" else None
-                folders, named, case_cosines, screens[f"{case}-{defence}"] = defend(
-                    study, sent, work, share, screen_alone
+                settings = RobustSettings(refuse_share=0.5 if defence == "refuse" else None)
+                folders, named, screens[f"{case}-{defence}"] = defend(
+                    study, sent, work, settings, config.base_model
                 )
-            scorers = [s for s in sites if s in folders or s != attacker]  # a refused site scores nothing
+            scorers = [s for s in sites if s in folders]  # a refused site left the study
             for method in config.methods:
                 started = time.time()
                 trials, best = search(config, method, folders, scorers, scorer, cache)
@@ -392,7 +361,6 @@ def measure(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[
                         "val_loss_all_sites": pooled(best["sites"], sites),
                         "val_loss_honest_sites": pooled(best["sites"], [s for s in sites if s != attacker]),
                         "named": named,
-                        "cosines": case_cosines,
                         "trials": [
                             (t["recipe"]["weights"], t["recipe"]["parameters"], t["loss"]) for t in trials
                         ],
@@ -411,7 +379,7 @@ def measure(args: argparse.Namespace, config, experts: dict[str, Path]) -> dict[
         "honest_cosines": {f"{a}~{b}": c for (a, b), c in cosines.items()},
         "base": base,
         "alone_minus_base": alone_as_sent,
-        "validation_screens": screens,
+        "screens": screens,
         "rows": rows,
     }
 
@@ -476,30 +444,90 @@ def gram_scales(args: argparse.Namespace, config, experts: dict[str, Path]) -> d
     inflated = {s: dict(v) for s, v in summaries.items()}
     attacker = args.attacker
     inflated[attacker] = {n: v * 1000 for n, v in inflated[attacker].items()}
+    # the coordinator's screen itself, on the honest adapters with the attacker's Grams ×1000 (record
+    # made consistent again): refused by screen_gram_scales, nothing else
+    from safetensors.torch import load, save
+
+    from medmerge.federated.checks import StatisticsBounds, lora_study
+    from medmerge.federated.config import RobustSettings
+    from medmerge.federated.screening import screen_contributions
+
+    tensors = load(blobs[attacker][TENSORS_FILE])
+    data = save({k: v * 1000 if k.startswith("gram") else v for k, v in tensors.items()})
+    record = json.loads(blobs[attacker][INFO_FILE]) | {
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    poisoned = blobs | {attacker: {TENSORS_FILE: data, INFO_FILE: json.dumps(record).encode()}}
+    train, base = config.train, resolve_model(config.base_model)
+    bounds = StatisticsBounds.for_study(settings.examples, train.max_prompt_tokens, train.max_answer_tokens)
+    adapters = {s: {f: (experts[s] / f).read_bytes() for f in ADAPTER_FILES} for s in experts}
+    screening = screen_contributions(
+        adapters,
+        lora_study(train.lora, base, config.base_model),
+        RobustSettings(),
+        config.base_model,
+        statistics=poisoned,
+        shapes=shapes,
+        kinds=["gram"],
+        bounds=bounds,
+    )
     return {
         "tokens": {s: json.loads(b[INFO_FILE])["tokens"] for s, b in blobs.items()},
+        "max_tokens": bounds.max_tokens,
         "honest_ratio_to_reference": {"min": ratios[0], "max": ratios[-1]},
         "honest_refused": screen_gram_scales(summaries),
         "x1000_refused": screen_gram_scales(inflated),
+        "x1000_screen_contributions": screening.refused,
     }
 
 
 def table(result: dict[str, Any]) -> str:
-    """The markdown table of the searches: the chosen merge's validation loss per case and defence."""
-    honest = {r["method"]: r for r in result["rows"] if r["case"] == "honest" and r["defence"] == "none"}
+    """The markdown table of every search: each method's best validation loss per case and defence."""
+    honest = {r["method"]: r for r in result["rows"] if r["case"] == "honest" and r["defence"] == "default"}
     lines = [
         "| case | defence | method | experts merged | val loss, all 3 sites | vs honest "
-        "| val loss, 2 honest sites | vs honest | named |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| val loss, 2 honest sites | vs honest |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         h = honest[r["method"]]
-        named = "; ".join(r["named"]) or "—"
         lines.append(
             f"| {r['case']} | {r['defence']} | {r['method']} | {len(r['experts'])} | "
             f"{r['val_loss_all_sites']:.4f} | "
             f"{r['val_loss_all_sites'] - h['val_loss_all_sites']:+.4f} | {r['val_loss_honest_sites']:.4f} | "
-            f"{r['val_loss_honest_sites'] - h['val_loss_honest_sites']:+.4f} | {named} |"
+            f"{r['val_loss_honest_sites'] - h['val_loss_honest_sites']:+.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def chosen(result: dict[str, Any], case: str, defence: str) -> dict[str, Any]:
+    """The chosen merge of a case: the method whose best trial has the lowest objective (the verdict's
+    choice)."""
+    rows = [r for r in result["rows"] if r["case"] == case and r["defence"] == defence]
+    return min(rows, key=lambda r: r["objective"])
+
+
+def acceptance(result: dict[str, Any], case: str, bound: float = 0.01) -> str:
+    """Honest study vs `case`: the chosen merge (method, experts merged), its validation loss over the
+    three sites' questions and over the two honest sites', the difference to the honest study's, and
+    the sites the screen named."""
+    honest = chosen(result, "honest", "default")
+    lines = [
+        f"| study | defence | chosen merge | experts | val loss, 3 sites | Δ vs honest "
+        f"| val loss, 2 honest sites | Δ vs honest | within {bound} | site named |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, defence in (("honest", "default"), (case, "none"), (case, "default"), (case, "refuse")):
+        r = chosen(result, label, defence)
+        d_all = r["val_loss_all_sites"] - honest["val_loss_all_sites"]
+        d_honest = r["val_loss_honest_sites"] - honest["val_loss_honest_sites"]
+        ok = "yes" if abs(d_all) <= bound and abs(d_honest) <= bound else "no"
+        named = "<br>".join(r["named"]) or "—"
+        lines.append(
+            f"| {label} | {defence} | {r['method']} | {len(r['experts'])} | {r['val_loss_all_sites']:.4f} "
+            f"| {d_all:+.4f} | {r['val_loss_honest_sites']:.4f} | {d_honest:+.4f} | "
+            f"{'—' if label == 'honest' else ok} | {named} |"
         )
     return "\n".join(lines)
 
@@ -534,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.work / f"poisoning-{args.attacker}.json"
     out.write_text(json.dumps(result, indent=2))
     print(table(result))
+    for case in ("x1000", "flip"):
+        print(f"\nhonest vs {case} (attacker {args.attacker}):\n")
+        print(acceptance(result, case))
     print(f"written {out} ({result['seconds']:.0f} s)")
     return 0
 

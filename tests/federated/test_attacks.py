@@ -594,3 +594,185 @@ def test_flower_coordinator_killed_then_resumed(tmp_path, tiny_llama):
     assert after.items() >= before.items()  # every trial finished before the kill, kept as it was
     assert len(after) == trials  # and only the missing ones were run
     assert verdict["chosen_merge"] == "task_arithmetic" and not verdict["dropped_sites"]
+
+
+# ---------------------------------------------------------------- poisoning (the coordinator's screen)
+POISON_HONEST = ("north", "south")
+X1000, NAN_ADAPTER, FOREIGN, GRAM = "north-5", "south-5", "north-6", "south-6"
+POISON_METHODS = ["task_arithmetic", "regmean"]
+
+
+def _tensors(reply: Payload, name: str, change) -> Payload:
+    """`reply` with the safetensors blob `name` replaced by change({tensor name: tensor})."""
+    from safetensors.torch import load, save
+
+    return _with_blobs(reply, {name: save(change(load(reply.blobs[name])))})
+
+
+def _x1000(request: Payload, reply: Payload) -> Payload:
+    """Its expert adapter and its FedAvg updates, ΔW ×1000."""
+    if request.kind not in ("train", "fedavg") or not reply.blobs:
+        return reply
+    return _tensors(
+        reply,
+        "adapter_model.safetensors",
+        lambda t: {k: v * 1000 if ".lora_B." in k else v for k, v in t.items()},
+    )
+
+
+def _nan(request: Payload, reply: Payload) -> Payload:
+    def poison(tensors: dict) -> dict:
+        key = sorted(k for k in tensors if ".lora_B." in k)[0]
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = float("nan")
+        return tensors
+
+    return _tensors(reply, "adapter_model.safetensors", poison) if request.kind == "train" else reply
+
+
+def _foreign(request: Payload, reply: Payload) -> Payload:
+    """A LoRA config of its own: lora_alpha ×1000 (ΔW ×1000 without touching a tensor) and an
+    alpha_pattern regex that would hang a coordinator that compiled it against a long module name."""
+    if request.kind != "train":
+        return reply
+    config = json.loads(reply.blobs["adapter_config.json"])
+    config |= {"lora_alpha": config["lora_alpha"] * 1000, "alpha_pattern": {"(a+)+$": 8000}}
+    return _with_blobs(reply, {"adapter_config.json": json.dumps(config).encode()})
+
+
+def _inflated_gram(request: Payload, reply: Payload) -> Payload:
+    """Its Grams ×1000 (a RegMean merge then leans on its adapter), the record made consistent with the
+    tensor file again (size, SHA-256) and its declared tokens left as they were."""
+    import hashlib
+
+    if request.kind != "train":
+        return reply
+    reply = _tensors(
+        reply,
+        "statistics.safetensors",
+        lambda t: {k: v * 1000 if k.startswith("gram") else v for k, v in t.items()},
+    )
+    data = reply.blobs["statistics.safetensors"]
+    record = json.loads(reply.blobs["statistics.json"]) | {
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    return _with_blobs(reply, {"statistics.json": json.dumps(record).encode()})
+
+
+def _poison_run(root: Path, base: Path, sites: tuple, tamper: dict) -> dict:
+    fedavg = {"rounds": 1, "local_steps": 1, "aggregate": "median"}
+    config = study(root, base, sites, trials=2, share_statistics=True, fedavg=fedavg)
+    data = config.model_dump(mode="json") | {"methods": POISON_METHODS}
+    config = FederatedConfig.model_validate(data)
+    out, printed = root / "coordinator", io.StringIO()
+    send = LocalSend(config, root / "sites", tamper)
+    with contextlib.redirect_stdout(printed):
+        verdict_path = run_study(config.for_party(None), out, Exchange(send, list(sites), 2))
+    searches = {m: json.loads((out / "search" / f"{m}.json").read_text()) for m in POISON_METHODS}
+    verdict = json.loads(verdict_path.read_text())["verdict"]
+    return {"root": root, "out": out, "verdict": verdict, "printed": printed.getvalue(), "searches": searches}
+
+
+@pytest.fixture(scope="module")
+def poisoned_study(tmp_path_factory, tiny_llama):
+    """The same three expert sites twice, with statistics shared (RegMean searched) and a FedAvg round
+    (coordinate-wise median): honest, and with north-5 sending its adapter and its FedAvg update ×1000
+    while three more sites send a NaN adapter, a foreign LoRA config and Grams ×1000."""
+    honest_sites = (*POISON_HONEST, X1000)
+    honest = _poison_run(tmp_path_factory.mktemp("honest"), tiny_llama, honest_sites, {})
+    tamper = {X1000: _x1000, NAN_ADAPTER: _nan, FOREIGN: _foreign, GRAM: _inflated_gram}
+    sites = (*honest_sites, NAN_ADAPTER, FOREIGN, GRAM)
+    poisoned = _poison_run(tmp_path_factory.mktemp("poisoned"), tiny_llama, sites, tamper)
+    return {"honest": honest, "poisoned": poisoned}
+
+
+def _refused(result: dict, site: str) -> str:
+    """The reason `site` was refused at train: dropped with one printed line, named in the verdict's
+    contributions screened and its report; its adapter neither kept nor forwarded to any site."""
+    verdict, out = result["verdict"], result["out"]
+    drop = verdict["dropped"][site]
+    assert drop["step"] == "train"
+    lines = [line for line in result["printed"].splitlines() if f"site {site} dropped" in line]
+    assert lines == [f"medmerge federate: site {site} dropped at train: {drop['reason']}"]
+    assert verdict["contributions_screened"]["train"]["refused"][site] == drop["reason"]
+    assert f"- {site}, at train: refused — {drop['reason']}" in (out / "report.md").read_text()
+    assert not (out / "experts" / site).exists() and site not in verdict["sites"]
+    for peer in (*POISON_HONEST, X1000):
+        order = json.loads((result["root"] / "sites" / peer / "peers" / "order.json").read_text())["order"]
+        assert order == [*POISON_HONEST, X1000]  # what every site merges and scores
+    for search in result["searches"].values():
+        assert search["best"]["recipe"]["experts"] == [*POISON_HONEST, X1000]
+    return drop["reason"]
+
+
+def _merge_unaffected(poisoned_study: dict, tolerance: float = 0.002) -> None:
+    """Each method's chosen merge scores (validation, the same three scoring sites) within `tolerance`
+    nats/token of the honest study's. (On the tiny random model the screened study lands 2e-4 away;
+    without the screen the ×1000 adapter, kept as sent, moved it by 0.018.)"""
+    for method in POISON_METHODS:
+        honest = poisoned_study["honest"]["searches"][method]["best"]["loss"]
+        poisoned = poisoned_study["poisoned"]["searches"][method]["best"]["loss"]
+        assert abs(poisoned - honest) < tolerance, (method, honest, poisoned)
+
+
+def test_a_x1000_adapter_is_scaled_back_and_the_merge_holds(poisoned_study):
+    from medmerge.federated.checks import lora_study, validate_adapter
+    from medmerge.federated.robust import K_NORM, module_norms
+
+    result = poisoned_study["poisoned"]
+    verdict, out = result["verdict"], result["out"]
+    assert X1000 not in verdict["dropped_sites"] and X1000 in verdict["sites"]
+    bounded = verdict["contributions_screened"]["train"]["bounded"]
+    assert set(bounded) == {X1000} and bounded[X1000].startswith("ΔW scaled by ")
+    assert X1000 in (out / "report.md").read_text().split("Contributions screened")[1]
+    assert f"medmerge federate: site {X1000} screened at train: ΔW scaled by" in result["printed"]
+    record = json.loads((out / "screened.json").read_text())["train"]
+    assert 0.5e-3 < record["rescaled"][X1000] < 2e-3  # back by about the ×1000
+    # the adapter kept and forwarded is the screened one: every module within K_NORM × the median
+    config = FederatedConfig.model_validate(
+        json.loads((result["root"] / "sites" / "north" / "config.yaml").read_text())
+    )
+    base = Path(config.base_model)
+    lora = lora_study(config.train.lora, base, config.base_model)
+    kept = {}
+    for site in (*POISON_HONEST, X1000):
+        folder = result["root"] / "sites" / "north" / "peers" / site
+        files = [(folder / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")]
+        kept[site] = validate_adapter(site, *files, lora)
+    norms = module_norms(kept)
+    for module, norm in norms[X1000].items():
+        others = sorted(norms[s][module] for s in POISON_HONEST)
+        assert norm <= K_NORM * max(others) + 1e-9, module
+    _merge_unaffected(poisoned_study)
+    # its FedAvg update too: scaled back before the round's median, and named
+    (round0,) = verdict["fedavg"]["rounds"]
+    assert round0["rule"] == "median" and set(round0["weights"]) == {*POISON_HONEST, X1000}
+    assert round0["screened"][X1000].startswith("ΔW scaled by ")
+    fedavg = verdict["contributions_screened"]["fedavg"]["round 0"]
+    assert set(fedavg["bounded"]) == {X1000} and not fedavg["refused"]
+    fedavg_loss = {
+        name: next(r["test_loss"] for r in poisoned_study[name]["verdict"]["table"] if r["model"] == "fedavg")
+        for name in ("honest", "poisoned")
+    }
+    assert abs(fedavg_loss["poisoned"] - fedavg_loss["honest"]) < 0.002, fedavg_loss
+
+
+def test_a_nan_adapter_is_refused_before_any_merge(poisoned_study):
+    reason = _refused(poisoned_study["poisoned"], NAN_ADAPTER)
+    assert reason.startswith("adapter refused (adapter_model.safetensors ") and "non-finite values" in reason
+    _merge_unaffected(poisoned_study)
+
+
+def test_a_foreign_lora_config_is_refused_never_compiled(poisoned_study):
+    reason = _refused(poisoned_study["poisoned"], FOREIGN)
+    assert reason.startswith("adapter refused (adapter_config.json alpha_pattern: {'(a+)+$': 8000}")
+    _merge_unaffected(poisoned_study)
+
+
+def test_an_inflated_gram_is_refused(poisoned_study):
+    reason = _refused(poisoned_study["poisoned"], GRAM)
+    assert reason.startswith("shared statistics refused (Gram of ") and "× the reference" in reason
+    out = poisoned_study["poisoned"]["out"]
+    assert not (out / "experts" / GRAM).exists()
+    _merge_unaffected(poisoned_study)

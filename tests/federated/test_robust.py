@@ -231,3 +231,63 @@ def test_screen_adapters_is_both_screens_in_the_coordinators_order(study, sent):
     assert flipped.refused["south"].startswith(
         "refused by the direction screen (its ΔW points against 2 of the 2"
     )
+
+
+def test_screen_contributions_keeps_honest_adapters_as_canonical_bytes(study, sent):
+    """The coordinator's screen (federated.screening): honest adapters pass unbounded; what is kept is
+    the study's config (base id, only the keys that may cross the wire) and the same factors; a site
+    with a foreign config and one ×1000 are refused / scaled back in the same call."""
+    import json
+
+    from medmerge.federated.config import RobustSettings
+    from medmerge.federated.screening import screen_contributions
+    from medmerge.federated.site import ADAPTER_CONFIG_KEYS
+    from tests.federated.lora_adapters import edit
+
+    honest = screen_contributions(sent, study, RobustSettings(), "tiny-base")
+    assert not honest.refused and not honest.bounded and set(honest.kept) == set(SITES)
+    for site, blobs in honest.kept.items():
+        config = json.loads(blobs["adapter_config.json"])
+        assert config["base_model_name_or_path"] == "tiny-base" and set(config) <= ADAPTER_CONFIG_KEYS
+        again = validate_adapter(site, *(blobs[f] for f in FILES), study)
+        for module, f in checked(study, {site: sent[site]})[site].factors.items():
+            assert torch.equal(again.factors[module].b, f.b) and torch.equal(again.factors[module].a, f.a)
+
+    attacked = sent | {
+        "south": scaled(sent["south"], 1000.0),
+        "east": edit(sent["east"], {"use_rslora": True}),
+    }
+    result = screen_contributions(attacked, study, RobustSettings(), "tiny-base")
+    assert set(result.refused) == {"east"} and "adapter_config.json use_rslora" in result.refused["east"]
+    assert set(result.bounded) == {"south"} and set(result.kept) == {"north", "south"}
+    refused = screen_contributions(attacked, study, RobustSettings(refuse_share=0.5), "tiny-base")
+    assert set(refused.refused) == {"east", "south"} and "norm screen" in refused.refused["south"]
+
+
+def test_robust_and_fedavg_options_are_strict():
+    from medmerge.config import validate_config
+    from medmerge.errors import MedmergeError
+    from medmerge.federated.config import FederatedConfig
+
+    sites = [{"name": "a"}, {"name": "b"}]
+    config = validate_config(
+        {
+            "sites": sites,
+            "federation": {
+                "fedavg": {"rounds": 1, "aggregate": "trimmed_mean", "trim": 0.25, "clip_norm": 1.5},
+                "robust": {"norm_k": 5, "refuse_share": 0.5, "gram_k": 8},
+            },
+        },
+        FederatedConfig,
+        "study",
+    )
+    assert config.federation.fedavg.aggregate == "trimmed_mean" and config.federation.robust.norm_k == 5
+    for bad in (
+        {"fedavg": {"aggregate": "krum"}},
+        {"fedavg": {"trim": 0.5}},
+        {"fedavg": {"clip_norm": float("nan")}},
+        {"robust": {"norm_k": 0.5}},
+        {"robust": {"typo": 1}},
+    ):
+        with pytest.raises(MedmergeError):
+            validate_config({"sites": sites, "federation": bad}, FederatedConfig, "study")

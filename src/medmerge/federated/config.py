@@ -73,10 +73,64 @@ class FederatedEvaluateSettings(EvaluateSettings):
 
 
 class FedAvgSettings(StrictModel):
-    """The multi-round FedAvg-of-LoRA baseline (federated/fedavg.py), reported beside one-shot merging."""
+    """The multi-round FedAvg-of-LoRA baseline (federated/fedavg.py), reported beside one-shot merging,
+    and how the coordinator combines the sites' updates each round (fedavg.AggregateOptions)."""
 
     rounds: int = Field(0, ge=0, description="FedAvg rounds; 0 = no FedAvg baseline")
     local_steps: int = Field(10, ge=1, description="optimizer steps each site trains per round")
+    aggregate: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean",
+        description="mean: the exact pair-weighted mean of the updates ΔW_i; median: the coordinate-wise "
+        "median (Flower's FedMedian, unweighted); trimmed_mean: per coordinate, ⌊trim·n⌋ values cut from "
+        "each end, the rest averaged (Flower's FedTrimmedAvg, unweighted)",
+    )
+    trim: float = Field(
+        0.2, ge=0.0, lt=0.5, allow_inf_nan=False, description="trimmed_mean: the share cut from each end"
+    )
+    clip_norm: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="each site's whole update ΔW_i scaled by min(1, clip_norm / ‖ΔW_i‖_F) before it is "
+        "combined (Flower's fixed clipping, no noise); None: no clipping",
+    )
+
+
+class RobustSettings(StrictModel):
+    """The coordinator's screen of what the sites contribute, before anything is merged or forwarded
+    (federated/robust.py, federated/screening.py)."""
+
+    norm_k: float = Field(
+        3.0,
+        ge=1.0,
+        allow_inf_nan=False,
+        description="a module's ‖ΔW‖_F above norm_k × the sites' median (the other site's, with two) is "
+        "an outlier: an outsized site is scaled back to the others' size, a module still above is "
+        "clipped to the median",
+    )
+    refuse_share: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="refuse a site outright (rather than scale it back) when more than this share of "
+        "its modules are outliers; None: never refused for its norms",
+    )
+    direction_threshold: float = Field(
+        0.0,
+        ge=-1.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="a site whose update's median cosine with more than half of the other sites' is "
+        "below this is refused (≥ 3 expert sites; a sign-flipped update)",
+    )
+    gram_k: float = Field(
+        4.0,
+        gt=1.0,
+        allow_inf_nan=False,
+        description="a site whose Gram trace per declared token lies outside [1/gram_k, gram_k] × the "
+        "sites' median is refused (≥ 3 sites sharing statistics)",
+    )
 
 
 class QueryBudget(StrictModel):
@@ -124,6 +178,9 @@ class FederationSettings(StrictModel):
         "the others' validation splits, and score that merge on the held-out site's test split",
     )
     fedavg: FedAvgSettings = FedAvgSettings()
+    robust: RobustSettings = Field(
+        default_factory=RobustSettings, description="the screen of the sites' adapters and statistics"
+    )
     share_statistics: bool = Field(
         False,
         description="expert sites compute site statistics (RegMean's Gram matrices, Fisher merging's "

@@ -3,8 +3,12 @@ the sites' data arrives as typed replies (medmerge.federated.protocol) through `
 
     out/run.json                the study's run id (every request carries it)
     out/exchange.json           who was dropped, when and why; bytes per site and approach
-    out/experts/<site>/         each site's adapter (checked against the base, re-pointed at it), and
-                                its shared statistics with federation.share_statistics (checked too)
+    out/experts/<site>/         each site's adapter as screened (federated.screening: checked against
+                                the study's LoRA, norm and direction screens, re-serialised with the
+                                study's config, re-pointed at the base), and its shared statistics with
+                                federation.share_statistics (checked too)
+    out/screened.json           the screen: every site refused (why) or whose update was scaled back or
+                                clipped (how), for the experts and each FedAvg round
     out/sites.json              the expert order, each site's training manifest; `exchanged` once
                                 every party stored the adapters
     out/methods.json            the methods searched, and those left out with the reason
@@ -42,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from medmerge.errors import MedmergeError
-from medmerge.federated.checks import base_shapes, check_adapter, check_shapes, check_statistics
+from medmerge.federated.checks import StatisticsBounds, base_shapes, lora_study
 from medmerge.federated.config import FederatedConfig
 from medmerge.federated.protocol import (
     AdaptersRequest,
@@ -59,6 +63,7 @@ from medmerge.federated.protocol import (
     decode,
     reply_type,
 )
+from medmerge.federated.screening import screen_contributions, screen_updates
 from medmerge.federated.site import (
     ADAPTER_FILES,
     STATISTICS_FILES,
@@ -72,7 +77,7 @@ from medmerge.federated.wire import Payload, ProtocolError, shown
 from medmerge.manifest import build_manifest, write_json_atomic
 from medmerge.merge.recipe import Recipe
 
-RUN_FILE, STATE_FILE, SEARCH_DB = "run.json", "exchange.json", "search.db"
+RUN_FILE, STATE_FILE, SEARCH_DB, SCREEN_FILE = "run.json", "exchange.json", "search.db", "screened.json"
 
 
 @dataclass
@@ -275,33 +280,48 @@ def _train(
     identity: Callable[[], tuple[Path, str, dict]],
     resume: bool,
 ) -> tuple[list[str], dict[str, dict]]:
-    """Train at the expert sites, check each adapter (and statistics) and keep the good ones in
-    out/experts/; (expert order, manifests). With `resume`, the adapters this run already kept."""
+    """Train at the expert sites, screen their adapters (and statistics: federated.screening, each
+    refused site dropped with its line) and keep what passed, as screened, in out/experts/; (expert
+    order, manifests). With `resume`, the adapters this run already kept."""
     record = out / "sites.json"
     if resume and record.is_file():
         kept = json.loads(record.read_text())
         if kept.get("run") == exchange.run:
             return [n for n in kept["order"] if n not in exchange.dropped], kept["manifests"]
     trained = exchange.ask(TrainRequest, "train", exchange.experts, statistics=kinds)
-    _, base_sum, shapes = identity()
-    manifests = {}
-    for site, reply in trained.items():
-        try:
-            check_adapter(site, reply.model_dump(mode="json"), reply.blobs, base_sum, shapes)
-            clean_adapter_config(reply.blobs[ADAPTER_FILES[0]], config.base_model)
-            if kinds:
-                check_statistics(site, reply.blobs, shapes, kinds)
-        except (MedmergeError, ValueError) as exc:
-            exchange.drop(site, "train", f"adapter refused ({_line(exc)})")
-            continue
-        manifests[site] = reply.model_dump(mode="json", exclude={"site"})
+    base, base_sum, shapes = identity()
+    for site, reply in list(trained.items()):
+        if reply.base.checksum != base_sum:
+            why = f"adapter refused (trained on another base: {reply.base.checksum[:12]}…)"
+            exchange.drop(site, "train", why)
+            del trained[site]
+    train = config.train
+    bounds = StatisticsBounds.for_study(
+        config.federation.statistics.examples, train.max_prompt_tokens, train.max_answer_tokens
+    )
+    screening = screen_contributions(
+        {s: r.blobs for s, r in trained.items()},
+        lora_study(train.lora, base, config.base_model),
+        config.federation.robust,
+        config.base_model,
+        statistics={s: r.blobs for s, r in trained.items()},
+        shapes=shapes,
+        kinds=kinds,
+        bounds=bounds,
+    )
+    for site, why in screening.refused.items():
+        exchange.drop(site, "train", why)
+    for site, how in screening.bounded.items():
+        print(f"medmerge federate: site {site} screened at train: {how}", flush=True)
+    manifests = {
+        s: r.model_dump(mode="json", exclude={"site"}) for s, r in trained.items() if s in screening.kept
+    }
     exchange.enough("train")
+    write_json_atomic(out / SCREEN_FILE, {"run": exchange.run, "train": screening.record(), "fedavg": {}})
     names = [s.name for s in config.sites if s.name in manifests]
     for name in names:
         blobs = trained[name].blobs
-        adapter = {f: blobs[f] for f in ADAPTER_FILES}
-        adapter[ADAPTER_FILES[0]] = clean_adapter_config(adapter[ADAPTER_FILES[0]], config.base_model)
-        write_adapter(out / "experts" / name, adapter, config.base_model)
+        write_adapter(out / "experts" / name, screening.kept[name], config.base_model)
         if kinds:
             files = {f: blobs[f] for f in STATISTICS_FILES}
             store_statistics(out / "experts" / name, files)
@@ -335,10 +355,6 @@ def _exchange(
         others = [s for s in exchange.sites if s != name]  # the site stores its own as it shared them
         exchange.ask(StatisticsRequest, f"exchange statistics of {name}", others, blobs=files, peer=name)
     write_json_atomic(record, kept | {"exchanged": True})
-
-
-def _line(exc: BaseException) -> str:
-    return shown((str(exc).splitlines() or [""])[0], 200)
 
 
 def _merge(config: FederatedConfig, out: Path, method: str, recipe: dict, experts: dict, run: str) -> None:
@@ -425,11 +441,16 @@ def run_fedavg(config: FederatedConfig, out: Path, exchange: Exchange, base: Pat
     """FedAvg of LoRA over the active sites (federated/fedavg.py): each round the expert sites train on
     the global model; the coordinator averages their updates exactly, each site's weight its training
     pairs clipped to weight_cap × their median (verdict.capped), and everyone (evaluate-only nodes too,
-    which evaluate it) adds the average. Each finished round is kept (rounds.json, its aggregate and
-    the global model after it), so a resumed run goes on from the last one."""
-    from medmerge.federated.fedavg import AGGREGATE, aggregate, apply_aggregate
+    which evaluate it) adds the average. Each round's updates are screened first
+    (screening.screen_updates: checked against the study's LoRA, outsized ones scaled back), then
+    combined by federation.fedavg's aggregate rule, trim and clip_norm (fedavg.AggregateOptions).
+    Each finished round is kept (rounds.json, its aggregate and the global model after it), so a
+    resumed run goes on from the last one."""
+    from medmerge.federated.fedavg import AGGREGATE, AggregateOptions, aggregate, apply_aggregate
 
     settings, folder = config.federation.fedavg, out / "fedavg"
+    options = AggregateOptions(settings.aggregate, "pairs", clip_norm=settings.clip_norm, trim=settings.trim)
+    study = lora_study(config.train.lora, base, config.base_model)
     state_file, model = folder / "rounds.json", folder / "model"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if state.get("run") != exchange.run:
@@ -451,23 +472,24 @@ def run_fedavg(config: FederatedConfig, out: Path, exchange: Exchange, base: Pat
             replies = exchange.ask(FedAvgRequest, step, blobs=blobs, round=number, local_steps=steps)
             if final:
                 break
-            updates = {}
+            sent = {}
             for site, reply in replies.items():
                 if not reply.blobs:  # evaluate-only nodes train nothing
                     continue
-                try:
-                    if set(reply.blobs) != set(ADAPTER_FILES) or reply.pairs is None:
-                        raise MedmergeError("an update is an adapter's two files and its pairs")
-                    check_shapes(site, reply.blobs, shapes)
-                    config_ = clean_adapter_config(reply.blobs[ADAPTER_FILES[0]], config.base_model)
-                except (MedmergeError, ValueError) as exc:
-                    exchange.drop(site, step, f"update refused ({_line(exc)})")
+                if set(reply.blobs) != set(ADAPTER_FILES) or reply.pairs is None:
+                    why = "update refused (an update is an adapter's two files and its pairs)"
+                    exchange.drop(site, step, why)
                     continue
-                updates[site] = {ADAPTER_FILES[0]: config_, ADAPTER_FILES[1]: reply.blobs[ADAPTER_FILES[1]]}
+                sent[site] = reply.blobs
+            screen = screen_updates(sent, study, config.federation.robust)
+            for site, why in screen.refused.items():
+                exchange.drop(site, step, why)
             exchange.enough(step)
+            updates = screen.checked
             reported = {s: float(replies[s].pairs) for s in updates}
             weights = capped(reported, config.federation.weight_cap)
-            data, info = aggregate(updates, weights)
+            data, info = aggregate(updates, weights, options=options)
+            _screened(out, f"round {number}", screen.record())
             blobs = {AGGREGATE: data}
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"aggregate-{number}.safetensors").write_bytes(data)
@@ -475,6 +497,7 @@ def run_fedavg(config: FederatedConfig, out: Path, exchange: Exchange, base: Pat
             if number:
                 shutil.rmtree(folder / f"round-{number - 1}", ignore_errors=True)
                 (folder / f"aggregate-{number - 1}.safetensors").unlink(missing_ok=True)
+            info["screened"] = screen.bounded
             rounds.append({"round": number, "weights": weights, "reported_pairs": reported, **info})
             write_json_atomic(state_file, state)
     if current != model:
@@ -484,6 +507,14 @@ def run_fedavg(config: FederatedConfig, out: Path, exchange: Exchange, base: Pat
     write_json_atomic(folder / "fedavg.json", record)
     write_json_atomic(state_file, state | {"done": True, "record": record})
     return record
+
+
+def _screened(out: Path, key: str, record: dict[str, Any]) -> None:
+    """Add a FedAvg round's screen to out/screened.json (a round's refusals and bounds, for the verdict)."""
+    path = out / SCREEN_FILE
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    kept.setdefault("fedavg", {})[key] = record
+    write_json_atomic(path, kept)
 
 
 def _methods(config: FederatedConfig) -> tuple[list[str], dict[str, str]]:

@@ -283,6 +283,7 @@ def write_verdict(
         # from the site, then to every other party
         "shared_statistics_bytes": dict(exchange.shared_statistics),
         "dp_epsilon": {s: m.get("dp_epsilon") for s, m in manifests.items()},
+        "contributions_screened": contributions_screened(out),
     }
     write_json_atomic(
         out / "verdict.json", build_manifest("federated-verdict", inputs={}, config=config, verdict=verdict)
@@ -294,6 +295,7 @@ def write_verdict(
         + ("." if per_question else " (sites sent no per-question values: no interval or test).")
     )
     lines += _dropped_lines(exchange, names)
+    lines += _screened_lines(verdict["contributions_screened"])
     lines += ["", table_markdown(statistics)]
     if leave_one_out:
         lines += ["", *_leave_one_out_lines(leave_one_out)]
@@ -356,3 +358,37 @@ def _leave_one_out_lines(rows: list[dict]) -> list[str]:
             f"| {r['own_expert_test_loss']:.4f} | {test['diff']:+.4f}{ci} |"
         )
     return lines
+
+
+# ----------------------------------------------------------------- contributions screened (robust)
+def contributions_screened(out: Path) -> dict[str, Any]:
+    """What the coordinator's screen (federated.screening) did to each site's contribution, from
+    out/screened.json: {"refused": {site: why}, "bounded": {site: how its update was scaled back or
+    clipped}} of the experts' adapters and statistics (`train`) and of each FedAvg round (`fedavg`:
+    {round: …}); empty when nothing was screened."""
+    import json
+
+    path = out / "screened.json"
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    return {"train": record.get("train", {}), "fedavg": record.get("fedavg", {})}
+
+
+def _screened_lines(screened: dict[str, Any]) -> list[str]:
+    """The report's "Contributions screened" section: one line per refused or bounded site and step."""
+    steps = [("train", screened.get("train") or {})]
+    steps += [(f"FedAvg {r}", rec) for r, rec in (screened.get("fedavg") or {}).items()]
+    items = [
+        f"- {site}, at {step}: {verb} — {why}"
+        for step, record in steps
+        for verb, key in (("refused", "refused"), ("kept, bounded", "bounded"))
+        for site, why in (record.get(key) or {}).items()
+    ]
+    if not items:
+        return ["", "Contributions screened: every adapter passed the coordinator's checks unchanged."]
+    head = (
+        "Contributions screened (federated.screening: adapters checked against the study's LoRA, norm "
+        "and direction screens, Gram scales; before anything was merged or forwarded):"
+    )
+    return ["", head, "", *items]
