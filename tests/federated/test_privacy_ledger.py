@@ -80,3 +80,25 @@ def test_a_release_over_the_budget_is_refused(tmp_path, tiny_llama, capfd):
     ledger = json.loads((tmp_path / "sites" / "north" / LEDGER_FILE).read_text())
     assert [r["kind"] for r in ledger["releases"]] == ["expert"]
     assert not (tmp_path / "sites" / "north" / "fedavg" / "update").exists()
+
+
+def test_a_noised_sum_is_charged_to_the_same_ledger_and_refused_over_budget(tmp_path, tiny_llama):
+    """secagg's secure+dp sums charge the site's one ledger through site_privacy.charge (the contract:
+    PrivacyLedger.charge(Release), here a gaussian_release of σ, q); the release that would pass the
+    budget is refused as OverBudget (code over_budget), and the ledger keeps what fit."""
+    from medmerge.federated.site import Site
+    from medmerge.federated.site_privacy import charge, summary, unit
+    from medmerge.federated.wire import OverBudget
+    from medmerge.train.ledger import gaussian_release
+
+    config = private_study(tmp_path, tiny_llama, budget=1.0)
+    data = config.model_dump(mode="json")
+    data["train"]["privacy"]["delta"] = 1e-4
+    site = Site("north", type(config).model_validate(data), tmp_path / "north")
+    first = charge(site, gaussian_release(4.0, 0.5, what="statistics gram (secure sum)", unit=unit(site)))
+    assert first.kind == "statistics" and 0 < first.epsilon < 1.0
+    with pytest.raises(OverBudget, match="privacy.budget"):
+        charge(site, gaussian_release(1.0, 1.0, what="statistics fisher (secure sum)", unit=unit(site)))
+    reported = summary(site)
+    assert [r["what"] for r in reported["releases"]] == ["statistics gram (secure sum)"]
+    assert reported["epsilon"] == pytest.approx(spent_epsilon([(4.0, 0.5, 1)], 1e-4, "prv"))
