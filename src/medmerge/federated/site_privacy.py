@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from medmerge.federated.wire import OverBudget
 from medmerge.train.ledger import OverBudgetError, PrivacyLedger, Release
 
-if TYPE_CHECKING:
-    from medmerge.federated.site import Site
+Site = Any  # medmerge.federated.site.Site (not imported: site.py imports this module)
 
 
 def ledger_args(site: Site, what: str) -> dict[str, Any]:
