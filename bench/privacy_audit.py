@@ -247,7 +247,9 @@ def run_one(args: argparse.Namespace, epsilon: float, data: dict, spec: str, pad
     runtime = Runtime(0, 1, device)
     base_scores = None
     if data.get("base") is None:  # LoRA's B starts at 0: the fresh model is the base model
+        started = time.perf_counter()
         base_scores = _score(model, data, pad_id, bf16)
+        print(f"base model scored in {time.perf_counter() - started:.0f} s", flush=True)
     if config.privacy is not None:
         trainer = PrivateTrainer(
             config,
@@ -352,13 +354,13 @@ def main() -> None:
     parser.add_argument("--collection", default="3_GHR_QA", help="the site: one MedQuAD collection")
     parser.add_argument("--work", default=None, help="output folder (default: a temp dir)")
     parser.add_argument("--epsilons", default="inf,8,4,1")
-    parser.add_argument("--pairs", type=int, default=128, help="held-in pairs (and as many held-out)")
-    parser.add_argument("--validation", type=int, default=16)
-    parser.add_argument("--max-group", type=int, default=8, help="pairs kept per focus topic")
+    parser.add_argument("--pairs", type=int, default=48, help="held-in pairs (and as many held-out)")
+    parser.add_argument("--validation", type=int, default=8)
+    parser.add_argument("--max-group", type=int, default=4, help="pairs kept per focus topic")
     parser.add_argument("--canaries", type=int, default=10, help="canaries per repetition level")
     parser.add_argument("--repeats", default="1,4,16")
-    parser.add_argument("--candidates", type=int, default=127, help="other codes each canary is ranked among")
-    parser.add_argument("--epochs", type=float, default=8.0)
+    parser.add_argument("--candidates", type=int, default=31, help="other codes each canary is ranked among")
+    parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--batch-units", type=int, default=16, help="DP: expected groups per batch")
     parser.add_argument("--batch-pairs", type=int, default=16, help="∞: pairs per batch")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -369,6 +371,7 @@ def main() -> None:
     parser.add_argument("--system", default="Medical Q&A.", help="system prompt (short: fewer tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--measure", type=int, default=0, help="time this many steps per ε only")
+    parser.add_argument("--report-only", action="store_true", help="table and plot of --work's rows only")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="privacy_audit-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -410,13 +413,20 @@ def main() -> None:
         f"examples, {tokens} tokens per epoch)",
         flush=True,
     )
-    rows = []
-    for epsilon in [float(e) for e in args.epsilons.split(",")]:
+    # one ε per invocation is allowed (the shared lock's jobs stay short): the base model's scores and
+    # every finished row are kept in --work and reused when the settings (all but --epsilons) agree
+    settings = {k: v for k, v in vars(args).items() if k not in ("epsilons", "work", "report_only")}
+    saved = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
+    same = saved.get("settings") == settings
+    data["base"] = saved.get("base") if same else None
+    rows = saved.get("rows", []) if same else []
+    for epsilon in [] if args.report_only else [float(e) for e in args.epsilons.split(",")]:
         row = run_one(args, epsilon, data, spec, tokenizer.pad_token_id)
         if "base_scores" in row:
             data["base"] = row.pop("base_scores")
         row["summary"] = _summary(row["scores"], data["base"], canaries)
-        rows.append(row)
+        rows = [r for r in rows if r["epsilon"] != epsilon] + [row]
+        rows.sort(key=lambda r: -r["epsilon"])
         s = row["summary"]
         print(
             f"ε = {epsilon:g}: {row['steps']} steps in {row['train_s']:.0f} s "
@@ -426,8 +436,12 @@ def main() -> None:
             flush=True,
         )
         (work / "results.json").write_text(
-            json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str)
+            json.dumps({"settings": settings, "base": data["base"], "rows": rows}, indent=1, default=str)
         )
+    if not rows:
+        raise SystemExit(f"{work / 'results.json'}: no rows with these settings")
+    for row in rows:  # summaries again: JSON turned their integer keys into strings
+        row["summary"] = _summary(row["scores"], data["base"], canaries)
     repeats = [int(r) for r in args.repeats.split(",")]
     base_summary = _summary(data["base"], data["base"], canaries)
     table = _table(rows, repeats)

@@ -271,12 +271,45 @@ class SetInfo(BaseModel):
     n: Count
 
 
+class LedgerRelease(BaseModel):
+    """One DP release in a site's ledger summary: its accountant history [(σ > 0, 0 < q ≤ 1, steps)]."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+    what: str = Field(max_length=200)
+    kind: Literal["expert", "fedavg", "statistics", "other"]
+    mechanism: str = Field(max_length=200)
+    epsilon: NonNegative
+    history: list[Annotated[list[float], Field(min_length=3, max_length=3)]] = Field(
+        min_length=1, max_length=64
+    )
+
+    @model_validator(mode="after")
+    def _history(self) -> LedgerRelease:
+        if any(not (s > 0 and 0 < q <= 1 and n >= 1 and n == int(n)) for s, q, n in self.history):
+            raise ValueError("history entries must be [σ > 0, 0 < q ≤ 1, steps ≥ 1]")
+        return self
+
+
+class LedgerSummary(BaseModel):
+    """A site's privacy ledger as it reports it (federated.site_privacy): composed ε at δ, its releases."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+    epsilon: NonNegative
+    delta: Annotated[float, Field(gt=0, lt=1)]
+    accountant: Literal["prv", "rdp"]
+    unit: Literal["pair", "group"]
+    unit_words: str = Field(max_length=200)
+    budget: NonNegative | None = None
+    releases: list[LedgerRelease] = Field(min_length=1, max_length=10_000)
+
+
 class EvaluateReply(Reply):
     KIND = "evaluate"
     validation: dict[Name, Loss] = Field(max_length=256)
     sets: list[SetInfo] = Field(max_length=256)
     cells: dict[Name, dict[Name, Cell]] = Field(max_length=256)
     merges: dict[Name, Sha256] = Field(max_length=256)
+    privacy: LedgerSummary | None = Field(None, exclude_if=lambda v: v is None)  # dp: the site's ledger
 
 
 class ErrorReply(Reply):

@@ -8,6 +8,7 @@ numbers, checksums and adapters they return cross the wire.
     out/fedavg/               FedAvg: applied.json (run, round), global/ (this run's global model),
                               update/ (the last round's local LoRA)
     out/budget.json           the queries it answered so far (score, evaluate), against its budget
+    out/privacy_ledger.json   DP: every release it made, composed (federated.site_privacy)
 
 A `Site` defends its own disk and data against a dishonest coordinator:
 - every name a request carries (peers, recipe experts, evaluated models) must be a name
@@ -39,6 +40,8 @@ from typing import Any
 
 from medmerge.errors import MedmergeError
 from medmerge.federated.config import FederatedConfig
+from medmerge.federated.site_privacy import budget_refusal, ledger_args
+from medmerge.federated.site_privacy import summary as privacy_summary
 from medmerge.federated.wire import OverBudget, Refused, check_name, loads, shown
 from medmerge.manifest import write_json_atomic
 
@@ -164,7 +167,9 @@ class Site:
         key = hashlib.sha256(train.model_dump_json().encode()).hexdigest()
         if not (folder.is_dir() and key_file.is_file() and key_file.read_text() == key):
             (self.out / "statistics.key").unlink(missing_ok=True)
-            self._step("training", train_expert, train, folder, overwrite=True, progress=False)
+            with budget_refusal(self):
+                ledger = ledger_args(self, "expert")
+                self._step("training", train_expert, train, folder, overwrite=True, progress=False, **ledger)
             key_file.write_text(key)
         data = hashlib.sha256("".join(str(spec_checksum(s)) for s in self.specs).encode()).hexdigest()
         manifest, base = folder / "manifest.json", self.config.base_model
@@ -388,9 +393,10 @@ class Site:
                 "warmup_steps": min(self.config.train.warmup_steps, steps - 1),
             }
         )
-        self._step(
-            f"FedAvg round {round_}", train_expert, train, folder / "update", overwrite=True, progress=False
-        )
+        what = f"FedAvg round {round_}"  # DP: DP-SGD in every round, each charged to the site's ledger
+        with budget_refusal(self):
+            ledger = ledger_args(self, what)
+            self._step(what, train_expert, train, folder / "update", overwrite=True, progress=False, **ledger)
         return self._pairs(), self._outgoing_adapter(folder / "update")
 
     # ---------------------------------------------------------------------------------- evaluate
@@ -456,6 +462,7 @@ class Site:
             "sets": [{"name": label, "domain": s.domain, "n": len(pairs[label])} for label, s in sets],
             "cells": cells,
             "merges": digests,
+            "privacy": privacy_summary(self),
         }
 
     def _sets(self, domains: list[str]) -> tuple[Any, list[tuple[str, Any]]]:

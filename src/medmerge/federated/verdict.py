@@ -284,6 +284,7 @@ def write_verdict(
         "shared_statistics_bytes": dict(exchange.shared_statistics),
         "dp_epsilon": {s: m.get("dp_epsilon") for s, m in manifests.items()},
         "contributions_screened": contributions_screened(out),
+        "privacy": privacy_per_site(config, results),
     }
     write_json_atomic(
         out / "verdict.json", build_manifest("federated-verdict", inputs={}, config=config, verdict=verdict)
@@ -306,6 +307,7 @@ def write_verdict(
             "average of the updates): test loss − chosen merge "
             f"{fedavg['test_loss_minus_chosen_merge']:+.4f}.",
         ]
+    lines += privacy_lines(verdict["privacy"])
     lines += ["", "Bytes sent to / received from each site:", ""]
     for phase, counts in exchange.phases.items():
         pairs = (
@@ -392,3 +394,62 @@ def _screened_lines(screened: dict[str, Any]) -> list[str]:
         "and direction screens, Gram scales; before anything was merged or forwarded):"
     )
     return ["", head, "", *items]
+
+
+# ------------------------------------------------------------------------------- privacy per site (dp)
+def privacy_per_site(config: FederatedConfig, results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each DP site's composed ε, recomputed here from the accountant histories it reported
+    (medmerge.train.ledger.spent_epsilon over all its releases, at the study's `privacy.delta` where set,
+    else the site's δ), beside the ε the site claimed (`matches_site`: they agree to 1e-6), with its
+    releases listed. Sites without a DP release (or evaluate-only nodes) do not appear."""
+    from medmerge.train.ledger import spent_epsilon
+
+    study_delta = config.train.privacy.delta if config.train.privacy is not None else None
+    out = {}
+    for site, reply in results.items():
+        ledger = getattr(reply, "privacy", None)
+        if ledger is None:
+            continue
+        delta = study_delta or ledger.delta
+        history = [(s, q, int(n)) for r in ledger.releases for s, q, n in r.history]
+        epsilon = spent_epsilon(history, delta, ledger.accountant)
+        at_site = spent_epsilon(history, ledger.delta, ledger.accountant)
+        out[site] = {
+            "epsilon": epsilon,
+            "delta": delta,
+            "site_epsilon": ledger.epsilon,
+            "matches_site": math.isclose(at_site, ledger.epsilon, rel_tol=1e-6, abs_tol=1e-9),
+            "budget": ledger.budget,
+            "unit": ledger.unit,
+            "unit_words": ledger.unit_words,
+            "accountant": ledger.accountant,
+            "releases": [r.model_dump(mode="json") for r in ledger.releases],
+        }
+    return out
+
+
+def privacy_lines(privacy: dict[str, dict[str, Any]]) -> list[str]:
+    """The report's "Privacy per site" section: composed ε at δ, then each release."""
+    if not privacy:
+        return []
+    lines = [
+        "",
+        "Privacy per site (each site's privacy ledger: every DP release it made, composed by the "
+        "accountant from the histories it reported; docs/privacy.md):",
+        "",
+    ]
+    for site, p in privacy.items():
+        budget = f" of budget {p['budget']:g}" if p["budget"] is not None else ""
+        check = "" if p["matches_site"] else f" (the site claimed {p['site_epsilon']:.3g}: does not match)"
+        unit = f"one {p['unit']}" + (f" ({p['unit_words']})" if p["unit_words"] else "")
+        lines.append(
+            f"- {site}: ε = {p['epsilon']:.3g}{budget} at δ = {p['delta']:.2g}, per {unit}, "
+            f"{p['accountant']} accountant, {len(p['releases'])} releases{check}"
+        )
+        for r in p["releases"]:
+            steps = sum(int(n) for _, _, n in r["history"])
+            sigma_q = ", ".join(f"σ {s:.3g} q {q:.3g} × {int(n)}" for s, q, n in r["history"])
+            lines.append(
+                f"  - {r['what']} ({r['kind']}): ε alone {r['epsilon']:.3g}, {steps} steps ({sigma_q})"
+            )
+    return lines

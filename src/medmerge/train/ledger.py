@@ -46,7 +46,23 @@ FORMAT = 1
 Unit = Literal["pair", "group"]
 Accountant = Literal["prv", "rdp"]
 Entry = tuple[float, float, int]  # (σ, q, steps)
+Kind = Literal["expert", "fedavg", "statistics", "other"]
 UNIT_WORDS = {"pair": "one question–answer pair"}
+
+
+class OverBudgetError(MedmergeError):
+    """A release refused because it would take the site's composed ε past `privacy.budget` (the
+    federation answers it with code over_budget)."""
+
+
+def kind_of(what: str) -> Kind:
+    """A release's kind from its name where the caller gave none: "expert", "FedAvg round 3", …"""
+    low = what.lower()
+    if low.startswith("expert"):
+        return "expert"
+    if low.startswith("fedavg"):
+        return "fedavg"
+    return "statistics" if "statistic" in low or "sum" in low else "other"
 
 
 def spent_epsilon(history: list[Entry] | tuple[Entry, ...], delta: float, accountant: str) -> float:
@@ -85,8 +101,11 @@ class Release:
     epsilon: float | None = None  # ε of this release alone at `delta` (filled when charged)
     delta: float | None = None
     accountant: str | None = None
+    kind: Kind | None = None  # expert | fedavg | statistics | other (from `what` where not given)
 
     def __post_init__(self) -> None:
+        if self.kind is None:
+            object.__setattr__(self, "kind", kind_of(self.what))
         if not self.history:
             raise MedmergeError(f"release {self.what!r}: empty accountant history (nothing was released)")
         for sigma, q, steps in self.history:
@@ -117,14 +136,20 @@ def gaussian_release(
     what: str = "statistics",
     unit: Unit = "pair",
     unit_words: str = "",
+    kind: Kind = "statistics",
 ) -> Release:
     """The release of a Gaussian mechanism: a sum whose sensitivity is C (each unit's contribution
     clipped to L2 norm ≤ C), released with N(0, σ²C²) noise on every coordinate, over a Poisson sample
     of the units at rate `sample_rate` (1: every unit), `steps` times. For noised statistics
     (clipped Gram / Fisher sums) and secure sums carrying the noise in shares (distributed DP: what
-    counts is the total noise σC on the sum). Charge it with `PrivacyLedger.charge`."""
+    counts is the total noise σC on the sum). Charge it with `PrivacyLedger.charge`.
+
+    A secure sum with distributed noise (secagg's `secure+dp`): σ = the noise multiplier the sum of the
+    ≥ t surviving shares is calibrated to, q = 1 (every unit of the site is in the sum), steps = 1 per
+    sum released; unit as the site's ledger (`PrivacyLedger.unit`)."""
     return Release(
         what=what,
+        kind=kind,
         mechanism="Gaussian mechanism" + (" (Poisson-subsampled)" if sample_rate < 1 else ""),
         unit=unit,
         unit_words=unit_words or UNIT_WORDS.get(unit, ""),
@@ -239,7 +264,7 @@ class PrivacyLedger:
         after = self.epsilon(extra=release)
         if self.budget is not None and after > self.budget:
             spent = self.epsilon() if self.releases else 0.0
-            raise MedmergeError(
+            raise OverBudgetError(
                 f"privacy.budget: {release.what} would take the site's ε from {spent:.3g} to {after:.3g} "
                 f"(δ = {self.delta:.2g}), over its budget {self.budget:g}; refused"
             )
@@ -278,6 +303,32 @@ class PrivacyLedger:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def summary(self) -> dict[str, Any] | None:
+        """What a site reports of its ledger (the federation's verdict shows it; None: no release yet):
+        ε and δ, the budget, the unit, and per release its name, kind, mechanism, ε alone and accountant
+        history [(σ, q, steps)] — what a reader needs to recompute the composition, nothing else. q is
+        the expected batch over N units, so it reveals N to within the batch size's rounding."""
+        if not self.releases:
+            return None
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "unit": self.unit,
+            "unit_words": self.unit_words,
+            "budget": self.budget,
+            "releases": [
+                {
+                    "what": r.what,
+                    "kind": r.kind,
+                    "mechanism": r.mechanism,
+                    "epsilon": r.epsilon if r.epsilon is not None else 0.0,
+                    "history": [list(h) for h in r.history],
+                }
+                for r in self.releases
+            ],
+        }
 
     def lines(self, delta: float | None = None) -> list[str]:
         """The ledger for a report: one line per release, then the composed ε."""
