@@ -18,6 +18,7 @@ when, why), bytes sent per site and approach, FedAvg, the SHA-256 of every merge
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,7 @@ def write_verdict(
         # from the site, then to every other party
         "shared_statistics_bytes": dict(exchange.shared_statistics),
         "dp_epsilon": {s: m.get("dp_epsilon") for s, m in manifests.items()},
+        "statistics_seen": statistics_seen_line(config, out),
     }
     write_json_atomic(
         out / "verdict.json", build_manifest("federated-verdict", inputs={}, config=config, verdict=verdict)
@@ -294,6 +296,7 @@ def write_verdict(
         + ("." if per_question else " (sites sent no per-question values: no interval or test).")
     )
     lines += _dropped_lines(exchange, names)
+    lines += ["", statistics_seen_line(config, out)]  # what the coordinator saw of the sites' statistics
     lines += ["", table_markdown(statistics)]
     if leave_one_out:
         lines += ["", *_leave_one_out_lines(leave_one_out)]
@@ -319,6 +322,30 @@ def write_verdict(
     tmp.write_text("\n".join(lines))
     tmp.replace(out / "report.md")
     return out / "verdict.json"
+
+
+def statistics_seen_line(config: FederatedConfig, out: Path) -> str:
+    """One line: what the coordinator saw of the sites' statistics (federation.statistics.mode)."""
+    from medmerge.federated.secure_stats import coordinator_saw
+
+    settings, searched = config.federation.statistics, json.loads((out / "methods.json").read_text())
+    if settings.mode == "plain":
+        if searched.get("statistics"):
+            return (
+                "Site statistics: the coordinator saw each site's plain statistics "
+                f"({', '.join(searched['statistics'])}; every peer did too)."
+            )
+        return "Site statistics: none were shared (no data-aware merge)."
+    seen = coordinator_saw(config, out) or {}
+    sites = sorted({n for record in seen.values() for n in record["sites"]})
+    noise = f" carrying Gaussian noise (σ = {settings.sigma:g})" if settings.mode == "secure+dp" else ""
+    if not sites:
+        return f"Site statistics ({settings.mode}): no secure sum was made."
+    counts = " or ".join(map(str, sites))
+    return (
+        f"Site statistics ({settings.mode}): the coordinator saw only sums over {counts} sites{noise}, "
+        "no single site's statistics."
+    )
 
 
 def _dropped_lines(exchange: Any, names: list[str]) -> list[str]:
