@@ -17,7 +17,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -231,3 +230,29 @@ def test_a_secure_sum_left_with_two_sites_fails(secure_study):
     spec = {"purpose": "range", "weights": dict.fromkeys(three, 1.0)}
     with pytest.raises(RoundFailed, match="2 sites left"):
         secure_sum(exchange, "left with two", "left-with-two", three, layout, spec)
+
+
+def test_secure_dp_searches_weights_one_charged_round_per_trial(tmp_path, tiny_llama):
+    """secure+dp: clipped statistics, each trial's weights their own noised round, each round charged
+    to every site's privacy ledger before its vector left; fisher is left out (no DP Fisher)."""
+    sites = ("north", "south", "north-2")
+    statistics = {"mode": "secure+dp", "examples": 8, "clip": 50.0, "sigma": 1.0}
+    config = study(tmp_path, tiny_llama, sites, trials=2, statistics=statistics)
+    rows = [{"question": f"Is gout {i} painful?", "answer": f"Gout hurts {i}."} for i in range(30)]
+    (tmp_path / "north-2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = config.model_copy(update={"methods": ["regmean", "fisher"]})
+    send, out = LocalSend(config, tmp_path / "sites"), tmp_path / "coordinator"
+    verdict = json.loads(run_study(config.for_party(None), out, Exchange(send, list(sites), 3)).read_text())
+    verdict = verdict["verdict"]
+    assert "fisher" in json.loads((out / "methods.json").read_text())["left_out"]
+    assert "noise (σ = 1)" in verdict["statistics_seen"] and "sums over 3 sites" in verdict["statistics_seen"]
+    search = json.loads((out / "search" / "regmean.json").read_text())
+    assert len(search["trials"]) == 2 and search["trials"][1]["recipe"]["weights"] != [1.0, 1.0, 1.0]
+    rounds = json.loads((out / "secure" / "regmean.json").read_text())["rounds"]
+    assert [r["purpose"] for r in rounds] == ["sum", "sum"]  # no range round: the clip is public
+    for site in sites:
+        ledger = json.loads((tmp_path / "sites" / site / "privacy_ledger.json").read_text())
+        assert [r["history"] for r in ledger["releases"]] == [[[1.0, 1.0, 1]]] * 2
+        assert ledger["epsilon"] > 0
+        info = json.loads((tmp_path / "sites" / site / "secure" / "statistics" / "statistics.json").read_text())
+        assert info["privacy"]["clip"] == 50.0
