@@ -254,5 +254,7 @@ def test_secure_dp_searches_weights_one_charged_round_per_trial(tmp_path, tiny_l
         ledger = json.loads((tmp_path / "sites" / site / "privacy_ledger.json").read_text())
         assert [r["history"] for r in ledger["releases"]] == [[[1.0, 1.0, 1]]] * 2
         assert ledger["epsilon"] > 0
-        info = json.loads((tmp_path / "sites" / site / "secure" / "statistics" / "statistics.json").read_text())
+        info = json.loads(
+            (tmp_path / "sites" / site / "secure" / "statistics" / "statistics.json").read_text()
+        )
         assert info["privacy"]["clip"] == 50.0

@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -51,10 +51,8 @@ from medmerge.federated.protocol import (
     SecurePrepareRequest,
     site_step,
 )
+from medmerge.federated.site import RECIPE_SOURCES, Site
 from medmerge.federated.wire import Refused, shown
-
-if TYPE_CHECKING:
-    from medmerge.federated.site import Site
 
 RANGE_LOW, RANGE_BINS = -60, 100  # exponent bins 2^-60 … 2^39 (a TensorSpec clip is at most 1e12)
 KINDS = ("gram", "wg", "wd")
@@ -416,3 +414,6 @@ def stored_merge(site: Site, run: str, recipe: Any) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return full_state(site.config.base_model, load_file(str(path)))
+
+
+RECIPE_SOURCES.append(stored_merge)

@@ -386,11 +386,10 @@ class SecureRegMean:
             study_name=f"{exchange.run}/secure/{self.method}",
             space=space,
         )
-        trials = [
-            {"trial": t.number, "recipe": t.recipe.model_dump(mode="json"), "loss": t.record()["loss"]}
-            | {"sites": t.details}
-            for t in result.trials
-        ]
+        trials = []
+        for t in result.trials:  # as coordinator._search writes them
+            entry = {"trial": t.number, "recipe": t.recipe.model_dump(mode="json")}
+            trials.append(entry | {"loss": t.record()["loss"], "sites": t.details})
         best = trials[result.best.number]
         merged = states.get(result.best.number)
         if merged is None:  # a resumed search: the best trial's sums are gone; build its merge again
@@ -456,15 +455,3 @@ def digest(config: FederatedConfig, out: Path, method: str) -> str:
     from medmerge.federated.site import state_digest
 
     return state_digest(full_state(config.base_model, _merged(out, method)))
-
-
-def coordinator_saw(config: FederatedConfig, out: Path) -> dict[str, Any] | None:
-    """What the secure rounds gave the coordinator (for the verdict): per method its sum rounds' sites."""
-    if mode(config) == "plain":
-        return None
-    seen = {}
-    for path in sorted((out / "secure").glob("*.json")):
-        record = json.loads(path.read_text())
-        sums = [r for r in record.get("rounds", []) if r["purpose"] == "sum"]
-        seen[record["method"]] = {"sums": len(sums), "sites": sorted({len(r["survivors"]) for r in sums})}
-    return seen

@@ -326,8 +326,6 @@ def write_verdict(
 
 def statistics_seen_line(config: FederatedConfig, out: Path) -> str:
     """One line: what the coordinator saw of the sites' statistics (federation.statistics.mode)."""
-    from medmerge.federated.secure_stats import coordinator_saw
-
     settings, searched = config.federation.statistics, json.loads((out / "methods.json").read_text())
     if settings.mode == "plain":
         if searched.get("statistics"):
@@ -336,8 +334,8 @@ def statistics_seen_line(config: FederatedConfig, out: Path) -> str:
                 f"({', '.join(searched['statistics'])}; every peer did too)."
             )
         return "Site statistics: none were shared (no data-aware merge)."
-    seen = coordinator_saw(config, out) or {}
-    sites = sorted({n for record in seen.values() for n in record["sites"]})
+    rounds = [r for p in sorted((out / "secure").glob("*.json")) for r in json.loads(p.read_text())["rounds"]]
+    sites = sorted({len(r["survivors"]) for r in rounds if r["purpose"] == "sum"})
     noise = f" carrying Gaussian noise (σ = {settings.sigma:g})" if settings.mode == "secure+dp" else ""
     if not sites:
         return f"Site statistics ({settings.mode}): no secure sum was made."
