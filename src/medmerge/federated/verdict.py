@@ -340,9 +340,15 @@ def statistics_seen_line(config: FederatedConfig, out: Path) -> str:
     if not sites:
         return f"Site statistics ({settings.mode}): no secure sum was made."
     counts = " or ".join(map(str, sites))
+    caveat = (
+        ""
+        if noise
+        else " (but RegMean's sums with the adapters it holds give each site's Grams back: only "
+        "secure+dp bounds that, docs/site-statistics.md#the-attack-benchgram_inversionpy)"
+    )
     return (
         f"Site statistics ({settings.mode}): the coordinator saw only sums over {counts} sites{noise}, "
-        "no single site's statistics."
+        f"no single site's statistics{caveat}."
     )
 
 
