@@ -152,6 +152,42 @@ class QueryBudget(StrictModel):
     )
 
 
+class FederatedStatisticsSettings(StatisticsSettings):
+    """How the sites' statistics reach the coordinator (`mode`), and how they are computed.
+
+    - plain: each site shares its statistics files (with `share_statistics: true`): the coordinator and
+      every peer see each site's Grams (which give away its bag of tokens: docs/privacy.md).
+    - secure: the coordinator learns only sums over ≥ 3 sites (SecAgg+, docs/secure-aggregation.md),
+      for fixed expert weights (all 1): RegMean's α is searched, not the weights.
+    - secure+dp: the sums carry distributed Gaussian noise (σ·C) over clipped statistics, each round
+      charged to every site's privacy ledger; the expert weights are searched too, one round per trial.
+    """
+
+    mode: Literal["plain", "secure", "secure+dp"] = Field(
+        "plain", description="plain (each site's statistics shared), secure (sums only), secure+dp"
+    )
+    clip: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="secure+dp: C, the bound on one unit's share of a release",
+    )
+    sigma: float = Field(
+        4.0, gt=0, allow_inf_nan=False, description="secure+dp: noise multiplier of each sum"
+    )
+    unit: Literal["pair", "group"] = Field("pair", description="secure+dp: the unit one clip protects")
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="secure+dp: the ledger's δ where it has none yet (default 1/(10·pairs))"
+    )
+    max_sums: int = Field(64, ge=1, description="secure sums a site joins over its folder's lifetime")
+
+    @model_validator(mode="after")
+    def _clip_for_dp(self) -> FederatedStatisticsSettings:
+        if self.mode == "secure+dp" and self.clip is None:
+            raise ValueError("statistics.mode secure+dp needs statistics.clip (C)")
+        return self
+
+
 class FederationSettings(StrictModel):
     objective: Literal["tokens", "sites", "worst_site"] = Field(
         "tokens", description="search objective: token-weighted mean, mean over sites, or worst site"
@@ -190,9 +226,9 @@ class FederationSettings(StrictModel):
         "and DP does not cover them (docs/privacy.md#what-site-statistics-reveal, "
         "docs/site-statistics.md). Off: methods that need statistics are left out of the search",
     )
-    statistics: StatisticsSettings = Field(
-        default_factory=StatisticsSettings,
-        description="how the shared statistics are computed (with share_statistics: true)",
+    statistics: FederatedStatisticsSettings = Field(
+        default_factory=FederatedStatisticsSettings,
+        description="how the statistics reach the coordinator (mode) and how they are computed",
     )
     training_memory_gb: float | None = Field(
         default=None,
@@ -201,6 +237,15 @@ class FederationSettings(StrictModel):
         "train at once only as many as the memory available at the start holds. Unset: measured at "
         "the first training (one training at a time until then)",
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_share(self) -> FederationSettings:
+        if self.share_statistics and self.statistics.mode != "plain":
+            raise ValueError(
+                f"statistics.mode {self.statistics.mode} shares sums only: set share_statistics: false "
+                "(sharing each site's plain statistics would undo it)"
+            )
+        return self
 
 
 class FederatedConfig(SplitSettings, ThreadsSetting):

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from medmerge.errors import MedmergeError
+from medmerge.federated import secure_stats
 from medmerge.federated.checks import StatisticsBounds, base_shapes, lora_study
 from medmerge.federated.config import FederatedConfig
 from medmerge.federated.protocol import (
@@ -235,7 +236,7 @@ def run_study(config: FederatedConfig, out: Path, exchange: Exchange, *, resume:
     methods, left_out = _methods(config)
     for line in left_out_lines(config):
         print(line, flush=True)
-    kinds = _statistics_kinds(methods)
+    kinds = _statistics_kinds(methods) if secure_stats.mode(config) == "plain" else []  # secure: sums only
     write_json_atomic(out / "methods.json", {"searched": methods, "left_out": left_out, "statistics": kinds})
     roles = exchange.ask(HelloRequest, "join")
     for site, hello in roles.items():
@@ -253,7 +254,10 @@ def run_study(config: FederatedConfig, out: Path, exchange: Exchange, *, resume:
 
     searches = {m: _search(config, m, names, exchange, out) for m in methods}
     for method, best in searches.items():
-        _merge(config, out, method, best["recipe"], experts, exchange.run)
+        if secure_stats.is_secure(config, method):
+            secure_stats.write_merge(config, out, method, exchange.run)
+        else:
+            _merge(config, out, method, best["recipe"], experts, exchange.run)
 
     fedavg = run_fedavg(config, out, exchange, base, shapes) if config.federation.fedavg.rounds else None
 
@@ -262,7 +266,12 @@ def run_study(config: FederatedConfig, out: Path, exchange: Exchange, *, resume:
     models |= {"fedavg": "fedavg"} if fedavg else {}
     with exchange.phase("evaluation"):
         results = _evaluate(exchange, "evaluate", models)
-    digests = {m: _digest(config, best["recipe"], experts) for m, best in searches.items()}
+    digests = {
+        m: secure_stats.digest(config, out, m)
+        if secure_stats.is_secure(config, m)
+        else _digest(config, best["recipe"], experts)
+        for m, best in searches.items()
+    }
     loso = (
         leave_one_out(config, out, names, experts, exchange, results)
         if config.federation.leave_one_out
@@ -423,7 +432,7 @@ def leave_one_out(
                 )
                 rows.append({"held_out": held, "skipped": why})
                 continue
-            methods = _methods(config)[0]
+            methods = [m for m in _methods(config)[0] if not secure_stats.is_secure(config, m)]  # see docs
             searches = {m: _search(config, m, others, exchange, out, held, scorers) for m in methods}
             models = {m: b["recipe"] for m, b in searches.items()}
             step = f"leave-one-out {held}: evaluate"
@@ -532,6 +541,12 @@ def _methods(config: FederatedConfig) -> tuple[list[str], dict[str, str]]:
                 "it reads the experts' training data at merge time, and a site's data never leaves it "
                 "(a federation cannot build this merge)"
             )
+        elif spec.needs_statistics and secure_stats.mode(config) != "plain":
+            why = secure_stats.left_out(config, spec.name)
+            if why:
+                left_out[spec.name] = why
+            else:
+                methods.append(spec.name)
         elif spec.needs_statistics and not config.federation.share_statistics:
             left_out[spec.name] = (
                 f"it needs the sites' {' and '.join(sorted(spec.needs_statistics))} statistics, which "
@@ -571,6 +586,8 @@ def _search(
     with `held` (leave-one-site-out) loso/<held>/search/<method>.json."""
     from medmerge.merge.search import Scored, search
 
+    if held is None and secure_stats.is_secure(config, method):  # the sums, never one site's statistics
+        return secure_stats.search(config, method, names, exchange, out)
     settings, federation = config.search, config.federation
     folder = out / "search" if held is None else out / "loso" / held / "search"
     label = "" if held is None else f"leave-one-out {held}: "

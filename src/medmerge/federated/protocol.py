@@ -15,6 +15,17 @@ message API has one function per message type).
                 [+ aggregate]
     evaluate    {run, models, validation,   evaluate    {site, validation, sets, cells, merges}
                  domains}
+    secure_prepare {run, mode}              secure_prepare {site, aliases}
+    secagg_setup {run, purpose, setup,      secagg_setup {site, keys}
+                  weights, sigma, clip, noised_sites}
+    secagg_share_keys {run, round_id,       secagg_share_keys {site, tokens}
+                       public_keys}
+    secagg_masked_vector {run, round_id,    secagg_masked_vector {site, undecryptable}
+                          tokens}                               + masked_vector.bin
+    secagg_unmask {run, round_id,           secagg_unmask {site, b_shares, sk_shares}
+                   survivors, dropped}
+    secure_merge {run, recipe}              secure_merge {site, stored}
+                 + merged.safetensors
     (any)                                   error       {site, error: exception type, code}
 
 Every model forbids unknown keys and non-finite numbers, bounds its lengths, and checks each name that
@@ -310,6 +321,144 @@ class EvaluateReply(Reply):
     cells: dict[Name, dict[Name, Cell]] = Field(max_length=256)
     merges: dict[Name, Sha256] = Field(max_length=256)
     privacy: LedgerSummary | None = Field(None, exclude_if=lambda v: v is None)  # dp: the site's ledger
+
+
+# ------------------------------------------------------------------- secure sums (SecAgg+ stages)
+# The stage records of medmerge.federated.secagg_records as they cross the wire: lists for tuples and
+# URL-safe base64 text for bytes (the records' own JSON form, so `Record.model_validate_json` of a
+# message's fields rebuilds the record and applies every rule of the protocol: ≥ 3 participants, t,
+# N·L < 2^bits, …). The masked vector rides as a blob. Steps: medmerge.federated.secure_site.
+TensorName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", min_length=1, max_length=256)
+]
+
+
+def _b64(max_bytes: int) -> Any:
+    return Annotated[
+        str, StringConstraints(pattern=r"^[A-Za-z0-9_=-]+$", max_length=4 * (max_bytes // 3 + 1))
+    ]
+
+
+KeyText, TokenText, ShareText = _b64(1024), _b64(4096), _b64(1024)
+Participants = Annotated[list[Name], Field(min_length=1, max_length=64)]
+MASKED_VECTOR = Blob("masked_vector.bin", 2 * GiB - 64 * MiB)
+SECURE_MERGE = Blob("merged.safetensors", 2 * GiB - 64 * MiB)
+
+
+class WireTensor(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+    name: TensorName
+    shape: list[Annotated[int, Field(ge=1, le=250_000_000)]] = Field(min_length=1, max_length=4)
+    clip: Annotated[float, Field(gt=0, le=1e12)]
+
+
+class WireSetup(BaseModel):
+    """secagg_records.SetupRequest's fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+    round_id: Name
+    participants: Participants
+    threshold: Annotated[int, Field(ge=2, le=64)]
+    neighbours: Annotated[int, Field(ge=2, le=63)]
+    levels: Annotated[int, Field(ge=2, le=2**44)]
+    modulus_bits: Annotated[int, Field(ge=8, le=64)]
+    layout: list[WireTensor] = Field(min_length=1, max_length=4096)
+    weights: dict[Name, Annotated[float, Field(gt=0, le=1e6)]] | None = None
+    mode: Literal["secure", "secure+dp"] = "secure"
+    noise_multiplier: Annotated[float, Field(gt=0, le=1e6)] | None = None
+
+
+class WireKeys(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    mask: KeyText
+    enc: KeyText
+
+
+class SecurePrepareRequest(Request):
+    """Compute (once per expert and settings) the statistics a secure sum reads, kept at the site."""
+
+    KIND = "secure_prepare"
+    mode: Literal["secure", "secure+dp"]
+
+
+class SecurePrepareReply(Reply):
+    """The model's structure, the same at every site: which weights read the same input (weight name →
+    the name its Gram is stored under), and the clip the site's statistics were computed with."""
+
+    KIND = "secure_prepare"
+    aliases: dict[TensorName, TensorName] = Field(max_length=4096)
+
+
+class SecAggSetupRequest(Request):
+    """A secure round's setup. purpose `range`: each site adds, per tensor t and exponent bin j, 1 when
+    max |w·x_t| ≤ 2^(j + RANGE_LOW) (the coordinator takes the smallest bin all survivors are under as
+    the sum's clip); `sum`: the statistics. weights: the recipe's w by site (applied by the secure sum
+    in `secure`, by the site before its noise in `secure+dp`). sigma, clip, noised_sites: secure+dp."""
+
+    KIND = "secagg_setup"
+    purpose: Literal["range", "sum"]
+    setup: WireSetup
+    weights: dict[Name, Annotated[float, Field(gt=0, le=1e6)]] = Field(min_length=1, max_length=64)
+    sigma: Annotated[float, Field(gt=0, le=1e6)] | None = None
+    clip: Annotated[float, Field(gt=0)] | None = None
+    noised_sites: Annotated[int, Field(ge=1, le=64)] | None = None
+
+
+class SecAggSetupReply(Reply):
+    KIND = "secagg_setup"
+    keys: WireKeys
+
+
+class SecAggShareKeysRequest(Request):
+    KIND = "secagg_share_keys"
+    round_id: Name
+    public_keys: dict[Name, WireKeys] = Field(min_length=2, max_length=64)
+
+
+class SecAggShareKeysReply(Reply):
+    KIND = "secagg_share_keys"
+    tokens: dict[Name, TokenText] = Field(min_length=1, max_length=64)
+
+
+class SecAggMaskedVectorRequest(Request):
+    KIND = "secagg_masked_vector"
+    round_id: Name
+    tokens: dict[Name, TokenText] = Field(min_length=1, max_length=64)
+
+
+class SecAggMaskedVectorReply(Reply):
+    """y_u as the blob masked_vector.bin (little-endian uint32 or uint64, layout order)."""
+
+    KIND = "secagg_masked_vector"
+    BLOBS = {MASKED_VECTOR.file: MASKED_VECTOR}
+    undecryptable: list[Name] = Field(default_factory=list, max_length=64)
+
+
+class SecAggUnmaskRequest(Request):
+    KIND = "secagg_unmask"
+    round_id: Name
+    survivors: Participants
+    dropped: list[Name] = Field(default_factory=list, max_length=64)
+
+
+class SecAggUnmaskReply(Reply):
+    KIND = "secagg_unmask"
+    b_shares: dict[Name, ShareText] = Field(default_factory=dict, max_length=64)
+    sk_shares: dict[Name, ShareText] = Field(default_factory=dict, max_length=64)
+
+
+class SecureMergeRequest(Request):
+    """A merge the coordinator built from secure sums (the tensors it changes, float32), for the recipe
+    that names it in later score and evaluate requests of this run."""
+
+    KIND = "secure_merge"
+    BLOBS = {SECURE_MERGE.file: SECURE_MERGE}
+    recipe: WireRecipe
+
+
+class SecureMergeReply(Reply):
+    KIND = "secure_merge"
+    stored: Sha256
 
 
 class ErrorReply(Reply):

@@ -18,6 +18,7 @@ when, why), bytes sent per site and approach, FedAvg, the SHA-256 of every merge
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,7 @@ def write_verdict(
         "dp_epsilon": {s: m.get("dp_epsilon") for s, m in manifests.items()},
         "contributions_screened": contributions_screened(out),
         "privacy": privacy_per_site(config, results),
+        "statistics_seen": statistics_seen_line(config, out),
     }
     write_json_atomic(
         out / "verdict.json", build_manifest("federated-verdict", inputs={}, config=config, verdict=verdict)
@@ -297,6 +299,7 @@ def write_verdict(
     )
     lines += _dropped_lines(exchange, names)
     lines += _screened_lines(verdict["contributions_screened"])
+    lines += ["", verdict["statistics_seen"]]  # what the coordinator saw of the sites' statistics
     lines += ["", table_markdown(statistics)]
     if leave_one_out:
         lines += ["", *_leave_one_out_lines(leave_one_out)]
@@ -323,6 +326,34 @@ def write_verdict(
     tmp.write_text("\n".join(lines))
     tmp.replace(out / "report.md")
     return out / "verdict.json"
+
+
+def statistics_seen_line(config: FederatedConfig, out: Path) -> str:
+    """One line: what the coordinator saw of the sites' statistics (federation.statistics.mode)."""
+    settings, searched = config.federation.statistics, json.loads((out / "methods.json").read_text())
+    if settings.mode == "plain":
+        if searched.get("statistics"):
+            return (
+                "Site statistics: the coordinator saw each site's plain statistics "
+                f"({', '.join(searched['statistics'])}; every peer did too)."
+            )
+        return "Site statistics: none were shared (no data-aware merge)."
+    rounds = [r for p in sorted((out / "secure").glob("*.json")) for r in json.loads(p.read_text())["rounds"]]
+    sites = sorted({len(r["survivors"]) for r in rounds if r["purpose"] == "sum"})
+    noise = f" carrying Gaussian noise (σ = {settings.sigma:g})" if settings.mode == "secure+dp" else ""
+    if not sites:
+        return f"Site statistics ({settings.mode}): no secure sum was made."
+    counts = " or ".join(map(str, sites))
+    caveat = (
+        ""
+        if noise
+        else " (but RegMean's sums with the adapters it holds give each site's Grams back: only "
+        "secure+dp bounds that, docs/site-statistics.md#the-attack-benchgram_inversionpy)"
+    )
+    return (
+        f"Site statistics ({settings.mode}): the coordinator saw only sums over {counts} sites{noise}, "
+        f"no single site's statistics{caveat}."
+    )
 
 
 def _dropped_lines(exchange: Any, names: list[str]) -> list[str]:

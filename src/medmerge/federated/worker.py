@@ -33,6 +33,7 @@ def site_of(name: str, config_path: str, out: str) -> Any:
     key = (name, config_path, out)
     if key not in _SITES:
         from medmerge.config import load_config
+        from medmerge.federated import secure_site  # noqa: F401 (registers the secure-sum site steps)
         from medmerge.federated.config import FederatedConfig
         from medmerge.federated.site import Site
 

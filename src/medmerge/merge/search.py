@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from medmerge.config import SearchSettings
@@ -28,7 +28,7 @@ from medmerge.errors import MedmergeError
 from medmerge.merge.recipe import Recipe
 from medmerge.merge.registry import MethodSpec, get_method
 from medmerge.merge.soup import greedy_soup
-from medmerge.merge.spaces import knob_names
+from medmerge.merge.spaces import Space, knob_names
 
 RECORD = "medmerge"  # the Optuna user attribute that keeps a scored trial's record
 
@@ -103,16 +103,19 @@ def search(
     parallelism: int = 1,
     storage: str | None = None,
     study_name: str | None = None,
+    space: Space | None = None,
 ) -> SearchResult:
     """Search `method`'s recipes over `experts` (names or folders, as `score` reads them); `score` gets
     up to `parallelism` recipes at a time, and the trial number of the first. See the module doc for
-    `storage`."""
+    `storage`. `space` replaces the method's search space (e.g. RegMean from secure sums: α only)."""
     from medmerge.extras import require
 
     require("the merge search", "optuna")
     spec = get_method(method)
     if spec.needs_scorer:
         return _greedy(spec, list(experts), settings.seed, score)
+    if space is not None:
+        spec = replace(spec, space=space)
     if spec.space is None:
         raise MedmergeError(f"methods: {method} has no search space")
     return _optuna(spec, list(experts), settings, score, parallelism, storage, study_name)
