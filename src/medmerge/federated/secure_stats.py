@@ -335,7 +335,6 @@ class SecureRegMean:
 
     def search(self, scorers: list[str] | None = None) -> dict[str, Any]:
         from medmerge.federated.verdict import objective
-        from medmerge.merge import spaces
         from medmerge.merge.recipe import Recipe
         from medmerge.merge.search import Scored, search
 
@@ -375,7 +374,7 @@ class SecureRegMean:
                 )
             return scored
 
-        space = None if dp else spaces.with_knobs(spaces.unit_weights, alpha=(0.5, 1.0))
+        space = None if dp else _alpha_only
         storage = f"sqlite:///{self.out / 'search.db'}"
         result = search(
             self.method,
@@ -419,6 +418,16 @@ class SecureRegMean:
         summary = {"method": self.method, "rounds": self.rounds, "chosen": recipe.model_dump(mode="json")}
         summary |= {"mode": self.settings.mode, "sites": sorted(self.names)}
         write_json_atomic(self.folder / f"{self.method}.json", summary)
+
+
+def _alpha_only(trial: Any, n: int) -> Any:
+    """RegMean's space from fixed sums: α over RegMeanParams' declared range, every weight 1 (the sums
+    were taken at unit weights, so only α is free)."""
+    from medmerge.merge import spaces
+    from medmerge.merge.params import RegMeanParams
+
+    alpha = next(k for k in spaces.knobs(RegMeanParams) if k.name == "alpha")
+    return spaces.Setting({"alpha": trial.suggest_float("alpha", alpha.low, alpha.high)}, [1.0] * n)
 
 
 def search(

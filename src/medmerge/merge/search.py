@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from medmerge.config import SearchSettings
@@ -114,15 +114,15 @@ def search(
     spec = get_method(method)
     if spec.needs_scorer:
         return _greedy(spec, list(experts), settings.seed, score)
-    if space is not None:
-        spec = replace(spec, space=space)
-    if spec.space is None:
+    space = space if space is not None else spec.space
+    if space is None:
         raise MedmergeError(f"methods: {method} has no search space")
-    return _optuna(spec, list(experts), settings, score, parallelism, storage, study_name)
+    return _optuna(spec, space, list(experts), settings, score, parallelism, storage, study_name)
 
 
 def _optuna(
     spec: MethodSpec,
+    space: Space,
     experts: list[str],
     settings: SearchSettings,
     score: Scorer,
@@ -133,7 +133,6 @@ def _optuna(
     import optuna
     from optuna.trial import TrialState
 
-    assert spec.space is not None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         direction="minimize",
@@ -145,7 +144,7 @@ def _optuna(
     trials = _finished(study)
     if trials:  # a resumed study: the sampler goes on from a seed of its own (module doc)
         study.sampler = make_sampler(settings, len(trials))
-    knobs = knob_names(spec.space, len(experts))
+    knobs = knob_names(space, len(experts))
     if not study.trials:
         default = {**{f"w{i}": 1.0 for i in range(len(experts)) if f"w{i}" in knobs}, **spec.default}
         study.enqueue_trial({k: v for k, v in default.items() if k in knobs})
@@ -154,7 +153,7 @@ def _optuna(
         batch = [study.ask() for _ in range(min(max(parallelism, 1), budget - len(trials)))]
         recipes = []
         for trial in batch:
-            setting = spec.space(trial, len(experts))
+            setting = space(trial, len(experts))
             weights = setting.weights if setting.weights is not None else [1.0] * len(experts)
             recipe = Recipe(
                 method=spec.name,
