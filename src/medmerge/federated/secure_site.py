@@ -51,8 +51,9 @@ from medmerge.federated.protocol import (
     SecurePrepareRequest,
     site_step,
 )
-from medmerge.federated.site import RECIPE_SOURCES, Site
+from medmerge.federated.site import EXPERT_STEP, RECIPE_SOURCES, STATISTICS_STEP, Site
 from medmerge.federated.wire import Refused, shown
+from medmerge.steps import cached, recorded, step_key
 
 RANGE_LOW, RANGE_BINS = -60, 100  # exponent bins 2^-60 … 2^39 (a TensorSpec clip is at most 1e12)
 KINDS = ("gram", "wg", "wd")
@@ -136,13 +137,12 @@ def _statistics_folder(site: Site, mode: str) -> Path:
 
     settings = _own_mode(site, mode)
     folder, expert = site.inside(*STATISTICS_DIR), site.out / "expert"
-    key_file = site.inside("secure", "statistics.key")
-    expert_key = (site.out / "expert.key").read_text() if (site.out / "expert.key").is_file() else ""
-    key = hashlib.sha256(
-        json.dumps({"expert": expert_key, "mode": mode, "settings": settings.model_dump()}).encode()
-    ).hexdigest()
-    if not (has_statistics(folder) and key_file.is_file() and key_file.read_text() == key):
-        key_file.unlink(missing_ok=True)
+    expert_record = recorded(site.out / EXPERT_STEP)
+    expert_key = expert_record["key"] if expert_record else ""
+    key = step_key(expert=expert_key, mode=mode, settings=settings)
+    record = site.inside("secure", STATISTICS_STEP)
+
+    def run_statistics() -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
         privacy = ClipSettings(clip=settings.clip, unit=settings.unit) if mode == "secure+dp" else None
         site._step(
@@ -157,7 +157,11 @@ def _statistics_folder(site: Site, mode: str) -> Path:
             privacy=privacy,
             **settings.arguments(),
         )
-        key_file.write_text(key)
+        return {}
+
+    if not has_statistics(folder):
+        record.unlink(missing_ok=True)
+    cached(record.parent, key, "secure statistics", run_statistics, record=record.name)
     return folder
 
 

@@ -45,6 +45,7 @@ from medmerge.federated.site_privacy import budget_refusal, ledger_args
 from medmerge.federated.site_privacy import summary as privacy_summary
 from medmerge.federated.wire import OverBudget, Refused, check_name, loads, shown
 from medmerge.manifest import write_json_atomic
+from medmerge.steps import cached, step_key
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # medmerge.site_stats's TENSORS_FILE and INFO_FILE, in the order they are written (the record last)
@@ -79,6 +80,8 @@ ADAPTER_CONFIG_KEYS = frozenset(
     }
 )
 BUDGET_FILE = "budget.json"
+EXPERT_STEP = "expert-step.json"  # the expert's step record (medmerge.steps.cached) beside expert/
+STATISTICS_STEP = "statistics-step.json"  # the same for its site statistics
 # where a recipe's merged state may come from before the site merges it itself: fn(site, run, recipe) ->
 # state or None (medmerge.federated.secure_site adds the merges built from secure sums)
 RECIPE_SOURCES: list[Callable[[Site, str, Any], dict[str, Any] | None]] = []
@@ -167,14 +170,17 @@ class Site:
                 "federation.share_statistics: false"
             )
         train = self.config.train_config(self.specs)
-        folder, key_file = self.out / "expert", self.out / "expert.key"
-        key = hashlib.sha256(train.model_dump_json().encode()).hexdigest()
-        if not (folder.is_dir() and key_file.is_file() and key_file.read_text() == key):
-            (self.out / "statistics.key").unlink(missing_ok=True)
+        folder, key = self.out / "expert", step_key(train=train)
+
+        def run_training() -> dict[str, Any]:
             with budget_refusal(self):
                 ledger = ledger_args(self, "expert")
                 self._step("training", train_expert, train, folder, overwrite=True, progress=False, **ledger)
-            key_file.write_text(key)
+            return {}
+
+        if not folder.is_dir():  # a record without its folder is not a trained expert
+            (self.out / EXPERT_STEP).unlink(missing_ok=True)
+        cached(self.out, key, "training", run_training, record=EXPERT_STEP)
         data = hashlib.sha256("".join(str(spec_checksum(s)) for s in self.specs).encode()).hexdigest()
         manifest, base = folder / "manifest.json", self.config.base_model
         privacy = (json.loads(manifest.read_text()) if manifest.is_file() else {}).get("privacy") or {}
@@ -202,12 +208,9 @@ class Site:
         from medmerge.train.statistics import compute_statistics
 
         settings, folder = self.config.federation.statistics, self.out / "expert"
-        key_file = self.out / "statistics.key"
-        key = hashlib.sha256(
-            json.dumps({"expert": expert_key, "kinds": kinds, "settings": settings.model_dump()}).encode()
-        ).hexdigest()
-        if not (has_statistics(folder) and key_file.is_file() and key_file.read_text() == key):
-            key_file.unlink(missing_ok=True)
+        key = step_key(expert=expert_key, kinds=kinds, settings=settings)
+
+        def run_statistics() -> dict[str, Any]:
             self._step(
                 "statistics",
                 compute_statistics,
@@ -218,7 +221,11 @@ class Site:
                 progress=False,
                 **settings.arguments(),
             )
-            key_file.write_text(key)
+            return {}
+
+        if not has_statistics(folder):
+            (self.out / STATISTICS_STEP).unlink(missing_ok=True)
+        cached(self.out, key, "statistics", run_statistics, record=STATISTICS_STEP)
         return self._shared_statistics()
 
     def _shared_statistics(self) -> dict[str, bytes]:
