@@ -164,11 +164,12 @@ import json, sys, time
 from pathlib import Path
 from medmerge.federated.slots import configure, training_slot
 folder, site = Path(sys.argv[1]), sys.argv[2]
-configure(folder, site)
+provisional_after_s, hold_s = float(sys.argv[3]), float(sys.argv[4])
+configure(folder, site, provisional_after_s=provisional_after_s)
 with training_slot("expert"):
     start = time.time()
     held = b"\\x01" * (200 * 2**20)  # 200 MiB, touched
-    time.sleep(2.0)
+    time.sleep(hold_s)
     end = time.time()
 (folder / f"{site}.times").write_text(json.dumps([start, end]))
 """
@@ -188,7 +189,10 @@ def test_memory_slots_bound_how_many_sites_train_at_once(tmp_path):
         write_budget(folder, budget, peak)
         assert limit(folder)[0] == (2 if together else 1)
         argv = [sys.executable, "-c", SLOT_USER, str(folder)]
-        procs = [subprocess.Popen([*argv, s], stderr=subprocess.PIPE, text=True) for s in ("north", "south")]
+        procs = [
+            subprocess.Popen([*argv, s, "60", "2"], stderr=subprocess.PIPE, text=True)
+            for s in ("north", "south")
+        ]
         logs = [p.communicate(timeout=120)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), logs
         (a0, a1), (b0, b1) = (json.loads((folder / f"{s}.times").read_text()) for s in ("north", "south"))
@@ -200,6 +204,39 @@ def test_memory_slots_bound_how_many_sites_train_at_once(tmp_path):
             json.loads((folder / "peaks" / f"{s}.json").read_text())["peak_bytes"] for s in ("north", "south")
         ]
         assert min(peaks) > 150 * 2**20  # the 200 MiB each held, measured
+
+
+def test_a_running_trainings_provisional_peak_lets_the_next_one_start(tmp_path):
+    """No peak configured or measured yet: the first training holds the only slot, but once it has run
+    `provisional_after_s` its running peak × PROVISIONAL_MARGIN stands in, and where the budget holds two
+    the second site starts while the first still trains (not after it, as without the provisional peak);
+    the measured peak then replaces the provisional one."""
+    import subprocess
+    import sys
+    import time
+
+    from medmerge.federated.slots import PROVISIONAL_MARGIN, limit, write_budget
+
+    folder = tmp_path / "slots"
+    write_budget(folder, 2 * 2**30, None)
+    argv = [sys.executable, "-c", SLOT_USER, str(folder)]
+    first = subprocess.Popen([*argv, "north", "1", "8"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while (
+        not list((folder / "provisional").glob("*.json")) and first.poll() is None and time.time() < deadline
+    ):
+        time.sleep(0.2)  # north holds the only slot until its running peak is recorded
+    second = subprocess.Popen([*argv, "south", "1", "1"], stderr=subprocess.PIPE, text=True)
+    logs = [p.communicate(timeout=120)[1] for p in (first, second)]
+    assert all(p.returncode == 0 for p in (first, second)), logs
+    (a0, a1), (b0, b1) = (json.loads((folder / f"{s}.times").read_text()) for s in ("north", "south"))
+    assert a0 < b0 < a1  # south trained while north still held its slot
+    assert not list((folder / "provisional").iterdir())  # measured peaks replaced them
+    peaks = [
+        json.loads((folder / "peaks" / f"{s}.json").read_text())["peak_bytes"] for s in ("north", "south")
+    ]
+    assert min(peaks) > 150 * 2**20 and limit(folder)[0] >= 2
+    assert PROVISIONAL_MARGIN > 1
 
 
 def test_a_dead_or_silent_coordinator_ends_the_wait(tmp_path):

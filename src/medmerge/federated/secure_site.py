@@ -51,9 +51,10 @@ from medmerge.federated.protocol import (
     SecurePrepareRequest,
     site_step,
 )
-from medmerge.federated.site import EXPERT_STEP, RECIPE_SOURCES, STATISTICS_STEP, Site
+from medmerge.federated.site import ADAPTER_FILES, RECIPE_SOURCES, STATISTICS_STEP, Site
 from medmerge.federated.wire import Refused, shown
-from medmerge.steps import cached, recorded, step_key
+from medmerge.manifest import checksum
+from medmerge.steps import cached, step_key
 
 RANGE_LOW, RANGE_BINS = -60, 100  # exponent bins 2^-60 … 2^39 (a TensorSpec clip is at most 1e12)
 KINDS = ("gram", "wg", "wd")
@@ -137,9 +138,8 @@ def _statistics_folder(site: Site, mode: str) -> Path:
 
     settings = _own_mode(site, mode)
     folder, expert = site.inside(*STATISTICS_DIR), site.out / "expert"
-    expert_record = recorded(site.out / EXPERT_STEP)
-    expert_key = expert_record["key"] if expert_record else ""
-    key = step_key(expert=expert_key, mode=mode, settings=settings)
+    expert_id = checksum(expert / ADAPTER_FILES[1])  # the expert's weights: a retrained one gets new sums
+    key = step_key(expert=expert_id, mode=mode, settings=settings)
     record = site.inside("secure", STATISTICS_STEP)
 
     def run_statistics() -> dict[str, Any]:

@@ -192,7 +192,8 @@ class Site:
             "dp_epsilon": privacy.get("epsilon") if isinstance(privacy, dict) else None,
         }
         blobs = self._outgoing_adapter(folder)
-        return meta, blobs | (self._statistics(kinds, key) if kinds else {})
+        expert_id = checksum(folder / ADAPTER_FILES[1])  # the weights, whichever run made them
+        return meta, blobs | (self._statistics(kinds, expert_id) if kinds else {})
 
     def _outgoing_adapter(self, folder: Path) -> dict[str, bytes]:
         """The adapter in `folder` as it leaves the site: its config cleaned (clean_adapter_config)."""
@@ -202,13 +203,14 @@ class Site:
             ADAPTER_FILES[1]: (folder / ADAPTER_FILES[1]).read_bytes(),
         }
 
-    def _statistics(self, kinds: list[str], expert_key: str) -> dict[str, bytes]:
-        """The expert's site statistics of `kinds`, computed once per expert and settings, as shared."""
+    def _statistics(self, kinds: list[str], expert_id: str) -> dict[str, bytes]:
+        """The expert's site statistics of `kinds`, computed once per expert (`expert_id`: its adapter
+        weights' SHA-256, so a retrained expert gets new statistics) and settings, as shared."""
         from medmerge.site_stats import has_statistics
         from medmerge.train.statistics import compute_statistics
 
         settings, folder = self.config.federation.statistics, self.out / "expert"
-        key = step_key(expert=expert_key, kinds=kinds, settings=settings)
+        key = step_key(expert=expert_id, kinds=kinds, settings=settings)
 
         def run_statistics() -> dict[str, Any]:
             self._step(

@@ -7,7 +7,10 @@ train at once as the machine's memory holds.
 into SLOTS/slots.json, after every site's worker has loaded). `peak` (bytes): the configured
 `federation.training_memory_gb`, else the largest peak measured so far (each slot samples the memory
 of the process holding it and its children, above what the process held when it took the slot, and
-keeps the maximum in SLOTS/peaks/<site>.json); before any measurement, one training at a time.
+keeps the maximum in SLOTS/peaks/<site>.json); before any training has ended, the largest provisional
+peak: a training's running peak after PROVISIONAL_AFTER_S seconds × PROVISIONAL_MARGIN
+(SLOTS/provisional/<site>.json; a training allocates its weights, gradients, optimizer state and
+activations in its first steps); before that, one training at a time.
 
 A slot is an exclusive `fcntl.flock` on SLOTS/slot-<i>.lock, i < limit: the kernel releases it when
 its holder exits, even by kill -9. A site that waits says so once in its own log, and names itself in
@@ -27,24 +30,27 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SLOTS_FILE = "slots.json"
-_configured: dict[str, object] = {"folder": None, "site": "site"}
+PROVISIONAL_AFTER_S = 45.0  # seconds into a training after which its running peak stands in (module doc)
+PROVISIONAL_MARGIN = 1.5  # × that running peak, until a training has ended and its peak is measured
+_configured: dict[str, object] = {"folder": None, "site": "site", "provisional_after_s": PROVISIONAL_AFTER_S}
 
 
-def configure(folder: str | Path | None, site: str) -> None:
+def configure(folder: str | Path | None, site: str, provisional_after_s: float = PROVISIONAL_AFTER_S) -> None:
     """Make `training_slot` of this process use `folder` (None: no bound) on behalf of `site`."""
-    _configured.update(folder=None if folder is None else Path(folder), site=site)
+    path = None if folder is None else Path(folder)
+    _configured.update(folder=path, site=site, provisional_after_s=provisional_after_s)
 
 
 def write_budget(folder: Path, budget_bytes: int, peak_bytes: int | None) -> None:
     """The launcher's part: the memory the trainings may share, and the configured peak (or None)."""
     from medmerge.manifest import write_json_atomic
 
-    (folder / "peaks").mkdir(parents=True, exist_ok=True)
-    (folder / "waiting").mkdir(parents=True, exist_ok=True)
+    for sub in ("peaks", "provisional", "waiting"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / SLOTS_FILE, {"budget_bytes": int(budget_bytes), "peak_bytes": peak_bytes})
 
 
@@ -52,9 +58,10 @@ def limit(folder: Path) -> tuple[int, int, int | None]:
     """(how many may train at once, budget bytes, peak bytes or None)."""
     spec = json.loads((folder / SLOTS_FILE).read_text())
     peak = spec.get("peak_bytes")
-    if peak is None:
-        measured = [json.loads(p.read_text())["peak_bytes"] for p in (folder / "peaks").glob("*.json")]
-        peak = max(measured, default=None)
+    for sub in ("peaks", "provisional"):  # measured peaks first; provisional ones only before any
+        if peak is None:
+            found = [json.loads(p.read_text())["peak_bytes"] for p in (folder / sub).glob("*.json")]
+            peak = max(found, default=None)
     budget = int(spec["budget_bytes"])
     return (1 if not peak else max(1, budget // int(peak))), budget, peak
 
@@ -79,12 +86,16 @@ def _tree_rss(process: object) -> int:
 
 
 class _PeakSampler:
-    """Samples this process tree's RSS every `every` s; `peak`: the most above the RSS at the start."""
+    """Samples this process tree's RSS every `every` s; `peak`: the most above the RSS at the start.
+    After `after` s it hands the running peak to `provisional` once (module doc)."""
 
-    def __init__(self, every: float = 0.5) -> None:
+    def __init__(
+        self, every: float = 0.5, provisional: Callable[[int], None] | None = None, after: float = 0.0
+    ) -> None:
         import psutil
 
         self.process, self.every, self.stop = psutil.Process(), every, threading.Event()
+        self.provisional, self.after, self.began = provisional, after, time.monotonic()
         self.start = self.top = _tree_rss(self.process)
         self.thread = threading.Thread(target=self._run, daemon=True, name="slot-peak")
         self.thread.start()
@@ -92,6 +103,9 @@ class _PeakSampler:
     def _run(self) -> None:
         while not self.stop.wait(self.every):
             self.top = max(self.top, _tree_rss(self.process))
+            if self.provisional is not None and time.monotonic() - self.began >= self.after:
+                self.provisional(self.top - self.start)
+                self.provisional = None
 
     def close(self) -> int:
         self.stop.set()
@@ -107,6 +121,16 @@ def _record_peak(folder: Path, site: str, peak: int) -> None:
     with contextlib.suppress(OSError, ValueError, KeyError):
         peak = max(peak, int(json.loads(path.read_text())["peak_bytes"]))
     write_json_atomic(path, {"peak_bytes": peak})
+    (folder / "provisional" / f"{site}.json").unlink(missing_ok=True)
+
+
+def _record_provisional(folder: Path, site: str, running_peak: int) -> None:
+    from medmerge.manifest import write_json_atomic
+
+    if running_peak > 0 and not (folder / "peaks" / f"{site}.json").is_file():
+        peak = int(running_peak * PROVISIONAL_MARGIN)
+        (folder / "provisional").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "provisional" / f"{site}.json", {"peak_bytes": peak})
 
 
 def _try_slot(folder: Path, n: int) -> int | None:
@@ -144,7 +168,8 @@ def training_slot(
             told = True
         time.sleep(poll_s)
     notice.unlink(missing_ok=True)
-    sampler = _PeakSampler()
+    after = float(_configured["provisional_after_s"])  # type: ignore[arg-type]
+    sampler = _PeakSampler(provisional=lambda peak: _record_provisional(folder, site, peak), after=after)
     try:
         yield
     finally:
