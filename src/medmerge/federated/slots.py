@@ -60,10 +60,19 @@ def limit(folder: Path) -> tuple[int, int, int | None]:
     peak = spec.get("peak_bytes")
     for sub in ("peaks", "provisional"):  # measured peaks first; provisional ones only before any
         if peak is None:
-            found = [json.loads(p.read_text())["peak_bytes"] for p in (folder / sub).glob("*.json")]
-            peak = max(found, default=None)
+            peak = max(_peaks(folder / sub), default=None)
     budget = int(spec["budget_bytes"])
     return (1 if not peak else max(1, budget // int(peak))), budget, peak
+
+
+def _peaks(folder: Path) -> list[int]:
+    """The peak_bytes of the records in `folder`; one removed or replaced while read is skipped (a
+    provisional record is deleted when its training's measured peak is written)."""
+    found = []
+    for path in folder.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            found.append(int(json.loads(path.read_text())["peak_bytes"]))
+    return found
 
 
 def waiting(folder: Path) -> dict[str, str]:
@@ -104,7 +113,8 @@ class _PeakSampler:
         while not self.stop.wait(self.every):
             self.top = max(self.top, _tree_rss(self.process))
             if self.provisional is not None and time.monotonic() - self.began >= self.after:
-                self.provisional(self.top - self.start)
+                with contextlib.suppress(OSError):  # a hint only: the measured peak follows
+                    self.provisional(self.top - self.start)
                 self.provisional = None
 
     def close(self) -> int:
