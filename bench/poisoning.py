@@ -114,35 +114,20 @@ def train_experts(config, work: Path) -> dict[str, Path]:
 
 
 class Scorer:
-    """Each site's validation loss of a model, as federated.site.Site._validation computes it at the site:
-    the first `search.validation_examples` validation pairs of its SPECs, answer NLL summed (nats) and
-    answer tokens counted, on one resident base model whose weights are replaced by each merge."""
+    """Each site's validation loss of a model, on the batches federated.site.validation_batches encodes
+    at the site: the first `search.validation_examples` validation pairs of its SPECs, answer NLL
+    summed (nats) and answer tokens counted, on one resident base model whose weights are replaced by
+    each merge."""
 
     def __init__(self, config) -> None:
-        from medmerge.data import load_split
-        from medmerge.evaluate.scorer import encode_loss_batches
+        from medmerge.federated.site import validation_batches
         from medmerge.models import load_model, load_tokenizer, model_kind, resolve_model
 
-        search, split = config.search, config.split_settings()
         self.base = resolve_model(config.base_model)
         tokenizer, kind = load_tokenizer(self.base), model_kind(self.base)
-        self.batches = {}
-        for site in config.sites:
-            pairs = [
-                p
-                for spec in site.data
-                for p in load_split(
-                    spec, "validation", split.split_seed, split.fractions, search.validation_examples
-                )
-            ]
-            self.batches[site.name] = encode_loss_batches(
-                pairs,
-                tokenizer,
-                kind,
-                batch_size=search.batch_size,
-                max_prompt_tokens=search.max_prompt_tokens,
-                max_answer_tokens=search.max_answer_tokens,
-            )
+        self.batches = {
+            site.name: validation_batches(config, site.data, tokenizer, kind) for site in config.sites
+        }
         self.model = load_model(self.base)
         self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()}
 

@@ -87,6 +87,30 @@ STATISTICS_STEP = "statistics-step.json"  # the same for its site statistics
 RECIPE_SOURCES: list[Callable[[Site, str, Any], dict[str, Any] | None]] = []
 
 
+def validation_batches(
+    config: FederatedConfig, specs: list[str], tokenizer: Any, kind: str
+) -> tuple[list[Any], list[int]]:
+    """What a site scores recipes on: the first `search.validation_examples` validation pairs of each of
+    its SPECs (the study's split), encoded as loss batches (medmerge.evaluate.scorer)."""
+    from medmerge.data import load_split
+    from medmerge.evaluate.scorer import encode_loss_batches
+
+    search, split = config.search, config.split_settings()
+    pairs = [
+        p
+        for s in specs
+        for p in load_split(s, "validation", split.split_seed, split.fractions, search.validation_examples)
+    ]
+    return encode_loss_batches(
+        pairs,
+        tokenizer,
+        kind,
+        batch_size=search.batch_size,
+        max_prompt_tokens=search.max_prompt_tokens,
+        max_answer_tokens=search.max_answer_tokens,
+    )
+
+
 class Site:
     """One site's state: its name, its own config copy, its folder, the resident model (see module doc)."""
 
@@ -325,27 +349,8 @@ class Site:
 
     def _validation_batches(self) -> tuple[list[Any], list[int]]:
         """The site's validation questions (the search's settings), encoded once."""
-        from medmerge.data import load_split
-        from medmerge.evaluate.scorer import encode_loss_batches
-
         if "validation" not in self._cache:
-            search, split = self.config.search, self.config.split_settings()
-            pairs = [
-                p
-                for s in self.specs
-                for p in load_split(
-                    s, "validation", split.split_seed, split.fractions, search.validation_examples
-                )
-            ]
-            tokenizer, kind = self._tokenizer()
-            self._cache["validation"] = encode_loss_batches(
-                pairs,
-                tokenizer,
-                kind,
-                batch_size=search.batch_size,
-                max_prompt_tokens=search.max_prompt_tokens,
-                max_answer_tokens=search.max_answer_tokens,
-            )
+            self._cache["validation"] = validation_batches(self.config, self.specs, *self._tokenizer())
         return self._cache["validation"]
 
     def score(self, run: str, recipe: Any) -> tuple[float | None, int]:
