@@ -451,17 +451,29 @@ def test_flower_send_files_replies_by_source_node_only():
         got = Metadata(7, f"r{src}", src, 0, meta.message_id, "", time.time(), 60.0, meta.message_type)
         return Message(content, metadata=got)
 
-    class Grid:  # hands back the replies the test makes for the messages FlowerSend pushed
-        def send_and_receive(self, messages, timeout):
+    class Grid:  # hands back the replies the test makes for the messages FlowerSend pushed, over 2 pulls
+        def push_messages(self, messages):
+            for m in messages:  # as Flower's Grid does: a message's id is its object id
+                m.metadata.__dict__["_message_id"] = m.object_id
             self.asked = [m.metadata.dst_node_id for m in messages]
             claim = Payload("hello", {"site": "south"}).to_record()  # every reply claims to be south
-            return [
-                reply(messages[0], 11, claim),  # north's node
-                reply(messages[0], 99, claim),  # a node bound to no site
-                reply(messages[0], 11, claim),  # north's node again
-                reply(messages[1], 22, Error(0, "x")),  # south's node: an error
-                reply(messages[2], 33, RecordDict()),  # carol's node: unreadable
+            self.pulls = [
+                [
+                    reply(messages[0], 11, claim),  # north's node
+                    reply(messages[0], 99, claim),  # a node bound to no site
+                    reply(messages[0], 11, claim),  # north's node again
+                ],
+                [],
+                [
+                    reply(messages[1], 22, Error(0, "x")),  # south's node: an error
+                    reply(messages[2], 33, RecordDict()),  # carol's node: unreadable
+                ],
+                [reply(messages[1], 22, claim)],  # after every request has its reply: never pulled
             ]
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, ids):  # as the SuperLink: replies to the ids asked for only
+            return [m for m in self.pulls.pop(0) if m.metadata.reply_to_message_id in ids]
 
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -473,6 +485,7 @@ def test_flower_send_files_replies_by_source_node_only():
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     assert grid.asked == [11, 22, 33]  # dave is bound to no node: not asked
+    assert len(grid.pulls) == 1  # pulled until every request had a reply, then no more
     assert list(replies) == ["north", "carol"] and replies["north"].meta == {"site": "south"}
     assert replies["carol"].kind == "invalid"  # unreadable: filed under carol's node, dropped by Exchange
     assert send.refused == [

@@ -38,6 +38,7 @@ from medmerge.federated.wire import Payload, record_mod
 
 ACTION = "query.medmerge"
 HEARTBEAT_S = 5.0  # how often the ServerApp stamps status.json
+POLL_S = 0.25  # how often the ServerApp asks the SuperLink for replies (Flower's Grid: every 3 s)
 client = ClientApp(mods=[record_mod(None)])
 server = ServerApp()
 
@@ -85,14 +86,35 @@ class FlowerSend:
         self.refused.append(line)
         print(f"medmerge coordinator: {line}", file=sys.stderr, flush=True)
 
+    def _send_and_receive(self, messages: list[Message]) -> list[Message]:
+        """Grid.send_and_receive, polling every `POLL_S` instead of its fixed 3 s: push the messages, then
+        pull until each has a reply or `timeout` has passed (what arrives after that is never read)."""
+        waiting = {i for i in self.grid.push_messages(messages) if i}  # None: not pushed, never answered
+        end, got = time.monotonic() + self.timeout, []
+        while waiting:
+            pulled = list(self.grid.pull_messages(waiting))
+            got += pulled
+            waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            if waiting and time.monotonic() >= end:
+                break
+            time.sleep(POLL_S if waiting else 0)
+        return got
+
     def __call__(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
-        asked = {self.nodes[s]: s for s in sites if s in self.nodes}
-        for site in sites:
+        return self.each({site: request for site in sites})
+
+    def each(self, requests: dict[str, Payload]) -> dict[str, Payload]:
+        """Each site its own request, all pushed at once; {site: reply} as in `__call__`."""
+        asked = {self.nodes[s]: s for s in requests if s in self.nodes}
+        for site in requests:
             if site not in self.nodes:
                 self._refuse(f"site {site} has no bound node id: not asked")
-        messages = [Message(request.to_record(), dst_node_id=n, message_type=ACTION) for n in asked]
+        messages = [
+            Message(requests[site].to_record(), dst_node_id=node, message_type=ACTION)
+            for node, site in asked.items()
+        ]
         replies: dict[str, Payload] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout) if messages else []:
+        for reply in self._send_and_receive(messages) if messages else []:
             node = reply.metadata.src_node_id
             site = asked.get(node)
             if site is None or site in replies:

@@ -162,6 +162,22 @@ class Exchange:
         self.enough(step)
         return kept
 
+    def send_each(self, payloads: dict[str, Payload]) -> dict[str, Payload]:
+        """Each site its own payload: all at once where the transport can (`send.each`, e.g. FlowerSend),
+        else one `send` per distinct payload; {site: its raw reply} for the sites asked that answered."""
+        each = getattr(self.send, "each", None)
+        if each is not None:
+            answered = each(payloads)
+            return {site: answered[site] for site in payloads if site in answered}
+        groups: dict[bytes, tuple[Payload, list[str]]] = {}
+        for site, payload in payloads.items():
+            groups.setdefault(payload.to_bytes(), (payload, []))[1].append(site)
+        replies = {}
+        for payload, sites in groups.values():
+            answered = self.send(payload, sites)
+            replies |= {site: answered[site] for site in sites if site in answered}
+        return replies
+
     def enough(self, step: str) -> None:
         """MedmergeError unless at least `min_sites` expert sites are active."""
         if len(self.experts) < self.min_sites:

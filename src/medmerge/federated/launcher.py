@@ -39,6 +39,7 @@ from medmerge.federated.config import FederatedConfig
 
 STALE_S = 45.0  # a coordinator whose heartbeat is older than this is gone (it beats every 5 s)
 START_S = 300.0  # how long the coordinator may take to write its first status
+TASK_POLL_S = 0.25  # how often a SuperExec asks its SuperNode for a message to run (Flower: 1 s; env wins)
 
 
 def free_port() -> int:
@@ -107,11 +108,15 @@ class LocalFederation:
         self.nodes: dict[str, int] = {}  # site -> the node id Flower authenticated for its key
         self.registry: Any = None
         bindir = str(Path(sys.executable).parent)
-        self.env = os.environ | {
-            "FLWR_HOME": str(self.home),
-            "PATH": bindir + os.pathsep + os.environ["PATH"],
-            "PYTHONUNBUFFERED": "1",
-        }
+        self.env = (
+            {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_S)}
+            | os.environ
+            | {
+                "FLWR_HOME": str(self.home),
+                "PATH": bindir + os.pathsep + os.environ["PATH"],
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
 
     # ------------------------------------------------------------------------------------- processes
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:

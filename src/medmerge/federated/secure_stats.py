@@ -84,41 +84,37 @@ def left_out(config: FederatedConfig, method: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------ transport
 def _send(exchange: Any, step: str, requests: dict[str, Request], blobs: bool = False) -> dict[str, Any]:
-    """Each site's request (identical ones in one send), its checked reply; failures only logged."""
-    groups: dict[bytes, tuple[Any, list[str]]] = {}
+    """Each site's request (all at once: Exchange.send_each), its checked reply; failures only logged."""
+    payloads = {}
     for site, request in requests.items():
         if site in exchange.dropped:
             continue
-        payload = request.payload()
-        decode(payload, type(request))
-        groups.setdefault(payload.to_bytes(), (payload, []))[1].append(site)
+        payloads[site] = request.payload()
+        decode(payloads[site], type(request))
     if exchange.on_step is not None:
-        exchange.on_step(step, [s for _, sites in groups.values() for s in sites])
+        exchange.on_step(step, list(payloads))
     counts = exchange.phases.setdefault(exchange.current, {"sent_to_site": {}, "received_from_site": {}})
-    replies = {}
-    for payload, sites in groups.values():
-        answered = exchange.send(payload, sites)
-        expected = reply_type(payload.kind)
-        for site in sites:
-            for table in (exchange.sent, counts["sent_to_site"]):
-                table[site] = table.get(site, 0) + payload.size
-            reply = answered.get(site)
-            if reply is None:
-                continue
-            for table in (exchange.received, counts["received_from_site"]):
-                table[site] = table.get(site, 0) + reply.size
-            try:
-                message = decode(reply, expected, sender=site)
-            except ProtocolError as exc:
-                print(f"medmerge federate: {step}: site {site}: bad reply ({exc})", flush=True)
-                continue
-            if isinstance(message, ErrorReply):
-                print(
-                    f"medmerge federate: {step}: site {site} refused ({message.error}, {message.code})",
-                    flush=True,
-                )
-                continue
-            replies[site] = message
+    answered, replies = exchange.send_each(payloads), {}
+    for site, payload in payloads.items():
+        for table in (exchange.sent, counts["sent_to_site"]):
+            table[site] = table.get(site, 0) + payload.size
+        reply = answered.get(site)
+        if reply is None:
+            continue
+        for table in (exchange.received, counts["received_from_site"]):
+            table[site] = table.get(site, 0) + reply.size
+        try:
+            message = decode(reply, reply_type(payload.kind), sender=site)
+        except ProtocolError as exc:
+            print(f"medmerge federate: {step}: site {site}: bad reply ({exc})", flush=True)
+            continue
+        if isinstance(message, ErrorReply):
+            print(
+                f"medmerge federate: {step}: site {site} refused ({message.error}, {message.code})",
+                flush=True,
+            )
+            continue
+        replies[site] = message
     exchange.save()
     return replies
 

@@ -22,6 +22,7 @@ from typing import Any
 from medmerge.errors import MedmergeError
 
 META, BLOBS = "medmerge-meta", "medmerge-blobs"
+BLOB_STYPE = "medmerge.bytes"  # the serialization type of a blob's Array: its data are the bytes
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"  # site, peer, method, model and set names: no dot, so no `..`
 MAX_NAME = 64
 MESSAGE_BYTES = (2 << 30) - (16 << 20)  # a whole message: gRPC's 2 GiB, less a margin
@@ -94,19 +95,31 @@ class Payload:
         return json.dumps({"kind": self.kind, **self.meta}, sort_keys=True, allow_nan=False)
 
     def to_record(self) -> Any:
-        from flwr.app import ConfigRecord, RecordDict
+        """The Flower RecordDict: the JSON in a ConfigRecord, each blob a 1-D uint8 Array of an ArrayRecord.
+        An Array is cut into chunks whose ids Flower computes once; a bytes value of a ConfigRecord is
+        serialized and hashed whole on every `object_id` (measured on a 126 MB blob: 0.3 s vs ≈ 40 s of
+        one CPU across a message's path)."""
+        from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-        return RecordDict(
-            {META: ConfigRecord({"json": self.meta_text()}), BLOBS: ConfigRecord(dict(self.blobs))}
-        )
+        blobs = {
+            k: Array(dtype="uint8", shape=(len(v),), stype=BLOB_STYPE, data=v) for k, v in self.blobs.items()
+        }
+        return RecordDict({META: ConfigRecord({"json": self.meta_text()}), BLOBS: ArrayRecord(blobs)})
 
     @classmethod
     def from_record(cls, content: Any) -> Payload:
+        from flwr.app import Array, ArrayRecord
+
         try:
             text = content[META]["json"]
-            blobs = {k: bytes(v) for k, v in content[BLOBS].items()} if BLOBS in content else {}
-            if not isinstance(text, str) or any(not isinstance(k, str) for k in blobs):
+            record = content.get(BLOBS, ArrayRecord())
+            if not isinstance(text, str) or not isinstance(record, ArrayRecord):
                 raise ValueError("not a medmerge message")
+            blobs = {}
+            for name, array in record.items():
+                if not isinstance(name, str) or not isinstance(array, Array) or array.stype != BLOB_STYPE:
+                    raise ValueError("a blob that is not a medmerge byte array")
+                blobs[name] = bytes(array.data)
             return _checked(text, blobs)
         except Exception as exc:  # noqa: BLE001 (whatever arrived, it is refused the same way)
             return _invalid(exc)
